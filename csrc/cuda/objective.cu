@@ -1,0 +1,259 @@
+/*
+ * CUDA kernels of the NaPO objective. They run on the caller's stream, read q
+ * from device memory and never copy to the host, so a whole objective step
+ * (margins -> q -> weights -> loss) is asynchronous and CUDA-graph capturable.
+ * Arithmetic is in double as on the CPU (these are O(batch) vectors; the
+ * double throughput is irrelevant next to the launch latency).
+ */
+#include <cuda_runtime.h>
+
+#include "../napo.h"
+#include "../napo_math.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 4096;
+
+int blocks_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return (int)(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+/* Runs `launch` on `device`, restores the caller's device, reports errors. */
+template <typename Launch> napo_status on_device(int device, int *cuda_error, Launch launch) {
+  int previous = -1;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err == cudaSuccess && previous != device) {
+    err = cudaSetDevice(device);
+  }
+  if (err == cudaSuccess) {
+    launch();
+    err = cudaGetLastError();
+  }
+  if (previous >= 0 && previous != device) {
+    const cudaError_t restore = cudaSetDevice(previous);
+    if (err == cudaSuccess) {
+      err = restore;
+    }
+  }
+  if (err != cudaSuccess) {
+    if (cuda_error != nullptr) {
+      *cuda_error = (int)err;
+    }
+    return NAPO_ERR_CUDA;
+  }
+  return NAPO_OK;
+}
+
+template <typename T>
+__global__ void loss_forward_kernel(const T *margins, int64_t stride, int64_t n, const T *q, double beta, T *loss) {
+  const double q_value = (double)*q;
+  /* q cannot be validated on the host without a sync: out of range gives NaN. */
+  const bool q_ok = napo_q_in_range(q_value);
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    loss[i] = q_ok ? (T)napo_loss_value((double)margins[i * stride], q_value, beta) : (T)NAN;
+  }
+}
+
+template <typename T>
+__global__ void loss_backward_kernel(const T *grad_loss, int64_t grad_stride, const T *margins, int64_t stride,
+                                     int64_t n, const T *q, double beta, T *grad_margins) {
+  const double q_value = (double)*q;
+  const bool q_ok = napo_q_in_range(q_value);
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const double g = napo_loss_grad((double)margins[i * stride], q_value, beta);
+    grad_margins[i] = q_ok ? (T)((double)grad_loss[i * grad_stride] * g) : (T)NAN;
+  }
+}
+
+/* Sum of a strided vector by one block: compensated per thread, tree in shared memory. */
+template <typename T> __device__ double block_sum(const T *values, int64_t stride, int64_t n) {
+  __shared__ double partial[kThreads];
+  napo_sum_acc acc = {0.0, 0.0};
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    napo_sum_add(&acc, (double)values[i * stride]);
+  }
+  partial[threadIdx.x] = napo_sum_value(&acc);
+  __syncthreads();
+  for (int width = blockDim.x / 2; width > 0; width /= 2) {
+    if ((int)threadIdx.x < width) {
+      partial[threadIdx.x] += partial[threadIdx.x + width];
+    }
+    __syncthreads();
+  }
+  return partial[0];
+}
+
+template <typename T>
+__global__ void adaptive_q_kernel(const T *margins, int64_t stride, int64_t n, double gamma, double q_min,
+                                  double q_max, T *q_out) {
+  const double total = block_sum(margins, stride, n);
+  if (threadIdx.x == 0) {
+    *q_out = (T)napo_q_value(total / (double)n, gamma, q_min, q_max);
+  }
+}
+
+template <typename T>
+__global__ void q_from_mean_kernel(const T *mean, double gamma, double q_min, double q_max, T *q_out) {
+  *q_out = (T)napo_q_value((double)*mean, gamma, q_min, q_max);
+}
+
+template <typename T>
+__global__ void dynamic_weights_kernel(const T *reward_margins, int64_t stride, int64_t k, double w_min, double eps,
+                                       T *weights) {
+  const double total = block_sum(reward_margins, stride, k);
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    weights[i] = (T)(total <= eps ? 1.0 / (double)k : napo_clip((double)reward_margins[i * stride] / total, w_min, 1.0));
+  }
+}
+
+template <typename T>
+napo_status loss_forward(const T *margins, int64_t stride, int64_t n, const T *q, double beta, T *loss, int device,
+                         void *stream, int *cuda_error) {
+  napo_status status = napo_check_vector(margins, n, stride, 1);
+  if (status != NAPO_OK || (status = napo_check_loss_params(beta)) != NAPO_OK) {
+    return status;
+  }
+  if (q == nullptr || (n > 0 && loss == nullptr)) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  if (n == 0) {
+    return NAPO_OK;
+  }
+  return on_device(device, cuda_error, [&] {
+    loss_forward_kernel<T><<<blocks_for(n), kThreads, 0, (cudaStream_t)stream>>>(margins, stride, n, q, beta, loss);
+  });
+}
+
+template <typename T>
+napo_status loss_backward(const T *grad_loss, int64_t grad_stride, const T *margins, int64_t stride, int64_t n,
+                          const T *q, double beta, T *grad_margins, int device, void *stream, int *cuda_error) {
+  napo_status status = napo_check_vector(margins, n, stride, 1);
+  if (status != NAPO_OK || (status = napo_check_vector(grad_loss, n, grad_stride, 1)) != NAPO_OK ||
+      (status = napo_check_loss_params(beta)) != NAPO_OK) {
+    return status;
+  }
+  if (q == nullptr || (n > 0 && grad_margins == nullptr)) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  if (n == 0) {
+    return NAPO_OK;
+  }
+  return on_device(device, cuda_error, [&] {
+    loss_backward_kernel<T><<<blocks_for(n), kThreads, 0, (cudaStream_t)stream>>>(grad_loss, grad_stride, margins,
+                                                                                   stride, n, q, beta, grad_margins);
+  });
+}
+
+template <typename T>
+napo_status adaptive_q(const T *margins, int64_t stride, int64_t n, double gamma, double q_min, double q_max,
+                       T *q_out, int device, void *stream, int *cuda_error) {
+  napo_status status = napo_check_vector(margins, n, stride, 0);
+  if (status != NAPO_OK || (status = napo_check_q_params(gamma, q_min, q_max)) != NAPO_OK) {
+    return status;
+  }
+  if (q_out == nullptr) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  return on_device(device, cuda_error, [&] {
+    adaptive_q_kernel<T><<<1, kThreads, 0, (cudaStream_t)stream>>>(margins, stride, n, gamma, q_min, q_max, q_out);
+  });
+}
+
+template <typename T>
+napo_status q_from_mean(const T *mean, double gamma, double q_min, double q_max, T *q_out, int device, void *stream,
+                        int *cuda_error) {
+  const napo_status status = napo_check_q_params(gamma, q_min, q_max);
+  if (status != NAPO_OK) {
+    return status;
+  }
+  if (mean == nullptr || q_out == nullptr) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  return on_device(device, cuda_error, [&] {
+    q_from_mean_kernel<T><<<1, 1, 0, (cudaStream_t)stream>>>(mean, gamma, q_min, q_max, q_out);
+  });
+}
+
+template <typename T>
+napo_status dynamic_weights(const T *reward_margins, int64_t stride, int64_t k, double w_min, double eps, T *weights,
+                            int device, void *stream, int *cuda_error) {
+  napo_status status = napo_check_vector(reward_margins, k, stride, 0);
+  if (status != NAPO_OK || (status = napo_check_weight_params(w_min, eps)) != NAPO_OK) {
+    return status;
+  }
+  if (weights == nullptr) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  return on_device(device, cuda_error, [&] {
+    dynamic_weights_kernel<T><<<1, kThreads, 0, (cudaStream_t)stream>>>(reward_margins, stride, k, w_min, eps, weights);
+  });
+}
+
+} // namespace
+
+extern "C" {
+
+int napo_cuda_available(void) {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+const char *napo_cuda_error_string(int cuda_error) { return cudaGetErrorString((cudaError_t)cuda_error); }
+
+napo_status napo_loss_forward_f32_cuda(const float *margins, int64_t margins_stride, int64_t n, const float *q,
+                                       double beta, float *loss, int device, void *stream, int *cuda_error) {
+  return loss_forward(margins, margins_stride, n, q, beta, loss, device, stream, cuda_error);
+}
+
+napo_status napo_loss_forward_f64_cuda(const double *margins, int64_t margins_stride, int64_t n, const double *q,
+                                       double beta, double *loss, int device, void *stream, int *cuda_error) {
+  return loss_forward(margins, margins_stride, n, q, beta, loss, device, stream, cuda_error);
+}
+
+napo_status napo_loss_backward_f32_cuda(const float *grad_loss, int64_t grad_stride, const float *margins,
+                                        int64_t margins_stride, int64_t n, const float *q, double beta,
+                                        float *grad_margins, int device, void *stream, int *cuda_error) {
+  return loss_backward(grad_loss, grad_stride, margins, margins_stride, n, q, beta, grad_margins, device, stream,
+                       cuda_error);
+}
+
+napo_status napo_loss_backward_f64_cuda(const double *grad_loss, int64_t grad_stride, const double *margins,
+                                        int64_t margins_stride, int64_t n, const double *q, double beta,
+                                        double *grad_margins, int device, void *stream, int *cuda_error) {
+  return loss_backward(grad_loss, grad_stride, margins, margins_stride, n, q, beta, grad_margins, device, stream,
+                       cuda_error);
+}
+
+napo_status napo_adaptive_q_f32_cuda(const float *margins, int64_t stride, int64_t n, double gamma, double q_min,
+                                     double q_max, float *q_out, int device, void *stream, int *cuda_error) {
+  return adaptive_q(margins, stride, n, gamma, q_min, q_max, q_out, device, stream, cuda_error);
+}
+
+napo_status napo_adaptive_q_f64_cuda(const double *margins, int64_t stride, int64_t n, double gamma, double q_min,
+                                     double q_max, double *q_out, int device, void *stream, int *cuda_error) {
+  return adaptive_q(margins, stride, n, gamma, q_min, q_max, q_out, device, stream, cuda_error);
+}
+
+napo_status napo_q_from_mean_f32_cuda(const float *mean, double gamma, double q_min, double q_max, float *q_out,
+                                      int device, void *stream, int *cuda_error) {
+  return q_from_mean(mean, gamma, q_min, q_max, q_out, device, stream, cuda_error);
+}
+
+napo_status napo_q_from_mean_f64_cuda(const double *mean, double gamma, double q_min, double q_max, double *q_out,
+                                      int device, void *stream, int *cuda_error) {
+  return q_from_mean(mean, gamma, q_min, q_max, q_out, device, stream, cuda_error);
+}
+
+napo_status napo_dynamic_weights_f32_cuda(const float *reward_margins, int64_t stride, int64_t k, double w_min,
+                                          double eps, float *weights, int device, void *stream, int *cuda_error) {
+  return dynamic_weights(reward_margins, stride, k, w_min, eps, weights, device, stream, cuda_error);
+}
+
+napo_status napo_dynamic_weights_f64_cuda(const double *reward_margins, int64_t stride, int64_t k, double w_min,
+                                          double eps, double *weights, int device, void *stream, int *cuda_error) {
+  return dynamic_weights(reward_margins, stride, k, w_min, eps, weights, device, stream, cuda_error);
+}
+
+} // extern "C"

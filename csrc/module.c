@@ -1,0 +1,591 @@
+/*
+ * napo._C: the CPython binding of the C core.
+ *
+ * Arrays arrive as any object speaking DLPack (torch.Tensor, numpy.ndarray,
+ * ...). Each is exported once into a small napo_arg, checked (dtype, rank,
+ * shape, device, compactness of outputs), then the C kernel runs with the GIL
+ * released. Errors name the argument and the value: TypeError for types,
+ * ValueError for shapes and values, LookupError for dtypes the core does not
+ * compute in (bf16/fp16 are upcast by the caller). Outputs are passed in by
+ * the caller, which owns the allocator (torch's caching allocator on CUDA).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+
+#include "dlpack.h"
+#include "napo.h"
+
+typedef struct {
+  const char *name;  /* the Python argument name, for messages */
+  PyObject *capsule; /* owns the export; its destructor calls the producer's deleter */
+  DLTensor *tensor;
+} napo_arg;
+
+typedef enum { DTYPE_F32, DTYPE_F64 } arg_dtype;
+
+static void release(napo_arg *arg) {
+  Py_CLEAR(arg->capsule);
+  arg->tensor = NULL;
+}
+
+/* Re-raise the pending exception as `type`, prefixed with the argument name,
+ * keeping the original as __cause__. */
+static void reraise_with_name(PyObject *type, const char *name, const char *what) {
+#if PY_VERSION_HEX >= 0x030C0000
+  PyObject *cause = PyErr_GetRaisedException();
+#else
+  PyObject *cause_type = NULL, *cause = NULL, *cause_tb = NULL;
+  PyErr_Fetch(&cause_type, &cause, &cause_tb);
+  PyErr_NormalizeException(&cause_type, &cause, &cause_tb);
+  if (cause != NULL && cause_tb != NULL) {
+    PyException_SetTraceback(cause, cause_tb);
+  }
+  Py_XDECREF(cause_type);
+  Py_XDECREF(cause_tb);
+#endif
+  PyErr_Format(type, "argument '%s' %s: %S", name, what, cause != NULL ? cause : Py_None);
+  if (cause == NULL) {
+    return;
+  }
+#if PY_VERSION_HEX >= 0x030C0000
+  PyObject *raised = PyErr_GetRaisedException();
+  PyException_SetCause(raised, cause); /* steals cause */
+  PyErr_SetRaisedException(raised);
+#else
+  PyObject *raised_type = NULL, *raised = NULL, *raised_tb = NULL;
+  PyErr_Fetch(&raised_type, &raised, &raised_tb);
+  PyErr_NormalizeException(&raised_type, &raised, &raised_tb);
+  PyException_SetCause(raised, cause); /* steals cause */
+  PyErr_Restore(raised_type, raised, raised_tb);
+#endif
+}
+
+static int acquire(PyObject *obj, const char *name, napo_arg *arg) {
+  arg->name = name;
+  arg->capsule = NULL;
+  arg->tensor = NULL;
+  if (!PyObject_HasAttrString(obj, "__dlpack__") || !PyObject_HasAttrString(obj, "__dlpack_device__")) {
+    PyErr_Format(PyExc_TypeError, "argument '%s' must be an array that supports DLPack (torch.Tensor, numpy.ndarray, ...), got %s",
+                 name, Py_TYPE(obj)->tp_name);
+    return -1;
+  }
+  PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+  if (device == NULL) {
+    reraise_with_name(PyExc_TypeError, name, "has no usable __dlpack_device__");
+    return -1;
+  }
+  long device_type = -1;
+  if (PyTuple_Check(device) && PyTuple_GET_SIZE(device) == 2) {
+    device_type = PyLong_AsLong(PyTuple_GET_ITEM(device, 0));
+  }
+  Py_DECREF(device);
+  if (device_type == -1 && PyErr_Occurred()) {
+    reraise_with_name(PyExc_TypeError, name, "has a malformed __dlpack_device__");
+    return -1;
+  }
+  if (device_type == kDLCUDA) {
+    /* stream=-1: no cross-stream synchronisation; the kernel is launched on the
+     * stream the caller passes, which is the stream producing these tensors. */
+    PyObject *kwargs = Py_BuildValue("{s:i}", "stream", -1);
+    PyObject *method = kwargs != NULL ? PyObject_GetAttrString(obj, "__dlpack__") : NULL;
+    PyObject *no_args = method != NULL ? PyTuple_New(0) : NULL;
+    arg->capsule = no_args != NULL ? PyObject_Call(method, no_args, kwargs) : NULL;
+    Py_XDECREF(no_args);
+    Py_XDECREF(method);
+    Py_XDECREF(kwargs);
+  } else {
+    arg->capsule = PyObject_CallMethod(obj, "__dlpack__", NULL);
+  }
+  if (arg->capsule == NULL) {
+    reraise_with_name(PyExc_TypeError, name, "could not be exported through DLPack");
+    return -1;
+  }
+  DLManagedTensor *managed = (DLManagedTensor *)PyCapsule_GetPointer(arg->capsule, "dltensor");
+  if (managed == NULL) {
+    release(arg);
+    PyErr_Clear();
+    PyErr_Format(PyExc_TypeError, "argument '%s': __dlpack__ did not return an unconsumed 'dltensor' capsule", name);
+    return -1;
+  }
+  arg->tensor = &managed->dl_tensor;
+  return 0;
+}
+
+static const char *dtype_name(DLDataType dtype) {
+  switch (dtype.code) {
+  case kDLFloat:
+    return dtype.bits == 16 ? "float16" : dtype.bits == 32 ? "float32" : dtype.bits == 64 ? "float64" : "float";
+  case kDLBfloat:
+    return "bfloat16";
+  case kDLInt:
+    return "int";
+  case kDLUInt:
+    return "uint";
+  case kDLBool:
+    return "bool";
+  case kDLComplex:
+    return "complex";
+  default:
+    return "an unknown dtype";
+  }
+}
+
+static int arg_dtype_of(const napo_arg *arg, arg_dtype *out) {
+  const DLDataType dtype = arg->tensor->dtype;
+  if (dtype.lanes == 1 && dtype.code == kDLFloat && (dtype.bits == 32 || dtype.bits == 64)) {
+    *out = dtype.bits == 32 ? DTYPE_F32 : DTYPE_F64;
+    return 0;
+  }
+  if (dtype.lanes == 1 && (dtype.code == kDLFloat || dtype.code == kDLBfloat)) {
+    PyErr_Format(PyExc_LookupError,
+                 "argument '%s' has dtype %s; napo's C core computes in float32 or float64 (upcast first)",
+                 arg->name, dtype_name(dtype));
+  } else {
+    PyErr_Format(PyExc_TypeError, "argument '%s' must be a floating-point array, got dtype %s", arg->name,
+                 dtype_name(dtype));
+  }
+  return -1;
+}
+
+static int check_device_supported(const napo_arg *arg) {
+  const int32_t type = arg->tensor->device.device_type;
+  if (type == kDLCPU || type == kDLCUDAHost || type == kDLCUDA) {
+    return 0;
+  }
+  PyErr_Format(PyExc_ValueError, "argument '%s' lives on DLPack device type %d; napo supports CPU and CUDA", arg->name,
+               (int)type);
+  return -1;
+}
+
+static int is_cuda(const napo_arg *arg) { return arg->tensor->device.device_type == kDLCUDA; }
+
+static int64_t numel(const napo_arg *arg) {
+  int64_t n = 1;
+  for (int32_t d = 0; d < arg->tensor->ndim; ++d) {
+    n *= arg->tensor->shape[d];
+  }
+  return n;
+}
+
+static void *data_of(const napo_arg *arg) { return (char *)arg->tensor->data + arg->tensor->byte_offset; }
+
+/* A 1-D input: its length and element stride (DLPack's NULL strides mean compact). */
+static int vector_of(const napo_arg *arg, int64_t *length, int64_t *stride) {
+  if (arg->tensor->ndim != 1) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' must be 1-D, got %d dimensions", arg->name, (int)arg->tensor->ndim);
+    return -1;
+  }
+  *length = arg->tensor->shape[0];
+  *stride = arg->tensor->strides != NULL ? arg->tensor->strides[0] : 1;
+  return 0;
+}
+
+static int check_scalar(const napo_arg *arg) {
+  if (numel(arg) != 1 || arg->tensor->ndim > 1) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' must hold exactly one value (0-dim), got %d dimensions and %lld elements",
+                 arg->name, (int)arg->tensor->ndim, (long long)numel(arg));
+    return -1;
+  }
+  return 0;
+}
+
+/* `other` must match `ref` in dtype and device; outputs must also be compact. */
+static int check_same(const napo_arg *ref, const napo_arg *other) {
+  const DLDataType a = ref->tensor->dtype, b = other->tensor->dtype;
+  if (a.code != b.code || a.bits != b.bits || a.lanes != b.lanes) {
+    PyErr_Format(PyExc_LookupError, "argument '%s' has dtype %s but '%s' has dtype %s; they must match", other->name,
+                 dtype_name(b), ref->name, dtype_name(a));
+    return -1;
+  }
+  const DLDevice da = ref->tensor->device, db = other->tensor->device;
+  if (is_cuda(ref) != is_cuda(other) || (is_cuda(ref) && da.device_id != db.device_id)) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' is on device (%d, %d) but '%s' is on device (%d, %d)", other->name,
+                 (int)db.device_type, (int)db.device_id, ref->name, (int)da.device_type, (int)da.device_id);
+    return -1;
+  }
+  return 0;
+}
+
+static int check_output_vector(const napo_arg *out, int64_t expected_length) {
+  int64_t length = 0, stride = 0;
+  if (vector_of(out, &length, &stride) != 0) {
+    return -1;
+  }
+  if (length != expected_length) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' must have length %lld, got %lld", out->name,
+                 (long long)expected_length, (long long)length);
+    return -1;
+  }
+  if (length > 1 && stride != 1) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' must be contiguous, got stride %lld", out->name, (long long)stride);
+    return -1;
+  }
+  return 0;
+}
+
+static int check_lengths(const napo_arg *a, int64_t la, const napo_arg *b, int64_t lb) {
+  if (la != lb) {
+    PyErr_Format(PyExc_ValueError, "arguments '%s' and '%s' must have the same length, got %lld and %lld", a->name,
+                 b->name, (long long)la, (long long)lb);
+    return -1;
+  }
+  return 0;
+}
+
+static int raise_parameter(const char *name, double value, const char *requirement) {
+  PyObject *boxed = PyFloat_FromDouble(value);
+  if (boxed != NULL) {
+    PyErr_Format(PyExc_ValueError, "%s must be %s, got %R", name, requirement, boxed);
+    Py_DECREF(boxed);
+  }
+  return -1;
+}
+
+static int check_beta(double beta) {
+  return napo_check_loss_params(beta) == NAPO_OK ? 0 : raise_parameter("beta", beta, "a finite number > 0");
+}
+
+static int check_q_params(double gamma, double q_min, double q_max) {
+  if (!(isfinite(gamma) && gamma > 0.0)) {
+    return raise_parameter("gamma", gamma, "a finite number > 0");
+  }
+  if (!(q_min >= 0.0 && q_min <= 1.0)) {
+    return raise_parameter("q_min", q_min, "in [0, 1]");
+  }
+  if (!(q_max >= q_min && q_max <= 1.0)) {
+    return raise_parameter("q_max", q_max, "in [q_min, 1]");
+  }
+  return 0;
+}
+
+static int check_weight_params(double w_min, double eps) {
+  if (!(w_min >= 0.0 && w_min <= 1.0)) {
+    return raise_parameter("w_min", w_min, "in [0, 1]");
+  }
+  if (!(isfinite(eps) && eps >= 0.0)) {
+    return raise_parameter("eps", eps, "a finite number >= 0");
+  }
+  return 0;
+}
+
+/* Turns a kernel status into the matching Python exception; 0 when ok. */
+static int raise_status(napo_status status, int cuda_error, const napo_arg *q) {
+  switch (status) {
+  case NAPO_OK:
+    return 0;
+  case NAPO_ERR_Q_RANGE: {
+    if (is_cuda(q)) { /* never dereference device memory on the host */
+      PyErr_SetString(PyExc_ValueError, "q must be in [0, 1]");
+      return -1;
+    }
+    const double value = q->tensor->dtype.bits == 32 ? (double)*(const float *)data_of(q) : *(const double *)data_of(q);
+    return raise_parameter("q", value, "in [0, 1]");
+  }
+  case NAPO_ERR_CUDA:
+    PyErr_Format(PyExc_RuntimeError, "napo CUDA kernel failed: %s", napo_cuda_error_string(cuda_error));
+    return -1;
+  case NAPO_ERR_NO_CUDA:
+    PyErr_SetString(PyExc_RuntimeError,
+                    "napo was built without CUDA kernels; rebuild with nvcc on PATH (NAPO_CUDA=1) to use CUDA tensors");
+    return -1;
+  default:
+    PyErr_Format(PyExc_ValueError, "napo: %s", napo_status_message(status));
+    return -1;
+  }
+}
+
+#ifdef NAPO_WITH_CUDA
+#define NAPO_CUDA_CALL(call) (call)
+#else
+#define NAPO_CUDA_CALL(call) NAPO_ERR_NO_CUDA
+#endif
+
+#define NAPO_CUDA_ARGS(arg) (int)(arg).tensor->device.device_id, (void *)(uintptr_t)stream, &cuda_error
+
+/* ------------------------------------------------------------------ */
+
+PyDoc_STRVAR(loss_forward_doc, "loss_forward(margins, q, beta, out, stream=0)\n--\n\n"
+                               "Per-pair NaPO loss of 1-D `margins` into `out` (q is 0-dim; q == 0 is DPO).");
+
+static PyObject *py_loss_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
+  (void)self;
+  static char *keywords[] = {"margins", "q", "beta", "out", "stream", NULL};
+  PyObject *margins_obj, *q_obj, *out_obj;
+  double beta;
+  unsigned long long stream = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOdO|K:loss_forward", keywords, &margins_obj, &q_obj, &beta,
+                                   &out_obj, &stream)) {
+    return NULL;
+  }
+  napo_arg margins = {0}, q = {0}, out = {0};
+  PyObject *result = NULL;
+  arg_dtype dtype;
+  int64_t n = 0, stride = 0;
+  int cuda_error = 0;
+  napo_status status = NAPO_OK;
+  if (acquire(margins_obj, "margins", &margins) || acquire(q_obj, "q", &q) || acquire(out_obj, "out", &out) ||
+      arg_dtype_of(&margins, &dtype) || check_device_supported(&margins) || vector_of(&margins, &n, &stride) ||
+      check_same(&margins, &q) || check_scalar(&q) || check_same(&margins, &out) || check_output_vector(&out, n) ||
+      check_beta(beta)) {
+    goto cleanup;
+  }
+  if (is_cuda(&margins)) {
+    status = dtype == DTYPE_F32
+                 ? NAPO_CUDA_CALL(napo_loss_forward_f32_cuda(data_of(&margins), stride, n, data_of(&q), beta,
+                                                             data_of(&out), NAPO_CUDA_ARGS(margins)))
+                 : NAPO_CUDA_CALL(napo_loss_forward_f64_cuda(data_of(&margins), stride, n, data_of(&q), beta,
+                                                             data_of(&out), NAPO_CUDA_ARGS(margins)));
+  } else {
+    Py_BEGIN_ALLOW_THREADS;
+    status = dtype == DTYPE_F32
+                 ? napo_loss_forward_f32(data_of(&margins), stride, n, data_of(&q), beta, data_of(&out))
+                 : napo_loss_forward_f64(data_of(&margins), stride, n, data_of(&q), beta, data_of(&out));
+    Py_END_ALLOW_THREADS;
+  }
+  if (raise_status(status, cuda_error, &q) == 0) {
+    result = Py_NewRef(Py_None);
+  }
+cleanup:
+  release(&out);
+  release(&q);
+  release(&margins);
+  return result;
+}
+
+PyDoc_STRVAR(loss_backward_doc, "loss_backward(grad_loss, margins, q, beta, out, stream=0)\n--\n\n"
+                                "out = grad_loss * dL/dmargins for the per-pair NaPO loss.");
+
+static PyObject *py_loss_backward(PyObject *self, PyObject *args, PyObject *kwargs) {
+  (void)self;
+  static char *keywords[] = {"grad_loss", "margins", "q", "beta", "out", "stream", NULL};
+  PyObject *grad_obj, *margins_obj, *q_obj, *out_obj;
+  double beta;
+  unsigned long long stream = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOdO|K:loss_backward", keywords, &grad_obj, &margins_obj, &q_obj,
+                                   &beta, &out_obj, &stream)) {
+    return NULL;
+  }
+  napo_arg grad = {0}, margins = {0}, q = {0}, out = {0};
+  PyObject *result = NULL;
+  arg_dtype dtype;
+  int64_t n = 0, stride = 0, grad_n = 0, grad_stride = 0;
+  int cuda_error = 0;
+  napo_status status = NAPO_OK;
+  if (acquire(grad_obj, "grad_loss", &grad) || acquire(margins_obj, "margins", &margins) || acquire(q_obj, "q", &q) ||
+      acquire(out_obj, "out", &out) || arg_dtype_of(&margins, &dtype) || check_device_supported(&margins) ||
+      vector_of(&margins, &n, &stride) || check_same(&margins, &grad) || vector_of(&grad, &grad_n, &grad_stride) ||
+      check_lengths(&margins, n, &grad, grad_n) || check_same(&margins, &q) || check_scalar(&q) ||
+      check_same(&margins, &out) || check_output_vector(&out, n) || check_beta(beta)) {
+    goto cleanup;
+  }
+  if (is_cuda(&margins)) {
+    status = dtype == DTYPE_F32
+                 ? NAPO_CUDA_CALL(napo_loss_backward_f32_cuda(data_of(&grad), grad_stride, data_of(&margins), stride,
+                                                              n, data_of(&q), beta, data_of(&out),
+                                                              NAPO_CUDA_ARGS(margins)))
+                 : NAPO_CUDA_CALL(napo_loss_backward_f64_cuda(data_of(&grad), grad_stride, data_of(&margins), stride,
+                                                              n, data_of(&q), beta, data_of(&out),
+                                                              NAPO_CUDA_ARGS(margins)));
+  } else {
+    Py_BEGIN_ALLOW_THREADS;
+    status = dtype == DTYPE_F32 ? napo_loss_backward_f32(data_of(&grad), grad_stride, data_of(&margins), stride, n,
+                                                         data_of(&q), beta, data_of(&out))
+                                : napo_loss_backward_f64(data_of(&grad), grad_stride, data_of(&margins), stride, n,
+                                                         data_of(&q), beta, data_of(&out));
+    Py_END_ALLOW_THREADS;
+  }
+  if (raise_status(status, cuda_error, &q) == 0) {
+    result = Py_NewRef(Py_None);
+  }
+cleanup:
+  release(&out);
+  release(&q);
+  release(&margins);
+  release(&grad);
+  return result;
+}
+
+PyDoc_STRVAR(adaptive_q_doc, "adaptive_q(margins, gamma, q_min, q_max, out, stream=0)\n--\n\n"
+                             "out = clip(2 * (1 - sigmoid(gamma * mean(margins))), q_min, q_max); out is 0-dim.");
+
+static PyObject *py_adaptive_q(PyObject *self, PyObject *args, PyObject *kwargs) {
+  (void)self;
+  static char *keywords[] = {"margins", "gamma", "q_min", "q_max", "out", "stream", NULL};
+  PyObject *margins_obj, *out_obj;
+  double gamma, q_min, q_max;
+  unsigned long long stream = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OdddO|K:adaptive_q", keywords, &margins_obj, &gamma, &q_min, &q_max,
+                                   &out_obj, &stream)) {
+    return NULL;
+  }
+  napo_arg margins = {0}, out = {0};
+  PyObject *result = NULL;
+  arg_dtype dtype;
+  int64_t n = 0, stride = 0;
+  int cuda_error = 0;
+  napo_status status = NAPO_OK;
+  if (acquire(margins_obj, "margins", &margins) || acquire(out_obj, "out", &out) || arg_dtype_of(&margins, &dtype) ||
+      check_device_supported(&margins) || vector_of(&margins, &n, &stride) || check_same(&margins, &out) ||
+      check_scalar(&out) || check_q_params(gamma, q_min, q_max)) {
+    goto cleanup;
+  }
+  if (n == 0) {
+    PyErr_SetString(PyExc_ValueError, "argument 'margins' is empty; adaptive q needs the mean of at least one margin");
+    goto cleanup;
+  }
+  if (is_cuda(&margins)) {
+    status = dtype == DTYPE_F32 ? NAPO_CUDA_CALL(napo_adaptive_q_f32_cuda(data_of(&margins), stride, n, gamma, q_min,
+                                                                          q_max, data_of(&out), NAPO_CUDA_ARGS(margins)))
+                                : NAPO_CUDA_CALL(napo_adaptive_q_f64_cuda(data_of(&margins), stride, n, gamma, q_min,
+                                                                          q_max, data_of(&out), NAPO_CUDA_ARGS(margins)));
+  } else {
+    Py_BEGIN_ALLOW_THREADS;
+    status = dtype == DTYPE_F32
+                 ? napo_adaptive_q_f32(data_of(&margins), stride, n, gamma, q_min, q_max, data_of(&out))
+                 : napo_adaptive_q_f64(data_of(&margins), stride, n, gamma, q_min, q_max, data_of(&out));
+    Py_END_ALLOW_THREADS;
+  }
+  if (raise_status(status, cuda_error, &out) == 0) {
+    result = Py_NewRef(Py_None);
+  }
+cleanup:
+  release(&out);
+  release(&margins);
+  return result;
+}
+
+PyDoc_STRVAR(q_from_mean_doc, "q_from_mean(mean, gamma, q_min, q_max, out, stream=0)\n--\n\n"
+                              "Adaptive q from an already-reduced (e.g. all-reduced) 0-dim mean margin.");
+
+static PyObject *py_q_from_mean(PyObject *self, PyObject *args, PyObject *kwargs) {
+  (void)self;
+  static char *keywords[] = {"mean", "gamma", "q_min", "q_max", "out", "stream", NULL};
+  PyObject *mean_obj, *out_obj;
+  double gamma, q_min, q_max;
+  unsigned long long stream = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OdddO|K:q_from_mean", keywords, &mean_obj, &gamma, &q_min, &q_max,
+                                   &out_obj, &stream)) {
+    return NULL;
+  }
+  napo_arg mean = {0}, out = {0};
+  PyObject *result = NULL;
+  arg_dtype dtype;
+  int cuda_error = 0;
+  napo_status status = NAPO_OK;
+  if (acquire(mean_obj, "mean", &mean) || acquire(out_obj, "out", &out) || arg_dtype_of(&mean, &dtype) ||
+      check_device_supported(&mean) || check_scalar(&mean) || check_same(&mean, &out) || check_scalar(&out) ||
+      check_q_params(gamma, q_min, q_max)) {
+    goto cleanup;
+  }
+  if (is_cuda(&mean)) {
+    status = dtype == DTYPE_F32 ? NAPO_CUDA_CALL(napo_q_from_mean_f32_cuda(data_of(&mean), gamma, q_min, q_max,
+                                                                           data_of(&out), NAPO_CUDA_ARGS(mean)))
+                                : NAPO_CUDA_CALL(napo_q_from_mean_f64_cuda(data_of(&mean), gamma, q_min, q_max,
+                                                                           data_of(&out), NAPO_CUDA_ARGS(mean)));
+  } else {
+    status = dtype == DTYPE_F32 ? napo_q_from_mean_f32(data_of(&mean), gamma, q_min, q_max, data_of(&out))
+                                : napo_q_from_mean_f64(data_of(&mean), gamma, q_min, q_max, data_of(&out));
+  }
+  if (raise_status(status, cuda_error, &out) == 0) {
+    result = Py_NewRef(Py_None);
+  }
+cleanup:
+  release(&out);
+  release(&mean);
+  return result;
+}
+
+PyDoc_STRVAR(dynamic_weights_doc, "dynamic_weights(reward_margins, w_min, eps, out, stream=0)\n--\n\n"
+                                  "out[k] = clip(R_k / sum(R), w_min, 1), uniform 1/K when sum(R) <= eps.");
+
+static PyObject *py_dynamic_weights(PyObject *self, PyObject *args, PyObject *kwargs) {
+  (void)self;
+  static char *keywords[] = {"reward_margins", "w_min", "eps", "out", "stream", NULL};
+  PyObject *margins_obj, *out_obj;
+  double w_min, eps;
+  unsigned long long stream = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OddO|K:dynamic_weights", keywords, &margins_obj, &w_min, &eps,
+                                   &out_obj, &stream)) {
+    return NULL;
+  }
+  napo_arg margins = {0}, out = {0};
+  PyObject *result = NULL;
+  arg_dtype dtype;
+  int64_t k = 0, stride = 0;
+  int cuda_error = 0;
+  napo_status status = NAPO_OK;
+  if (acquire(margins_obj, "reward_margins", &margins) || acquire(out_obj, "out", &out) ||
+      arg_dtype_of(&margins, &dtype) || check_device_supported(&margins) || vector_of(&margins, &k, &stride) ||
+      check_same(&margins, &out) || check_output_vector(&out, k) || check_weight_params(w_min, eps)) {
+    goto cleanup;
+  }
+  if (k == 0) {
+    PyErr_SetString(PyExc_ValueError, "argument 'reward_margins' is empty; dynamic weights need K >= 1 loss terms");
+    goto cleanup;
+  }
+  if (is_cuda(&margins)) {
+    status = dtype == DTYPE_F32 ? NAPO_CUDA_CALL(napo_dynamic_weights_f32_cuda(data_of(&margins), stride, k, w_min, eps,
+                                                                               data_of(&out), NAPO_CUDA_ARGS(margins)))
+                                : NAPO_CUDA_CALL(napo_dynamic_weights_f64_cuda(data_of(&margins), stride, k, w_min, eps,
+                                                                               data_of(&out), NAPO_CUDA_ARGS(margins)));
+  } else {
+    status = dtype == DTYPE_F32 ? napo_dynamic_weights_f32(data_of(&margins), stride, k, w_min, eps, data_of(&out))
+                                : napo_dynamic_weights_f64(data_of(&margins), stride, k, w_min, eps, data_of(&out));
+  }
+  if (raise_status(status, cuda_error, &out) == 0) {
+    result = Py_NewRef(Py_None);
+  }
+cleanup:
+  release(&out);
+  release(&margins);
+  return result;
+}
+
+static PyObject *py_cuda_available(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+#ifdef NAPO_WITH_CUDA
+  return PyBool_FromLong(napo_cuda_available());
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *py_built_with_cuda(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+#ifdef NAPO_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+static PyMethodDef napo_methods[] = {
+    {"loss_forward", (PyCFunction)(void (*)(void))py_loss_forward, METH_VARARGS | METH_KEYWORDS, loss_forward_doc},
+    {"loss_backward", (PyCFunction)(void (*)(void))py_loss_backward, METH_VARARGS | METH_KEYWORDS, loss_backward_doc},
+    {"adaptive_q", (PyCFunction)(void (*)(void))py_adaptive_q, METH_VARARGS | METH_KEYWORDS, adaptive_q_doc},
+    {"q_from_mean", (PyCFunction)(void (*)(void))py_q_from_mean, METH_VARARGS | METH_KEYWORDS, q_from_mean_doc},
+    {"dynamic_weights", (PyCFunction)(void (*)(void))py_dynamic_weights, METH_VARARGS | METH_KEYWORDS,
+     dynamic_weights_doc},
+    {"built_with_cuda", py_built_with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    {"cuda_available", py_cuda_available, METH_NOARGS, "True when compiled with CUDA and a device is visible."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef napo_module = {
+    PyModuleDef_HEAD_INIT, "napo._C", "napo's C core (NaPO objective kernels), called through DLPack.", 0,
+    napo_methods,          NULL,      NULL,                                                          NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject *module = PyModule_Create(&napo_module);
+  if (module != NULL && PyModule_AddIntConstant(module, "ABI_VERSION", 1) != 0) {
+    Py_CLEAR(module);
+  }
+  return module;
+}

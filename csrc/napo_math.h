@@ -1,0 +1,85 @@
+/*
+ * Scalar maths of the NaPO objective, shared by the CPU kernels, the CUDA
+ * kernels and the C tests so that every backend evaluates the same stable
+ * formulas. Everything is in double; callers round once on store.
+ */
+#ifndef NAPO_MATH_H
+#define NAPO_MATH_H
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define NAPO_HD __host__ __device__ static inline
+#else
+#define NAPO_HD static inline
+#endif
+
+/* log(sigmoid(z)) = -softplus(-z), without overflow for any finite z. */
+NAPO_HD double napo_log_sigmoid(double z) { return (z < 0.0 ? z : 0.0) - log1p(exp(-fabs(z))); }
+
+NAPO_HD double napo_sigmoid(double z) {
+  if (z >= 0.0) {
+    return 1.0 / (1.0 + exp(-z));
+  }
+  const double e = exp(z); /* also reached by NaN, which then propagates */
+  return e / (1.0 + e);
+}
+
+/* Clip that lets NaN through (fmin/fmax would silently replace it). */
+NAPO_HD double napo_clip(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+/*
+ * L_q(M) = (1 - sigmoid(z)^q) / q written as -expm1(q * logsigmoid(z)) / q:
+ * sigmoid(z)^q is never formed (it underflows for very negative z) and the
+ * difference 1 - s^q is never taken (it cancels for small q). q == 0 is DPO.
+ */
+NAPO_HD double napo_loss_value(double margin, double q, double beta) {
+  const double log_sig = napo_log_sigmoid(beta * margin);
+  if (q == 0.0) {
+    return -log_sig;
+  }
+  return -expm1(q * log_sig) / q;
+}
+
+/* dL_q/dM = -beta * sigmoid(z)^q * sigmoid(-z), the power taken in log space. */
+NAPO_HD double napo_loss_grad(double margin, double q, double beta) {
+  const double z = beta * margin;
+  const double sig_neg = napo_sigmoid(-z);
+  if (q == 0.0) {
+    return -beta * sig_neg;
+  }
+  return -beta * exp(q * napo_log_sigmoid(z)) * sig_neg;
+}
+
+/* q = clip(2 * (1 - sigmoid(gamma * mean)), q_min, q_max), as 2 * sigmoid(-x). */
+NAPO_HD double napo_q_value(double mean, double gamma, double q_min, double q_max) {
+  return napo_clip(2.0 * napo_sigmoid(-gamma * mean), q_min, q_max);
+}
+
+/* q outside [0, 1] is an error; NaN is not (it propagates into the loss). */
+NAPO_HD int napo_q_in_range(double q) { return !(q < 0.0 || q > 1.0); }
+
+/* Neumaier-compensated running sum: the mean behind q stays exact to a few
+ * ulps however long the batch, at the cost of two extra adds per element. */
+typedef struct {
+  double sum;
+  double compensation;
+} napo_sum_acc;
+
+NAPO_HD void napo_sum_add(napo_sum_acc *acc, double x) {
+  const double t = acc->sum + x;
+  if (fabs(acc->sum) >= fabs(x)) {
+    acc->compensation += (acc->sum - t) + x;
+  } else {
+    acc->compensation += (x - t) + acc->sum;
+  }
+  acc->sum = t;
+}
+
+/* Once the plain sum is inf or NaN the compensation is meaningless (inf - inf). */
+NAPO_HD double napo_sum_value(const napo_sum_acc *acc) {
+  return isfinite(acc->sum) ? acc->sum + acc->compensation : acc->sum;
+}
+
+#endif /* NAPO_MATH_H */

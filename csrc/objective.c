@@ -1,0 +1,254 @@
+/*
+ * CPU kernels of the NaPO objective. Each public napo_<op>_<dtype> entry point
+ * checks its arguments and forwards to one dtype-generic loop: these vectors
+ * hold one value per preference pair (or per loss term), so a per-element
+ * dtype branch costs nothing measurable and keeps one copy of each loop.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "napo.h"
+#include "napo_math.h"
+
+typedef enum { NAPO_F32, NAPO_F64 } napo_dtype;
+
+static double load(const void *base, napo_dtype dtype, int64_t index) {
+  return dtype == NAPO_F32 ? (double)((const float *)base)[index] : ((const double *)base)[index];
+}
+
+static void store(void *base, napo_dtype dtype, int64_t index, double value) {
+  if (dtype == NAPO_F32) {
+    ((float *)base)[index] = (float)value;
+  } else {
+    ((double *)base)[index] = value;
+  }
+}
+
+const char *napo_status_message(napo_status status) {
+  switch (status) {
+  case NAPO_OK:
+    return "ok";
+  case NAPO_ERR_NULL_POINTER:
+    return "a required pointer is NULL";
+  case NAPO_ERR_SIZE:
+    return "a length or stride is out of range";
+  case NAPO_ERR_Q_RANGE:
+    return "q must lie in [0, 1]";
+  case NAPO_ERR_PARAMETER:
+    return "a scalar parameter is out of range";
+  case NAPO_ERR_CUDA:
+    return "a CUDA runtime call failed";
+  case NAPO_ERR_NO_CUDA:
+    return "napo was built without CUDA kernels";
+  }
+  return "unknown napo status";
+}
+
+napo_status napo_check_vector(const void *data, int64_t n, int64_t stride, int allow_empty) {
+  if (n < 0 || (n == 0 && !allow_empty)) {
+    return NAPO_ERR_SIZE;
+  }
+  if (n == 0) {
+    return NAPO_OK;
+  }
+  if (data == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  /* The furthest element sits |stride| * (n - 1) elements away; keep its byte
+   * offset representable so no index computation below can overflow. */
+  const int64_t max_elements = INT64_MAX / (int64_t)sizeof(double);
+  if (stride < -max_elements || stride > max_elements) {
+    return NAPO_ERR_SIZE;
+  }
+  const int64_t abs_stride = stride < 0 ? -stride : stride;
+  if (abs_stride != 0 && n - 1 > max_elements / abs_stride) {
+    return NAPO_ERR_SIZE;
+  }
+  return NAPO_OK;
+}
+
+napo_status napo_check_loss_params(double beta) {
+  return (isfinite(beta) && beta > 0.0) ? NAPO_OK : NAPO_ERR_PARAMETER;
+}
+
+napo_status napo_check_q_params(double gamma, double q_min, double q_max) {
+  if (!(isfinite(gamma) && gamma > 0.0)) {
+    return NAPO_ERR_PARAMETER;
+  }
+  if (!(q_min >= 0.0 && q_min <= q_max && q_max <= 1.0)) {
+    return NAPO_ERR_PARAMETER;
+  }
+  return NAPO_OK;
+}
+
+napo_status napo_check_weight_params(double w_min, double eps) {
+  if (!(w_min >= 0.0 && w_min <= 1.0)) {
+    return NAPO_ERR_PARAMETER;
+  }
+  return (isfinite(eps) && eps >= 0.0) ? NAPO_OK : NAPO_ERR_PARAMETER;
+}
+
+/* ---- loss ---- */
+
+static napo_status loss_forward(const void *margins, int64_t margins_stride, int64_t n, const void *q, double beta,
+                                void *loss, napo_dtype dtype) {
+  napo_status status = napo_check_vector(margins, n, margins_stride, 1);
+  if (status != NAPO_OK) {
+    return status;
+  }
+  if (q == NULL || (n > 0 && loss == NULL)) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  if ((status = napo_check_loss_params(beta)) != NAPO_OK) {
+    return status;
+  }
+  const double q_value = load(q, dtype, 0);
+  if (!napo_q_in_range(q_value)) {
+    return NAPO_ERR_Q_RANGE;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    store(loss, dtype, i, napo_loss_value(load(margins, dtype, i * margins_stride), q_value, beta));
+  }
+  return NAPO_OK;
+}
+
+static napo_status loss_backward(const void *grad_loss, int64_t grad_stride, const void *margins,
+                                 int64_t margins_stride, int64_t n, const void *q, double beta, void *grad_margins,
+                                 napo_dtype dtype) {
+  napo_status status = napo_check_vector(margins, n, margins_stride, 1);
+  if (status != NAPO_OK || (status = napo_check_vector(grad_loss, n, grad_stride, 1)) != NAPO_OK) {
+    return status;
+  }
+  if (q == NULL || (n > 0 && grad_margins == NULL)) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  if ((status = napo_check_loss_params(beta)) != NAPO_OK) {
+    return status;
+  }
+  const double q_value = load(q, dtype, 0);
+  if (!napo_q_in_range(q_value)) {
+    return NAPO_ERR_Q_RANGE;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const double dloss_dmargin = napo_loss_grad(load(margins, dtype, i * margins_stride), q_value, beta);
+    store(grad_margins, dtype, i, load(grad_loss, dtype, i * grad_stride) * dloss_dmargin);
+  }
+  return NAPO_OK;
+}
+
+/* ---- adaptive q ---- */
+
+static napo_status adaptive_q(const void *margins, int64_t stride, int64_t n, double gamma, double q_min,
+                              double q_max, void *q_out, napo_dtype dtype) {
+  napo_status status = napo_check_vector(margins, n, stride, 0);
+  if (status != NAPO_OK) {
+    return status;
+  }
+  if (q_out == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  if ((status = napo_check_q_params(gamma, q_min, q_max)) != NAPO_OK) {
+    return status;
+  }
+  napo_sum_acc acc = {0.0, 0.0};
+  for (int64_t i = 0; i < n; ++i) {
+    napo_sum_add(&acc, load(margins, dtype, i * stride));
+  }
+  store(q_out, dtype, 0, napo_q_value(napo_sum_value(&acc) / (double)n, gamma, q_min, q_max));
+  return NAPO_OK;
+}
+
+static napo_status q_from_mean(const void *mean, double gamma, double q_min, double q_max, void *q_out,
+                               napo_dtype dtype) {
+  if (mean == NULL || q_out == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  const napo_status status = napo_check_q_params(gamma, q_min, q_max);
+  if (status != NAPO_OK) {
+    return status;
+  }
+  store(q_out, dtype, 0, napo_q_value(load(mean, dtype, 0), gamma, q_min, q_max));
+  return NAPO_OK;
+}
+
+/* ---- dynamic weights ---- */
+
+static napo_status dynamic_weights(const void *reward_margins, int64_t stride, int64_t k, double w_min, double eps,
+                                   void *weights, napo_dtype dtype) {
+  napo_status status = napo_check_vector(reward_margins, k, stride, 0);
+  if (status != NAPO_OK) {
+    return status;
+  }
+  if (weights == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  if ((status = napo_check_weight_params(w_min, eps)) != NAPO_OK) {
+    return status;
+  }
+  napo_sum_acc acc = {0.0, 0.0};
+  for (int64_t i = 0; i < k; ++i) {
+    napo_sum_add(&acc, load(reward_margins, dtype, i * stride));
+  }
+  const double total = napo_sum_value(&acc);
+  for (int64_t i = 0; i < k; ++i) {
+    /* total <= eps covers step 0, where every margin is zero and the ratio is
+     * 0/0; a NaN total fails the test and propagates NaN weights. */
+    const double w = total <= eps ? 1.0 / (double)k
+                                  : napo_clip(load(reward_margins, dtype, i * stride) / total, w_min, 1.0);
+    store(weights, dtype, i, w);
+  }
+  return NAPO_OK;
+}
+
+/* ---- typed entry points ---- */
+
+napo_status napo_loss_forward_f32(const float *margins, int64_t margins_stride, int64_t n, const float *q,
+                                  double beta, float *loss) {
+  return loss_forward(margins, margins_stride, n, q, beta, loss, NAPO_F32);
+}
+
+napo_status napo_loss_forward_f64(const double *margins, int64_t margins_stride, int64_t n, const double *q,
+                                  double beta, double *loss) {
+  return loss_forward(margins, margins_stride, n, q, beta, loss, NAPO_F64);
+}
+
+napo_status napo_loss_backward_f32(const float *grad_loss, int64_t grad_stride, const float *margins,
+                                   int64_t margins_stride, int64_t n, const float *q, double beta,
+                                   float *grad_margins) {
+  return loss_backward(grad_loss, grad_stride, margins, margins_stride, n, q, beta, grad_margins, NAPO_F32);
+}
+
+napo_status napo_loss_backward_f64(const double *grad_loss, int64_t grad_stride, const double *margins,
+                                   int64_t margins_stride, int64_t n, const double *q, double beta,
+                                   double *grad_margins) {
+  return loss_backward(grad_loss, grad_stride, margins, margins_stride, n, q, beta, grad_margins, NAPO_F64);
+}
+
+napo_status napo_adaptive_q_f32(const float *margins, int64_t stride, int64_t n, double gamma, double q_min,
+                                double q_max, float *q_out) {
+  return adaptive_q(margins, stride, n, gamma, q_min, q_max, q_out, NAPO_F32);
+}
+
+napo_status napo_adaptive_q_f64(const double *margins, int64_t stride, int64_t n, double gamma, double q_min,
+                                double q_max, double *q_out) {
+  return adaptive_q(margins, stride, n, gamma, q_min, q_max, q_out, NAPO_F64);
+}
+
+napo_status napo_q_from_mean_f32(const float *mean, double gamma, double q_min, double q_max, float *q_out) {
+  return q_from_mean(mean, gamma, q_min, q_max, q_out, NAPO_F32);
+}
+
+napo_status napo_q_from_mean_f64(const double *mean, double gamma, double q_min, double q_max, double *q_out) {
+  return q_from_mean(mean, gamma, q_min, q_max, q_out, NAPO_F64);
+}
+
+napo_status napo_dynamic_weights_f32(const float *reward_margins, int64_t stride, int64_t k, double w_min,
+                                     double eps, float *weights) {
+  return dynamic_weights(reward_margins, stride, k, w_min, eps, weights, NAPO_F32);
+}
+
+napo_status napo_dynamic_weights_f64(const double *reward_margins, int64_t stride, int64_t k, double w_min,
+                                     double eps, double *weights) {
+  return dynamic_weights(reward_margins, stride, k, w_min, eps, weights, NAPO_F64);
+}

@@ -1,0 +1,41 @@
+"""napo: Noise-Aware Preference Optimization (NaPO) for debiasing multimodal LLMs.
+
+The objective (loss, adaptive q, dynamic weights) runs in C/CUDA behind
+``torch.library`` custom ops; ``import napo`` works without the compiled
+extension, and the first call that needs it explains what is missing.
+"""
+
+from __future__ import annotations
+
+from napo import _ops  # noqa: F401  (defines the torch.ops.napo.* schemas)
+from napo._native import NativeUnavailableError, native_available, use_reference_backend
+from napo.backends import reference as _reference
+from napo.backends import register_backend as _register_backend
+from napo.functional import adaptive_q, dynamic_weights, global_mean, napo_loss, q_from_mean, reward_margin
+from napo.losses import PAPER_TERMS, TERMS, NaPOLoss, NaPOObjective, NaPOOutput, TermConfig
+
+__version__ = "0.1.0"
+
+_register_backend(_reference, None)
+if not use_reference_backend():
+    from napo.backends import native as _native_backend
+
+    _register_backend(_native_backend, ("cpu", "cuda"))
+
+__all__ = [
+    "PAPER_TERMS",
+    "TERMS",
+    "NaPOLoss",
+    "NaPOObjective",
+    "NaPOOutput",
+    "NativeUnavailableError",
+    "TermConfig",
+    "__version__",
+    "adaptive_q",
+    "dynamic_weights",
+    "global_mean",
+    "napo_loss",
+    "native_available",
+    "q_from_mean",
+    "reward_margin",
+]

@@ -1,0 +1,68 @@
+"""Schemas, fake (meta) kernels and autograd of napo's custom ops.
+
+No maths here: the pure-PyTorch kernels live in ``backends/reference.py`` (the
+default for every device, and the test oracle) and the C/CUDA kernels in
+``backends/native.py`` (registered for CPU and CUDA). The ops are low-level:
+margins are float32/float64 1-D tensors, q a 0-dim tensor of the same dtype.
+The user-facing checks and dtype promotion are in ``napo.functional``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LIBRARY = "napo"
+
+_lib = torch.library.Library(LIBRARY, "DEF")  # noqa: TID251 - kept alive for the process lifetime
+_lib.define("napo_loss(Tensor margins, Tensor q, float beta) -> Tensor")
+_lib.define("napo_loss_backward(Tensor grad_loss, Tensor margins, Tensor q, float beta) -> Tensor")
+_lib.define("adaptive_q(Tensor margins, float gamma, float q_min, float q_max) -> Tensor")
+_lib.define("q_from_mean(Tensor mean, float gamma, float q_min, float q_max) -> Tensor")
+_lib.define("dynamic_weights(Tensor reward_margins, float w_min, float eps) -> Tensor")
+
+OP_NAMES = ("napo_loss", "napo_loss_backward", "adaptive_q", "q_from_mean", "dynamic_weights")
+
+
+@torch.library.register_fake("napo::napo_loss")
+def _napo_loss_fake(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    return margins.new_empty(margins.shape)
+
+
+@torch.library.register_fake("napo::napo_loss_backward")
+def _napo_loss_backward_fake(
+    grad_loss: torch.Tensor, margins: torch.Tensor, q: torch.Tensor, beta: float
+) -> torch.Tensor:
+    return margins.new_empty(margins.shape)
+
+
+@torch.library.register_fake("napo::adaptive_q")
+def _adaptive_q_fake(margins: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
+    return margins.new_empty(())
+
+
+@torch.library.register_fake("napo::q_from_mean")
+def _q_from_mean_fake(mean: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
+    return mean.new_empty(())
+
+
+@torch.library.register_fake("napo::dynamic_weights")
+def _dynamic_weights_fake(reward_margins: torch.Tensor, w_min: float, eps: float) -> torch.Tensor:
+    return reward_margins.new_empty(reward_margins.shape)
+
+
+def _napo_loss_setup_context(ctx, inputs, output) -> None:
+    margins, q, beta = inputs
+    ctx.save_for_backward(margins, q)
+    ctx.beta = beta
+
+
+def _napo_loss_backward(ctx, grad_loss: torch.Tensor):
+    margins, q = ctx.saved_tensors
+    # The backward is an op of its own (C on CPU/CUDA); it has no autograd, so
+    # double backward raises instead of silently dropping the second derivative.
+    grad_margins = torch.ops.napo.napo_loss_backward(grad_loss, margins, q, ctx.beta)
+    # q is a constant of the objective (spec: computed without gradient).
+    return grad_margins, None, None
+
+
+torch.library.register_autograd("napo::napo_loss", _napo_loss_backward, setup_context=_napo_loss_setup_context)

@@ -1,0 +1,58 @@
+"""Pure-PyTorch implementations of napo's ops.
+
+They are registered as the default kernel of every op (any device without a
+native kernel runs them, and ``NAPO_BACKEND=reference`` forces them) and they
+are the oracle the C and CUDA kernels are tested against. They follow the
+spec's formulas as written rather than the C code's rearrangements, so that a
+shared mistake is unlikely. Like the CUDA kernels they never synchronise with
+the host: an out-of-range q tensor gives NaN rather than an exception.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    """L_q(M) = -expm1(q * logsigmoid(beta * M)) / q; q == 0 is -logsigmoid(beta * M)."""
+    log_sig = F.logsigmoid(beta * margins)
+    q = q.to(margins.dtype)
+    is_dpo = q == 0
+    safe_q = torch.where(is_dpo, torch.ones_like(q), q)
+    loss = torch.where(is_dpo, -log_sig, -torch.expm1(safe_q * log_sig) / safe_q)
+    return torch.where((q < 0) | (q > 1), torch.full_like(loss, float("nan")), loss)
+
+
+def napo_loss_grad_factor(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    """dL_q/dM = -beta * sigmoid(beta M)^q * sigmoid(-beta M)."""
+    z = beta * margins
+    q = q.to(margins.dtype)
+    # sigmoid^q as exp(q * logsigmoid): q == 0 must give exactly 1, also where logsigmoid = -inf.
+    power = torch.where(q == 0, torch.ones_like(z), torch.exp(q * F.logsigmoid(z)))
+    factor = -beta * power * torch.sigmoid(-z)
+    return torch.where((q < 0) | (q > 1), torch.full_like(factor, float("nan")), factor)
+
+
+def napo_loss_backward(grad_loss: torch.Tensor, margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    return grad_loss * napo_loss_grad_factor(margins, q, beta)
+
+
+def q_from_mean(mean: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
+    """q = clip(2 * (1 - sigmoid(gamma * mean)), q_min, q_max), evaluated in float64."""
+    q = 2.0 * (1.0 - torch.sigmoid(gamma * mean.to(torch.float64)))
+    return q.clamp(q_min, q_max).to(mean.dtype).reshape(())
+
+
+def adaptive_q(margins: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
+    return q_from_mean(margins.to(torch.float64).mean(), gamma, q_min, q_max).to(margins.dtype)
+
+
+def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> torch.Tensor:
+    """w_k = clip(R_k / sum R, w_min, 1), or 1/K when sum R <= eps."""
+    r = reward_margins.to(torch.float64)
+    total = r.sum()
+    uniform = torch.full_like(r, 1.0 / r.numel())
+    weights = torch.where(total <= eps, uniform, (r / total).clamp(w_min, 1.0))
+    return weights.to(reward_margins.dtype)
+
