@@ -58,11 +58,26 @@ def _napo_loss_setup_context(ctx, inputs, output) -> None:
 
 def _napo_loss_backward(ctx, grad_loss: torch.Tensor):
     margins, q = ctx.saved_tensors
-    # The backward is an op of its own (C on CPU/CUDA); it has no autograd, so
-    # double backward raises instead of silently dropping the second derivative.
+    # The backward is an op of its own (C on CPU/CUDA); its own backward raises
+    # (below) rather than silently dropping the second derivative.
     grad_margins = torch.ops.napo.napo_loss_backward(grad_loss, margins, q, ctx.beta)
     # q is a constant of the objective (spec: computed without gradient).
     return grad_margins, None, None
 
 
 torch.library.register_autograd("napo::napo_loss", _napo_loss_backward, setup_context=_napo_loss_setup_context)
+
+
+def _no_double_backward_setup_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_double_backward(ctx, grad_output: torch.Tensor):
+    raise RuntimeError(
+        "napo::napo_loss does not support double backward (create_graph=True through the loss gradient)"
+    )
+
+
+torch.library.register_autograd(
+    "napo::napo_loss_backward", _no_double_backward, setup_context=_no_double_backward_setup_context
+)

@@ -1,6 +1,7 @@
 """C (CPU) and CUDA C kernels of napo's ops, called through ``napo._C``.
 
-Tensors cross into C through DLPack; outputs are allocated here, by torch,
+Tensors cross into C through DLPack (detached: the op's autograd is
+registered separately, and DLPack refuses tensors that require grad); outputs are allocated here, by torch,
 so that on CUDA they come from the caching allocator and a graph capture sees
 only kernel launches on the current stream. A CUDA tensor on a build without
 CUDA kernels falls back to the reference kernels, with one warning.
@@ -53,7 +54,7 @@ def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tens
         return reference.napo_loss(margins, q, beta)
     out = margins.new_empty(margins.shape)
     with _launch_context(margins) as launch:
-        native().loss_forward(margins, q, beta, out, **launch)
+        native().loss_forward(margins.detach(), q.detach(), beta, out, **launch)
     return out
 
 
@@ -62,7 +63,7 @@ def napo_loss_backward(grad_loss: torch.Tensor, margins: torch.Tensor, q: torch.
         return reference.napo_loss_backward(grad_loss, margins, q, beta)
     out = margins.new_empty(margins.shape)
     with _launch_context(margins) as launch:
-        native().loss_backward(grad_loss, margins, q, beta, out, **launch)
+        native().loss_backward(grad_loss.detach(), margins.detach(), q.detach(), beta, out, **launch)
     return out
 
 
@@ -71,7 +72,7 @@ def adaptive_q(margins: torch.Tensor, gamma: float, q_min: float, q_max: float) 
         return reference.adaptive_q(margins, gamma, q_min, q_max)
     out = margins.new_empty(())
     with _launch_context(margins) as launch:
-        native().adaptive_q(margins, gamma, q_min, q_max, out, **launch)
+        native().adaptive_q(margins.detach(), gamma, q_min, q_max, out, **launch)
     return out
 
 
@@ -80,7 +81,7 @@ def q_from_mean(mean: torch.Tensor, gamma: float, q_min: float, q_max: float) ->
         return reference.q_from_mean(mean, gamma, q_min, q_max)
     out = mean.new_empty(())
     with _launch_context(mean) as launch:
-        native().q_from_mean(mean, gamma, q_min, q_max, out, **launch)
+        native().q_from_mean(mean.detach(), gamma, q_min, q_max, out, **launch)
     return out
 
 
@@ -89,6 +90,6 @@ def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> t
         return reference.dynamic_weights(reward_margins, w_min, eps)
     out = reward_margins.new_empty(reward_margins.shape)
     with _launch_context(reward_margins) as launch:
-        native().dynamic_weights(reward_margins, w_min, eps, out, **launch)
+        native().dynamic_weights(reward_margins.detach(), w_min, eps, out, **launch)
     return out
 

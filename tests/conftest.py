@@ -1,0 +1,50 @@
+"""Shared helpers: per-dtype tolerances and a comparison that prints the first mismatches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Tolerances against the pure-PyTorch reference. The C core computes in double
+# and rounds once, the reference computes in the tensor's dtype, so the
+# reference's own rounding dominates. bf16/fp16 log-probs are upcast to float32
+# at the boundary, so the loss is compared at float32 tolerance; their
+# gradients come back in the input's half dtype.
+TOLERANCES = {
+    torch.float64: {"rtol": 1e-12, "atol": 1e-14},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
+    torch.bfloat16: {"rtol": 1e-5, "atol": 1e-6},
+    torch.float16: {"rtol": 1e-5, "atol": 1e-6},
+}
+GRAD_TOLERANCES = {
+    torch.float64: {"rtol": 1e-12, "atol": 1e-14},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-5},
+    torch.float16: {"rtol": 2e-3, "atol": 1e-6},
+}
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+BATCH_SIZES = [1, 3, 257]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, what: str = "") -> None:
+    """torch.testing.assert_close, plus the first mismatching positions and values."""
+    actual = actual.detach().cpu()
+    expected = expected.detach().cpu().to(actual.dtype)
+    try:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+    except AssertionError as error:
+        a, e = actual.double().reshape(-1), expected.double().reshape(-1)
+        bad = ~(torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True))
+        rows = [f"  [{i}] actual={a[i].item()!r} expected={e[i].item()!r}" for i in bad.nonzero().reshape(-1)[:5]]
+        raise AssertionError(f"{what}: first mismatches\n" + "\n".join(rows) + f"\n{error}") from None
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A fresh random stream per test (inputs differ between tests, not between runs)."""
+    return torch.Generator().manual_seed(torch.seed() % (2**31))
+
+
+def random_logps(batch: int, dtype: torch.dtype, generator: torch.Generator, scale: float = 30.0) -> torch.Tensor:
+    """Sequence log-probs of a plausible size (negative, tens of nats)."""
+    return (-scale * torch.rand(batch, generator=generator, dtype=torch.float64)).to(dtype)

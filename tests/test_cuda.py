@@ -1,0 +1,111 @@
+"""CUDA kernels against the reference, no host synchronisation, and CUDA-graph capture.
+
+Skipped (and reported as skipped, not passed) on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_close
+from test_objective import call, make_batch
+
+import napo
+from napo.backends import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_cuda_kernels_are_built():
+    from napo import _C
+
+    assert _C.built_with_cuda() and _C.cuda_available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 3, 257, 100_003])
+@pytest.mark.parametrize("q", [0.0, 1e-6, 0.3, 1.0])
+def test_loss_forward_backward_match_reference(dtype, batch, q):
+    margins = (torch.randn(2 * batch, dtype=dtype, device="cuda") * 30)[::2]  # strided too
+    qt = torch.tensor(q, dtype=dtype, device="cuda")
+    grad = torch.randn(batch, dtype=dtype, device="cuda")
+    assert_close(torch.ops.napo.napo_loss(margins, qt, 0.1), reference.napo_loss(margins, qt, 0.1),
+                 **TOLERANCES[dtype], what="loss")  # fmt: skip
+    assert_close(torch.ops.napo.napo_loss_backward(grad, margins, qt, 0.1),
+                 reference.napo_loss_backward(grad, margins, qt, 0.1), **TOLERANCES[dtype], what="grad")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 3, 257, 100_003])
+def test_q_and_weights_match_reference(dtype, n):
+    margins = torch.randn(n, dtype=dtype, device="cuda") + 0.2
+    assert_close(torch.ops.napo.adaptive_q(margins, 0.5, 0.001, 1.0), reference.adaptive_q(margins, 0.5, 0.001, 1.0),
+                 **TOLERANCES[dtype], what="q")  # fmt: skip
+    mean = margins.mean()
+    assert_close(torch.ops.napo.q_from_mean(mean, 0.5, 0.0, 1.0), reference.q_from_mean(mean, 0.5, 0.0, 1.0),
+                 **TOLERANCES[dtype], what="q_from_mean")  # fmt: skip
+    k = min(n, 300)
+    assert_close(torch.ops.napo.dynamic_weights(margins[:k], 0.01, 1e-8),
+                 reference.dynamic_weights(margins[:k], 0.01, 1e-8), **TOLERANCES[dtype], what="weights")  # fmt: skip
+
+
+def test_out_of_range_tensor_q_gives_nan_on_cuda():
+    margins = torch.randn(4, device="cuda")
+    assert torch.isnan(torch.ops.napo.napo_loss(margins, torch.tensor(1.5, device="cuda"), 0.1)).all()
+
+
+def _cuda_batch(batch_size: int = 64):
+    cpu = make_batch(batch_size, torch.float32, torch.Generator().manual_seed(0), requires_grad=False)
+    return {k: v.cuda().requires_grad_(k.startswith("policy")) for k, v in cpu.items()}
+
+
+def test_objective_step_never_syncs_with_host():
+    batch = _cuda_batch()
+    objective = napo.NaPOObjective()
+    call(objective, batch).loss.backward()  # warm-up: allocator, lazy init
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = call(objective, batch)
+        out.loss.backward()
+        out.metrics()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_objective_step_cuda_graph_capture_and_replay():
+    objective = napo.NaPOObjective()
+    static = _cuda_batch()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm up on a side stream, as torch.cuda.graphs recommends
+            for v in static.values():
+                v.grad = None
+            call(objective, static).loss.backward()
+    torch.cuda.current_stream().wait_stream(side)
+    for v in static.values():
+        v.grad = None
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(objective, static)
+        captured.loss.backward()
+
+    fresh = _cuda_batch()
+    with torch.no_grad():
+        for key, value in fresh.items():
+            static[key].copy_(value.detach() * 1.01)
+    graph.replay()
+    torch.cuda.synchronize()
+
+    eager_inputs = {k: (v.detach() * 1.01).requires_grad_(k.startswith("policy")) for k, v in fresh.items()}
+    eager = call(objective, eager_inputs)
+    eager.loss.backward()
+    assert_close(captured.loss, eager.loss, rtol=1e-5, atol=1e-6, what="replayed loss")
+    for term in napo.TERMS:
+        assert_close(captured.q[term], eager.q[term], rtol=1e-5, atol=1e-6, what=f"q {term}")
+        assert_close(captured.weights[term], eager.weights[term], rtol=1e-5, atol=1e-6, what=f"w {term}")
+    for key, value in eager_inputs.items():
+        if value.grad is not None:
+            assert_close(static[key].grad, value.grad, rtol=1e-5, atol=1e-6, what=key)

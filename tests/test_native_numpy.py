@@ -1,0 +1,60 @@
+"""The native functions on NumPy arrays, without torch in the loop (analysis code does this)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from napo.backends import reference
+
+np = pytest.importorskip("numpy")
+C = pytest.importorskip("napo._C")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_loss_forward_and_backward_on_numpy(dtype):
+    rng = np.random.default_rng()
+    margins = (rng.standard_normal(33) * 20).astype(dtype)
+    q = np.array(0.35, dtype=dtype)
+    loss = np.empty_like(margins)
+    C.loss_forward(margins, q, 0.1, loss)
+    expected = reference.napo_loss(torch.from_numpy(margins.copy()), torch.from_numpy(q.copy()), 0.1)
+    np.testing.assert_allclose(loss, expected.numpy(), rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+    grad_loss = rng.standard_normal(33).astype(dtype)
+    grad = np.empty_like(margins)
+    C.loss_backward(grad_loss, margins, q, 0.1, grad)
+    factor = reference.napo_loss_grad_factor(torch.from_numpy(margins.copy()), torch.from_numpy(q.copy()), 0.1).numpy()
+    np.testing.assert_allclose(grad, grad_loss * factor, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-12)
+
+
+def test_strided_and_reversed_numpy_inputs():
+    base = np.linspace(-5, 5, 40)
+    for view in (base[::4], base[::-3]):
+        out = np.empty(len(view))
+        C.loss_forward(view, np.array(1.0), 1.0, out)
+        np.testing.assert_allclose(out, 1 / (1 + np.exp(view)), rtol=1e-14)
+        q = np.empty(())
+        C.adaptive_q(view, 0.5, 0.001, 1.0, q)
+        assert q == pytest.approx(min(1.0, 2 / (1 + math.exp(0.5 * view.mean()))), rel=1e-14)
+
+
+def test_q_from_mean_and_weights_on_numpy():
+    q = np.empty((), dtype=np.float32)
+    C.q_from_mean(np.array(0.0, dtype=np.float32), 0.5, 0.001, 1.0, q)
+    assert q == 1.0
+    weights = np.empty(3)
+    C.dynamic_weights(np.array([2.0, 1.0, 1.0]), 0.01, 1e-8, weights)
+    np.testing.assert_allclose(weights, [0.5, 0.25, 0.25], rtol=1e-15)
+    assert not C.built_with_cuda() or isinstance(C.cuda_available(), bool)
+
+
+def test_arrays_stay_alive_and_unchanged():
+    # The exported capsules are released after each call: inputs are neither freed nor written.
+    margins = np.arange(5, dtype=np.float64)
+    before = margins.copy()
+    for _ in range(1000):
+        C.loss_forward(margins, np.array(0.5), 0.1, np.empty(5))
+    np.testing.assert_array_equal(margins, before)
