@@ -80,11 +80,11 @@ class BuildWithOptionalCuda(build_ext):
             print(" ".join(cmd))
             subprocess.run(cmd, check=True)
             objects.append(str(obj))
-        ext.extra_objects = list(ext.extra_objects or []) + objects
-        ext.define_macros = list(ext.define_macros or []) + [("NAPO_WITH_CUDA", "1")]
-        ext.library_dirs = list(ext.library_dirs or []) + [str(_cudart_static_dir(nvcc))]
+        ext.extra_objects = [*(ext.extra_objects or []), *objects]
+        ext.define_macros = [*(ext.define_macros or []), ("NAPO_WITH_CUDA", "1")]
+        ext.library_dirs = [*(ext.library_dirs or []), str(_cudart_static_dir(nvcc))]
         # nvcc objects may reference the C++ runtime; the module itself is C.
-        ext.libraries = list(ext.libraries or []) + ["cudart_static", "stdc++", "dl", "rt", "pthread"]
+        ext.libraries = [*(ext.libraries or []), "cudart_static", "stdc++", "dl", "rt", "pthread"]
 
 
 setup(

@@ -68,8 +68,9 @@ static int acquire(PyObject *obj, const char *name, napo_arg *arg) {
   arg->capsule = NULL;
   arg->tensor = NULL;
   if (!PyObject_HasAttrString(obj, "__dlpack__") || !PyObject_HasAttrString(obj, "__dlpack_device__")) {
-    PyErr_Format(PyExc_TypeError, "argument '%s' must be an array that supports DLPack (torch.Tensor, numpy.ndarray, ...), got %s",
-                 name, Py_TYPE(obj)->tp_name);
+    PyErr_Format(PyExc_TypeError,
+                 "argument '%s' must be an array that supports DLPack (torch.Tensor, numpy.ndarray, ...), got %s", name,
+                 Py_TYPE(obj)->tp_name);
     return -1;
   }
   PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
@@ -141,8 +142,8 @@ static int arg_dtype_of(const napo_arg *arg, arg_dtype *out) {
   }
   if (dtype.lanes == 1 && (dtype.code == kDLFloat || dtype.code == kDLBfloat)) {
     PyErr_Format(PyExc_LookupError,
-                 "argument '%s' has dtype %s; napo's C core computes in float32 or float64 (upcast first)",
-                 arg->name, dtype_name(dtype));
+                 "argument '%s' has dtype %s; napo's C core computes in float32 or float64 (upcast first)", arg->name,
+                 dtype_name(dtype));
   } else {
     PyErr_Format(PyExc_TypeError, "argument '%s' must be a floating-point array, got dtype %s", arg->name,
                  dtype_name(dtype));
@@ -185,8 +186,9 @@ static int vector_of(const napo_arg *arg, int64_t *length, int64_t *stride) {
 
 static int check_scalar(const napo_arg *arg) {
   if (numel(arg) != 1 || arg->tensor->ndim > 1) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' must hold exactly one value (0-dim), got %d dimensions and %lld elements",
-                 arg->name, (int)arg->tensor->ndim, (long long)numel(arg));
+    PyErr_Format(PyExc_ValueError,
+                 "argument '%s' must hold exactly one value (0-dim), got %d dimensions and %lld elements", arg->name,
+                 (int)arg->tensor->ndim, (long long)numel(arg));
     return -1;
   }
   return 0;
@@ -316,8 +318,8 @@ static PyObject *py_loss_forward(PyObject *self, PyObject *args, PyObject *kwarg
   PyObject *margins_obj, *q_obj, *out_obj;
   double beta;
   unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOdO|K:loss_forward", keywords, &margins_obj, &q_obj, &beta,
-                                   &out_obj, &stream)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOdO|K:loss_forward", keywords, &margins_obj, &q_obj, &beta, &out_obj,
+                                   &stream)) {
     return NULL;
   }
   napo_arg margins = {0}, q = {0}, out = {0};
@@ -340,9 +342,8 @@ static PyObject *py_loss_forward(PyObject *self, PyObject *args, PyObject *kwarg
                                                              data_of(&out), NAPO_CUDA_ARGS(margins)));
   } else {
     Py_BEGIN_ALLOW_THREADS;
-    status = dtype == DTYPE_F32
-                 ? napo_loss_forward_f32(data_of(&margins), stride, n, data_of(&q), beta, data_of(&out))
-                 : napo_loss_forward_f64(data_of(&margins), stride, n, data_of(&q), beta, data_of(&out));
+    status = dtype == DTYPE_F32 ? napo_loss_forward_f32(data_of(&margins), stride, n, data_of(&q), beta, data_of(&out))
+                                : napo_loss_forward_f64(data_of(&margins), stride, n, data_of(&q), beta, data_of(&out));
     Py_END_ALLOW_THREADS;
   }
   if (raise_status(status, cuda_error, &q) == 0) {
@@ -382,13 +383,12 @@ static PyObject *py_loss_backward(PyObject *self, PyObject *args, PyObject *kwar
     goto cleanup;
   }
   if (is_cuda(&margins)) {
-    status = dtype == DTYPE_F32
-                 ? NAPO_CUDA_CALL(napo_loss_backward_f32_cuda(data_of(&grad), grad_stride, data_of(&margins), stride,
-                                                              n, data_of(&q), beta, data_of(&out),
-                                                              NAPO_CUDA_ARGS(margins)))
-                 : NAPO_CUDA_CALL(napo_loss_backward_f64_cuda(data_of(&grad), grad_stride, data_of(&margins), stride,
-                                                              n, data_of(&q), beta, data_of(&out),
-                                                              NAPO_CUDA_ARGS(margins)));
+    status =
+        dtype == DTYPE_F32
+            ? NAPO_CUDA_CALL(napo_loss_backward_f32_cuda(data_of(&grad), grad_stride, data_of(&margins), stride, n,
+                                                         data_of(&q), beta, data_of(&out), NAPO_CUDA_ARGS(margins)))
+            : NAPO_CUDA_CALL(napo_loss_backward_f64_cuda(data_of(&grad), grad_stride, data_of(&margins), stride, n,
+                                                         data_of(&q), beta, data_of(&out), NAPO_CUDA_ARGS(margins)));
   } else {
     Py_BEGIN_ALLOW_THREADS;
     status = dtype == DTYPE_F32 ? napo_loss_backward_f32(data_of(&grad), grad_stride, data_of(&margins), stride, n,
@@ -437,15 +437,15 @@ static PyObject *py_adaptive_q(PyObject *self, PyObject *args, PyObject *kwargs)
     goto cleanup;
   }
   if (is_cuda(&margins)) {
-    status = dtype == DTYPE_F32 ? NAPO_CUDA_CALL(napo_adaptive_q_f32_cuda(data_of(&margins), stride, n, gamma, q_min,
-                                                                          q_max, data_of(&out), NAPO_CUDA_ARGS(margins)))
-                                : NAPO_CUDA_CALL(napo_adaptive_q_f64_cuda(data_of(&margins), stride, n, gamma, q_min,
-                                                                          q_max, data_of(&out), NAPO_CUDA_ARGS(margins)));
+    status = dtype == DTYPE_F32
+                 ? NAPO_CUDA_CALL(napo_adaptive_q_f32_cuda(data_of(&margins), stride, n, gamma, q_min, q_max,
+                                                           data_of(&out), NAPO_CUDA_ARGS(margins)))
+                 : NAPO_CUDA_CALL(napo_adaptive_q_f64_cuda(data_of(&margins), stride, n, gamma, q_min, q_max,
+                                                           data_of(&out), NAPO_CUDA_ARGS(margins)));
   } else {
     Py_BEGIN_ALLOW_THREADS;
-    status = dtype == DTYPE_F32
-                 ? napo_adaptive_q_f32(data_of(&margins), stride, n, gamma, q_min, q_max, data_of(&out))
-                 : napo_adaptive_q_f64(data_of(&margins), stride, n, gamma, q_min, q_max, data_of(&out));
+    status = dtype == DTYPE_F32 ? napo_adaptive_q_f32(data_of(&margins), stride, n, gamma, q_min, q_max, data_of(&out))
+                                : napo_adaptive_q_f64(data_of(&margins), stride, n, gamma, q_min, q_max, data_of(&out));
     Py_END_ALLOW_THREADS;
   }
   if (raise_status(status, cuda_error, &out) == 0) {
@@ -577,8 +577,14 @@ static PyMethodDef napo_methods[] = {
 };
 
 static struct PyModuleDef napo_module = {
-    PyModuleDef_HEAD_INIT, "napo._C", "napo's C core (NaPO objective kernels), called through DLPack.", 0,
-    napo_methods,          NULL,      NULL,                                                          NULL,
+    PyModuleDef_HEAD_INIT,
+    "napo._C",
+    "napo's C core (NaPO objective kernels), called through DLPack.",
+    0,
+    napo_methods,
+    NULL,
+    NULL,
+    NULL,
     NULL,
 };
 

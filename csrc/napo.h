@@ -45,15 +45,14 @@ napo_status napo_check_weight_params(double w_min, double eps);
  * q is read from memory (a 0-dim tensor) so that an adaptive q computed on
  * the device never has to visit the host. A NaN q or margin gives NaN.
  */
-napo_status napo_loss_forward_f32(const float *margins, int64_t margins_stride, int64_t n, const float *q,
-                                  double beta, float *loss);
+napo_status napo_loss_forward_f32(const float *margins, int64_t margins_stride, int64_t n, const float *q, double beta,
+                                  float *loss);
 napo_status napo_loss_forward_f64(const double *margins, int64_t margins_stride, int64_t n, const double *q,
                                   double beta, double *loss);
 
 /* grad_margins[i] = grad_loss[i] * dL/dM,  dL/dM = -beta * sigmoid(z)^q * sigmoid(-z) */
 napo_status napo_loss_backward_f32(const float *grad_loss, int64_t grad_stride, const float *margins,
-                                   int64_t margins_stride, int64_t n, const float *q, double beta,
-                                   float *grad_margins);
+                                   int64_t margins_stride, int64_t n, const float *q, double beta, float *grad_margins);
 napo_status napo_loss_backward_f64(const double *grad_loss, int64_t grad_stride, const double *margins,
                                    int64_t margins_stride, int64_t n, const double *q, double beta,
                                    double *grad_margins);
@@ -74,10 +73,10 @@ napo_status napo_q_from_mean_f64(const double *mean, double gamma, double q_min,
  * w_k = clip(R_k / sum_j R_j, w_min, 1); uniform 1/K when sum_j R_j <= eps.
  * 0 <= w_min <= 1, eps >= 0, k >= 1.
  */
-napo_status napo_dynamic_weights_f32(const float *reward_margins, int64_t stride, int64_t k, double w_min,
-                                     double eps, float *weights);
-napo_status napo_dynamic_weights_f64(const double *reward_margins, int64_t stride, int64_t k, double w_min,
-                                     double eps, double *weights);
+napo_status napo_dynamic_weights_f32(const float *reward_margins, int64_t stride, int64_t k, double w_min, double eps,
+                                     float *weights);
+napo_status napo_dynamic_weights_f64(const double *reward_margins, int64_t stride, int64_t k, double w_min, double eps,
+                                     double *weights);
 
 /* ---- CUDA entry points (csrc/cuda/objective.cu), same contracts ----
  * Pointers are device pointers; stream is a cudaStream_t (0 = legacy default);

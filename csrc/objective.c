@@ -139,8 +139,8 @@ static napo_status loss_backward(const void *grad_loss, int64_t grad_stride, con
 
 /* ---- adaptive q ---- */
 
-static napo_status adaptive_q(const void *margins, int64_t stride, int64_t n, double gamma, double q_min,
-                              double q_max, void *q_out, napo_dtype dtype) {
+static napo_status adaptive_q(const void *margins, int64_t stride, int64_t n, double gamma, double q_min, double q_max,
+                              void *q_out, napo_dtype dtype) {
   napo_status status = napo_check_vector(margins, n, stride, 0);
   if (status != NAPO_OK) {
     return status;
@@ -194,8 +194,8 @@ static napo_status dynamic_weights(const void *reward_margins, int64_t stride, i
   for (int64_t i = 0; i < k; ++i) {
     /* total <= eps covers step 0, where every margin is zero and the ratio is
      * 0/0; a NaN total fails the test and propagates NaN weights. */
-    const double w = total <= eps ? 1.0 / (double)k
-                                  : napo_clip(load(reward_margins, dtype, i * stride) / total, w_min, 1.0);
+    const double w =
+        total <= eps ? 1.0 / (double)k : napo_clip(load(reward_margins, dtype, i * stride) / total, w_min, 1.0);
     store(weights, dtype, i, w);
   }
   return NAPO_OK;
@@ -203,8 +203,8 @@ static napo_status dynamic_weights(const void *reward_margins, int64_t stride, i
 
 /* ---- typed entry points ---- */
 
-napo_status napo_loss_forward_f32(const float *margins, int64_t margins_stride, int64_t n, const float *q,
-                                  double beta, float *loss) {
+napo_status napo_loss_forward_f32(const float *margins, int64_t margins_stride, int64_t n, const float *q, double beta,
+                                  float *loss) {
   return loss_forward(margins, margins_stride, n, q, beta, loss, NAPO_F32);
 }
 
@@ -243,12 +243,12 @@ napo_status napo_q_from_mean_f64(const double *mean, double gamma, double q_min,
   return q_from_mean(mean, gamma, q_min, q_max, q_out, NAPO_F64);
 }
 
-napo_status napo_dynamic_weights_f32(const float *reward_margins, int64_t stride, int64_t k, double w_min,
-                                     double eps, float *weights) {
+napo_status napo_dynamic_weights_f32(const float *reward_margins, int64_t stride, int64_t k, double w_min, double eps,
+                                     float *weights) {
   return dynamic_weights(reward_margins, stride, k, w_min, eps, weights, NAPO_F32);
 }
 
-napo_status napo_dynamic_weights_f64(const double *reward_margins, int64_t stride, int64_t k, double w_min,
-                                     double eps, double *weights) {
+napo_status napo_dynamic_weights_f64(const double *reward_margins, int64_t stride, int64_t k, double w_min, double eps,
+                                     double *weights) {
   return dynamic_weights(reward_margins, stride, k, w_min, eps, weights, NAPO_F64);
 }

@@ -13,7 +13,8 @@ import torch
 
 LIBRARY = "napo"
 
-_lib = torch.library.Library(LIBRARY, "DEF")  # noqa: TID251 - kept alive for the process lifetime
+# Kept referenced for the process lifetime: dropping the Library object unregisters the schemas.
+_lib = torch.library.Library(LIBRARY, "DEF")
 _lib.define("napo_loss(Tensor margins, Tensor q, float beta) -> Tensor")
 _lib.define("napo_loss_backward(Tensor grad_loss, Tensor margins, Tensor q, float beta) -> Tensor")
 _lib.define("adaptive_q(Tensor margins, float gamma, float q_min, float q_max) -> Tensor")
@@ -73,9 +74,7 @@ def _no_double_backward_setup_context(ctx, inputs, output) -> None:
 
 
 def _no_double_backward(ctx, grad_output: torch.Tensor):
-    raise RuntimeError(
-        "napo::napo_loss does not support double backward (create_graph=True through the loss gradient)"
-    )
+    raise RuntimeError("napo::napo_loss does not support double backward (create_graph=True through the loss gradient)")
 
 
 torch.library.register_autograd(

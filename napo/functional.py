@@ -98,7 +98,9 @@ def _q_tensor(q: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         # A tensor q is checked where its value lives: by the C kernel on CPU;
         # on CUDA (checking would sync) an out-of-range q gives a NaN loss.
         return q.detach().to(like.dtype).reshape(())
-    return torch.tensor(_check_unit_interval("q", q), dtype=like.dtype, device=like.device)
+    # torch.full launches a fill kernel: unlike torch.tensor it copies nothing from the host, so it is
+    # allowed inside a CUDA graph capture.
+    return torch.full((), _check_unit_interval("q", q), dtype=like.dtype, device=like.device)
 
 
 # --------------------------------------------------------------------------- distributed

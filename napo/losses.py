@@ -51,8 +51,10 @@ class TermConfig:
                 raise ValueError(f"q must be 'adaptive' or a float in [0, 1], got {self.q!r}")
         elif isinstance(self.q, bool) or not isinstance(self.q, (int, float)) or not 0.0 <= self.q <= 1.0:
             raise ValueError(f"q must be 'adaptive' or a float in [0, 1], got {self.q!r}")
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not (
-            math.isfinite(self.gamma) and self.gamma > 0
+        if (
+            isinstance(self.gamma, bool)
+            or not isinstance(self.gamma, (int, float))
+            or not (math.isfinite(self.gamma) and self.gamma > 0)
         ):
             raise ValueError(f"gamma must be a finite number > 0, got {self.gamma!r}")
         if self.margin not in ("avg", "sum"):
@@ -169,7 +171,7 @@ class NaPOLoss(nn.Module):
                 q_margins, gamma=self.term.gamma, q_min=self.q_min, q_max=self.q_max, process_group=self.process_group
             )
         losses = F_napo.napo_loss(*logps, beta=self.beta, q=q)
-        q_out = q if isinstance(q, torch.Tensor) else torch.tensor(q, dtype=losses.dtype, device=losses.device)
+        q_out = q if isinstance(q, torch.Tensor) else torch.full((), q, dtype=losses.dtype, device=losses.device)
         if self.reduction == "mean":
             return losses.mean(), q_out
         if self.reduction == "sum":
@@ -331,13 +333,14 @@ class NaPOObjective(nn.Module):
             q[name] = torch.ops.napo.q_from_mean(mean, term.gamma, self.q_min, self.q_max)
         for name, term in self.terms.items():
             if name not in q:
-                q[name] = torch.tensor(0.0 if term.loss == "dpo" else float(term.q), dtype=dtype, device=device)
+                fixed_q = 0.0 if term.loss == "dpo" else float(term.q)
+                q[name] = torch.full((), fixed_q, dtype=dtype, device=device)  # no host copy: graph-capturable
 
         if self.fixed_weights is None:
             reward_means = means[len(q_margins) :].to(dtype)  # type: ignore[index]
             weight_vector = torch.ops.napo.dynamic_weights(reward_means, self.w_min, self.eps)
         else:
-            weight_vector = torch.tensor(self.fixed_weights, dtype=dtype, device=device)
+            weight_vector = torch.stack([torch.full((), w, dtype=dtype, device=device) for w in self.fixed_weights])
         weights = {name: weight_vector[i] for i, name in enumerate(self.terms)}
 
         losses = {name: torch.ops.napo.napo_loss(margins[name], q[name], self.beta) for name in self.terms}

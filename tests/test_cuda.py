@@ -73,8 +73,15 @@ def test_objective_step_never_syncs_with_host():
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_objective_step_cuda_graph_capture_and_replay():
-    objective = napo.NaPOObjective()
+@pytest.mark.parametrize(
+    "objective",
+    [
+        napo.NaPOObjective(),
+        napo.NaPOObjective(language=napo.TermConfig(q=0.5), weights=[1.0, 0.5, 0.5]),
+    ],
+    ids=["paper", "fixed-q-and-weights"],
+)
+def test_objective_step_cuda_graph_capture_and_replay(objective):
     static = _cuda_batch()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -86,8 +86,8 @@ template <typename T> __device__ double block_sum(const T *values, int64_t strid
 }
 
 template <typename T>
-__global__ void adaptive_q_kernel(const T *margins, int64_t stride, int64_t n, double gamma, double q_min,
-                                  double q_max, T *q_out) {
+__global__ void adaptive_q_kernel(const T *margins, int64_t stride, int64_t n, double gamma, double q_min, double q_max,
+                                  T *q_out) {
   const double total = block_sum(margins, stride, n);
   if (threadIdx.x == 0) {
     *q_out = (T)napo_q_value(total / (double)n, gamma, q_min, q_max);
@@ -104,7 +104,8 @@ __global__ void dynamic_weights_kernel(const T *reward_margins, int64_t stride, 
                                        T *weights) {
   const double total = block_sum(reward_margins, stride, k);
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-    weights[i] = (T)(total <= eps ? 1.0 / (double)k : napo_clip((double)reward_margins[i * stride] / total, w_min, 1.0));
+    weights[i] =
+        (T)(total <= eps ? 1.0 / (double)k : napo_clip((double)reward_margins[i * stride] / total, w_min, 1.0));
   }
 }
 
@@ -142,13 +143,13 @@ napo_status loss_backward(const T *grad_loss, int64_t grad_stride, const T *marg
   }
   return on_device(device, cuda_error, [&] {
     loss_backward_kernel<T><<<blocks_for(n), kThreads, 0, (cudaStream_t)stream>>>(grad_loss, grad_stride, margins,
-                                                                                   stride, n, q, beta, grad_margins);
+                                                                                  stride, n, q, beta, grad_margins);
   });
 }
 
 template <typename T>
-napo_status adaptive_q(const T *margins, int64_t stride, int64_t n, double gamma, double q_min, double q_max,
-                       T *q_out, int device, void *stream, int *cuda_error) {
+napo_status adaptive_q(const T *margins, int64_t stride, int64_t n, double gamma, double q_min, double q_max, T *q_out,
+                       int device, void *stream, int *cuda_error) {
   napo_status status = napo_check_vector(margins, n, stride, 0);
   if (status != NAPO_OK || (status = napo_check_q_params(gamma, q_min, q_max)) != NAPO_OK) {
     return status;
@@ -171,9 +172,8 @@ napo_status q_from_mean(const T *mean, double gamma, double q_min, double q_max,
   if (mean == nullptr || q_out == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return on_device(device, cuda_error, [&] {
-    q_from_mean_kernel<T><<<1, 1, 0, (cudaStream_t)stream>>>(mean, gamma, q_min, q_max, q_out);
-  });
+  return on_device(device, cuda_error,
+                   [&] { q_from_mean_kernel<T><<<1, 1, 0, (cudaStream_t)stream>>>(mean, gamma, q_min, q_max, q_out); });
 }
 
 template <typename T>

@@ -92,4 +92,3 @@ def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> t
     with _launch_context(reward_margins) as launch:
         native().dynamic_weights(reward_margins.detach(), w_min, eps, out, **launch)
     return out
-

@@ -55,4 +55,3 @@ def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> t
     uniform = torch.full_like(r, 1.0 / r.numel())
     weights = torch.where(total <= eps, uniform, (r / total).clamp(w_min, 1.0))
     return weights.to(reward_margins.dtype)
-

@@ -1,0 +1,68 @@
+# napo's developer entry points. `make demo` and `make test` work on a fresh
+# machine: they create .venv with the pinned CPU torch and an editable napo.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CC ?= cc
+C_WARNINGS := -std=c11 -Wall -Wextra -Werror -Wpedantic -Wshadow -Wconversion -Wno-sign-conversion
+SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1
+C_BUILD := csrc/tests/build
+C_SOURCES := csrc/objective.c
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+
+.PHONY: demo test test-c test-py lint format cuda-check bench clean install
+
+$(VENV)/.installed: pyproject.toml setup.py requirements/ci-constraints.txt $(wildcard csrc/*.c csrc/*.h csrc/cuda/*.cu)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements/ci-constraints.txt torch
+	$(PY) -m pip install -q -c requirements/ci-constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/napo demo
+
+test: test-c test-py
+
+test-py: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+# The C core alone, under AddressSanitizer and UndefinedBehaviorSanitizer.
+test-c:
+	mkdir -p $(C_BUILD)
+	$(CC) $(C_WARNINGS) $(SANITIZE) -Icsrc csrc/tests/test_objective.c $(C_SOURCES) -lm -o $(C_BUILD)/test_objective
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $(C_BUILD)/test_objective
+
+# Compiles every CUDA source with warnings as errors when nvcc exists; a no-op otherwise.
+cuda-check:
+ifeq ($(NVCC),)
+	@echo "nvcc not found: CUDA sources not compiled"
+else
+	mkdir -p $(C_BUILD)
+	for f in $(CUDA_SOURCES); do \
+	  $(NVCC) -std=c++17 -O3 --Werror all-warnings -Xcompiler -fPIC,-Wall,-Wextra,-Werror \
+	    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	    -c $$f -o $(C_BUILD)/$$(basename $$f .cu).o || exit 1; \
+	done
+	@echo "CUDA sources compiled: $(CUDA_SOURCES)"
+endif
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/tests/*.c
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/tests/*.c
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_objective.py
+
+clean:
+	rm -rf $(C_BUILD) build *.egg-info napo/_C*.so

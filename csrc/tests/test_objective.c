@@ -1,0 +1,197 @@
+/*
+ * C unit tests of the NaPO objective core, independent of Python. Built and
+ * run by `make test-c` under AddressSanitizer and UBSan. Expected values are
+ * closed forms (log 2, 1 - sigmoid, 2 / (1 + e), hand ratios), not outputs
+ * copied from the code under test.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "napo.h"
+#include "napo_math.h"
+
+typedef struct {
+  int passed;
+  int failed;
+} tally;
+
+#define CHECK(t, cond)                                                                                                 \
+  do {                                                                                                                 \
+    if (cond) {                                                                                                        \
+      (t)->passed++;                                                                                                   \
+    } else {                                                                                                           \
+      (t)->failed++;                                                                                                   \
+      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);                                         \
+    }                                                                                                                  \
+  } while (0)
+
+static int close_rel(double actual, double expected, double rtol) {
+  return fabs(actual - expected) <= rtol * fabs(expected) + 1e-300;
+}
+
+static void test_loss_closed_forms(tally *t) {
+  const double margins[] = {-3.0, -0.5, 0.0, 0.5, 3.0};
+  double loss[5];
+  const double q_dpo = 0.0, q_mae = 1.0;
+  CHECK(t, napo_loss_forward_f64(margins, 1, 5, &q_dpo, 0.7, loss) == NAPO_OK);
+  for (int i = 0; i < 5; ++i) {
+    CHECK(t, close_rel(loss[i], log1p(exp(-0.7 * margins[i])), 1e-15)); /* -logsigmoid */
+  }
+  CHECK(t, close_rel(loss[2], log(2.0), 1e-15));
+  CHECK(t, napo_loss_forward_f64(margins, 1, 5, &q_mae, 0.7, loss) == NAPO_OK);
+  for (int i = 0; i < 5; ++i) {
+    CHECK(t, close_rel(loss[i], 1.0 / (1.0 + exp(0.7 * margins[i])), 1e-14)); /* 1 - sigmoid */
+  }
+  /* q = 1/2: (1 - sqrt(s)) / (1/2) at z = 0 is 2 - sqrt(2). */
+  const double q_half = 0.5, zero = 0.0;
+  double one_loss = 0.0;
+  CHECK(t, napo_loss_forward_f64(&zero, 1, 1, &q_half, 0.1, &one_loss) == NAPO_OK);
+  CHECK(t, close_rel(one_loss, 2.0 - sqrt(2.0), 1e-15));
+}
+
+static void test_loss_extremes(tally *t) {
+  const double margins[] = {-1e300, -1e4, -700.0, 700.0, 1e4, 1e300, INFINITY, -INFINITY};
+  const double qs[] = {0.0, 1e-6, 0.3, 1.0};
+  double loss[8], grad[8], ones[8];
+  for (int i = 0; i < 8; ++i) {
+    ones[i] = 1.0;
+  }
+  for (int k = 0; k < 4; ++k) {
+    CHECK(t, napo_loss_forward_f64(margins, 1, 8, &qs[k], 1.0, loss) == NAPO_OK);
+    CHECK(t, napo_loss_backward_f64(ones, 1, margins, 1, 8, &qs[k], 1.0, grad) == NAPO_OK);
+    for (int i = 0; i < 7; ++i) {
+      CHECK(t, isfinite(loss[i]) && loss[i] >= 0.0);
+      CHECK(t, isfinite(grad[i]) && grad[i] <= 0.0 && grad[i] >= -1.0);
+      if (qs[k] > 0.0) {
+        CHECK(t, loss[i] <= 1.0 / qs[k]);
+      }
+    }
+    /* M = -inf: DPO loss is +inf, NaPO's is its bound 1/q. */
+    CHECK(t, qs[k] == 0.0 ? isinf(loss[7]) : close_rel(loss[7], 1.0 / qs[k], 1e-15));
+  }
+}
+
+static void test_loss_strided_float32_and_nan(tally *t) {
+  const float margins[] = {1.0f, 99.0f, -2.0f, 99.0f, NAN, 99.0f};
+  const float q = 0.25f;
+  float loss[3];
+  CHECK(t, napo_loss_forward_f32(margins, 2, 3, &q, 1.0, loss) == NAPO_OK);
+  const double s0 = 1.0 / (1.0 + exp(-1.0)), s1 = 1.0 / (1.0 + exp(2.0));
+  CHECK(t, close_rel(loss[0], (1.0 - pow(s0, 0.25)) / 0.25, 1e-6));
+  CHECK(t, close_rel(loss[1], (1.0 - pow(s1, 0.25)) / 0.25, 1e-6));
+  CHECK(t, isnan(loss[2]));
+  /* A NaN q propagates; it is not an out-of-range error. */
+  const float nan_q = NAN;
+  CHECK(t, napo_loss_forward_f32(margins, 2, 3, &nan_q, 1.0, loss) == NAPO_OK && isnan(loss[0]));
+}
+
+static void test_backward_matches_finite_differences(tally *t) {
+  const double qs[] = {0.0, 0.4, 1.0};
+  for (int k = 0; k < 3; ++k) {
+    for (double m = -20.0; m <= 20.0; m += 2.5) {
+      const double h = 1e-6, one = 1.0;
+      double lp = 0.0, lm = 0.0, g = 0.0;
+      const double mp = m + h, mm = m - h;
+      CHECK(t, napo_loss_forward_f64(&mp, 1, 1, &qs[k], 0.3, &lp) == NAPO_OK);
+      CHECK(t, napo_loss_forward_f64(&mm, 1, 1, &qs[k], 0.3, &lm) == NAPO_OK);
+      CHECK(t, napo_loss_backward_f64(&one, 1, &m, 1, 1, &qs[k], 0.3, &g) == NAPO_OK);
+      CHECK(t, fabs(g - (lp - lm) / (2 * h)) <= 1e-8);
+    }
+  }
+}
+
+static void test_adaptive_q(tally *t) {
+  const double zeros[4] = {0.0, 0.0, 0.0, 0.0};
+  double q = -1.0;
+  CHECK(t, napo_adaptive_q_f64(zeros, 1, 4, 0.5, 0.001, 1.0, &q) == NAPO_OK && q == 1.0);
+  const double margins[] = {1.0, 3.0}; /* mean 2, gamma 0.5: 2 * sigmoid(-1) = 2 / (1 + e) */
+  CHECK(t, napo_adaptive_q_f64(margins, 1, 2, 0.5, 0.001, 1.0, &q) == NAPO_OK);
+  CHECK(t, close_rel(q, 2.0 / (1.0 + exp(1.0)), 1e-15));
+  const double big[] = {1e5, 1e5};
+  CHECK(t, napo_adaptive_q_f64(big, 1, 2, 0.5, 0.001, 1.0, &q) == NAPO_OK && q == 0.001);
+  const double negative[] = {-4.0, -9.0};
+  CHECK(t, napo_adaptive_q_f64(negative, 1, 2, 0.5, 0.001, 0.8, &q) == NAPO_OK && q == 0.8);
+  const double mean = 2.0;
+  float q32 = 0.0f;
+  const float mean32 = 2.0f;
+  CHECK(t, napo_q_from_mean_f64(&mean, 0.5, 0.0, 1.0, &q) == NAPO_OK && close_rel(q, 2.0 / (1.0 + exp(1.0)), 1e-15));
+  CHECK(t,
+        napo_q_from_mean_f32(&mean32, 0.5, 0.0, 1.0, &q32) == NAPO_OK && close_rel(q32, 2.0 / (1.0 + exp(1.0)), 1e-7));
+  /* The compensated mean of many values that cancel stays exact. */
+  enum { N = 100001 };
+  double *values = malloc(sizeof(double) * N);
+  CHECK(t, values != NULL);
+  if (values != NULL) {
+    for (int i = 0; i < N; ++i) {
+      values[i] = (i % 2 == 0 ? 1e8 : -1e8) + 0.1;
+    }
+    /* sum = 1e8 (one unpaired) + 0.1 N */
+    CHECK(t, napo_adaptive_q_f64(values, 1, N, 1e-9, 0.0, 1.0, &q) == NAPO_OK);
+    const double expected_mean = (1e8 + 0.1 * N) / N;
+    CHECK(t, close_rel(q, 2.0 / (1.0 + exp(1e-9 * expected_mean)), 1e-15));
+    free(values);
+  }
+}
+
+static void test_dynamic_weights(tally *t) {
+  const double r[] = {1.0, 2.0, 3.0};
+  double w[3];
+  CHECK(t, napo_dynamic_weights_f64(r, 1, 3, 0.01, 1e-8, w) == NAPO_OK);
+  CHECK(t, close_rel(w[0], 1.0 / 6, 1e-15) && close_rel(w[1], 1.0 / 3, 1e-15) && close_rel(w[2], 0.5, 1e-15));
+  const double mixed[] = {-1.0, 2.0, 0.5}; /* sum 1.5: -2/3 -> w_min, 4/3 -> 1 */
+  CHECK(t, napo_dynamic_weights_f64(mixed, 1, 3, 0.01, 1e-8, w) == NAPO_OK);
+  CHECK(t, w[0] == 0.01 && w[1] == 1.0 && close_rel(w[2], 1.0 / 3, 1e-15));
+  const double zeros[] = {0.0, 0.0, 0.0};
+  CHECK(t, napo_dynamic_weights_f64(zeros, 1, 3, 0.01, 1e-8, w) == NAPO_OK);
+  CHECK(t, w[0] == 1.0 / 3 && w[1] == 1.0 / 3 && w[2] == 1.0 / 3);
+  const float strided[] = {2.0f, 100.0f, 2.0f, 100.0f};
+  float w32[2];
+  CHECK(t, napo_dynamic_weights_f32(strided, 2, 2, 0.01, 1e-8, w32) == NAPO_OK && w32[0] == 0.5f && w32[1] == 0.5f);
+  const double with_nan[] = {1.0, NAN};
+  CHECK(t, napo_dynamic_weights_f64(with_nan, 1, 2, 0.01, 1e-8, w) == NAPO_OK && isnan(w[0]) && isnan(w[1]));
+}
+
+static void test_bad_arguments(tally *t) {
+  const double m[] = {0.0, 1.0};
+  double out[2];
+  const double q_ok = 0.5, q_high = 1.5, q_low = -0.1;
+  CHECK(t, napo_loss_forward_f64(m, 1, 2, &q_high, 0.1, out) == NAPO_ERR_Q_RANGE);
+  CHECK(t, napo_loss_forward_f64(m, 1, 2, &q_low, 0.1, out) == NAPO_ERR_Q_RANGE);
+  CHECK(t, napo_loss_forward_f64(m, 1, 2, &q_ok, 0.0, out) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_loss_forward_f64(m, 1, 2, &q_ok, NAN, out) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_loss_forward_f64(m, 1, -1, &q_ok, 0.1, out) == NAPO_ERR_SIZE);
+  CHECK(t, napo_loss_forward_f64(NULL, 1, 2, &q_ok, 0.1, out) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_loss_forward_f64(m, 1, 2, NULL, 0.1, out) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_loss_forward_f64(m, 1, 2, &q_ok, 0.1, NULL) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_loss_forward_f64(NULL, 1, 0, &q_ok, 0.1, NULL) == NAPO_OK); /* empty is fine for the loss */
+  CHECK(t, napo_loss_forward_f64(m, INT64_MAX / 2, 2, &q_ok, 0.1, out) == NAPO_ERR_SIZE); /* offset overflow */
+  CHECK(t, napo_loss_backward_f64(m, 1, m, 1, 2, &q_ok, -1.0, out) == NAPO_ERR_PARAMETER);
+  double q = 0.0;
+  CHECK(t, napo_adaptive_q_f64(m, 1, 0, 0.5, 0.0, 1.0, &q) == NAPO_ERR_SIZE); /* mean of nothing */
+  CHECK(t, napo_adaptive_q_f64(m, 1, 2, 0.0, 0.0, 1.0, &q) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_adaptive_q_f64(m, 1, 2, INFINITY, 0.0, 1.0, &q) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_adaptive_q_f64(m, 1, 2, 0.5, 0.6, 0.5, &q) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_adaptive_q_f64(m, 1, 2, 0.5, 0.0, 1.5, &q) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_adaptive_q_f64(m, 1, 2, 0.5, 0.0, 1.0, NULL) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_q_from_mean_f64(NULL, 0.5, 0.0, 1.0, &q) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_dynamic_weights_f64(m, 1, 0, 0.01, 1e-8, out) == NAPO_ERR_SIZE); /* K = 0 */
+  CHECK(t, napo_dynamic_weights_f64(m, 1, 2, 1.5, 1e-8, out) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_dynamic_weights_f64(m, 1, 2, 0.01, -1.0, out) == NAPO_ERR_PARAMETER);
+  CHECK(t, strcmp(napo_status_message(NAPO_ERR_Q_RANGE), "q must lie in [0, 1]") == 0);
+  CHECK(t, strcmp(napo_status_message((napo_status)99), "unknown napo status") == 0);
+}
+
+int main(void) {
+  tally t = {0, 0};
+  test_loss_closed_forms(&t);
+  test_loss_extremes(&t);
+  test_loss_strided_float32_and_nan(&t);
+  test_backward_matches_finite_differences(&t);
+  test_adaptive_q(&t);
+  test_dynamic_weights(&t);
+  test_bad_arguments(&t);
+  printf("C core: %d passed, %d failed\n", t.passed, t.failed);
+  return t.failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
