@@ -14,6 +14,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "dlpack.h"
 #include "napo.h"
@@ -67,6 +68,20 @@ static int acquire(PyObject *obj, const char *name, napo_arg *arg) {
   arg->name = name;
   arg->capsule = NULL;
   arg->tensor = NULL;
+  if (PyCapsule_CheckExact(obj)) {
+    /* A capsule from torch.utils.dlpack.to_dlpack (napo's own fast path: it
+     * skips two Python-level method calls per tensor). Borrowed, not consumed:
+     * its producer's deleter still runs when the caller drops it. */
+    DLManagedTensor *managed = (DLManagedTensor *)PyCapsule_GetPointer(obj, "dltensor");
+    if (managed == NULL) {
+      PyErr_Clear();
+      PyErr_Format(PyExc_TypeError, "argument '%s' is a capsule but not an unconsumed 'dltensor' capsule", name);
+      return -1;
+    }
+    arg->capsule = Py_NewRef(obj);
+    arg->tensor = &managed->dl_tensor;
+    return 0;
+  }
   if (!PyObject_HasAttrString(obj, "__dlpack__") || !PyObject_HasAttrString(obj, "__dlpack_device__")) {
     PyErr_Format(PyExc_TypeError,
                  "argument '%s' must be an array that supports DLPack (torch.Tensor, numpy.ndarray, ...), got %s", name,
@@ -194,6 +209,89 @@ static int check_scalar(const napo_arg *arg) {
   return 0;
 }
 
+/* Margins of the loss: a 1-D vector is one term (one row), a 2-D array one term per row. */
+static int layout_of(const napo_arg *arg, napo_layout *layout) {
+  const DLTensor *t = arg->tensor;
+  if (t->ndim == 1) {
+    layout->rows = 1;
+    layout->cols = t->shape[0];
+    layout->row_stride = 0;
+    layout->col_stride = t->strides != NULL ? t->strides[0] : 1;
+    return 0;
+  }
+  if (t->ndim == 2) {
+    layout->rows = t->shape[0];
+    layout->cols = t->shape[1];
+    layout->row_stride = t->strides != NULL ? t->strides[0] : t->shape[1];
+    layout->col_stride = t->strides != NULL ? t->strides[1] : 1;
+    return 0;
+  }
+  PyErr_Format(PyExc_ValueError, "argument '%s' must be 1-D [batch] or 2-D [terms, batch], got %d dimensions",
+               arg->name, (int)t->ndim);
+  return -1;
+}
+
+/* q: one value for 1-D margins, one per row for 2-D margins; returns its element stride. */
+static int row_q_of(const napo_arg *q, const napo_arg *margins, int64_t rows, int64_t *q_stride) {
+  if (margins->tensor->ndim == 1) {
+    *q_stride = 0;
+    return check_scalar(q);
+  }
+  if (q->tensor->ndim != 1 || q->tensor->shape[0] != rows) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' must be 1-D with one value per row of '%s' (%lld), got %d dimensions",
+                 q->name, margins->name, (long long)rows, (int)q->tensor->ndim);
+    return -1;
+  }
+  *q_stride = q->tensor->strides != NULL ? q->tensor->strides[0] : 1;
+  return 0;
+}
+
+/* "(3, 4)"-style text of a shape, truncated safely to the buffer. */
+static void shape_repr(const DLTensor *t, char *buffer, size_t size) {
+  size_t used = (size_t)snprintf(buffer, size, "(");
+  for (int32_t d = 0; d < t->ndim && used < size; ++d) {
+    used += (size_t)snprintf(buffer + used, size - used, d == 0 ? "%lld" : ", %lld", (long long)t->shape[d]);
+  }
+  if (used < size) {
+    snprintf(buffer + used, size - used, t->ndim == 1 ? ",)" : ")");
+  }
+}
+
+/* `other` has the same dimensions and shape as `ref` (a 1-D or 2-D margins array). */
+static int check_same_shape(const napo_arg *ref, const napo_arg *other) {
+  int same = other->tensor->ndim == ref->tensor->ndim;
+  for (int32_t d = 0; same && d < ref->tensor->ndim; ++d) {
+    same = other->tensor->shape[d] == ref->tensor->shape[d];
+  }
+  if (!same) {
+    char want[64], got[64];
+    shape_repr(ref->tensor, want, sizeof want);
+    shape_repr(other->tensor, got, sizeof got);
+    PyErr_Format(PyExc_ValueError, "argument '%s' must have the shape of '%s' %s, got %s", other->name, ref->name, want,
+                 got);
+    return -1;
+  }
+  return 0;
+}
+
+/* An output shaped like `ref` and compact (row-major, no gaps). */
+static int check_output_like(const napo_arg *out, const napo_arg *ref) {
+  if (check_same_shape(ref, out) != 0) {
+    return -1;
+  }
+  napo_layout layout;
+  if (layout_of(out, &layout) != 0) {
+    return -1;
+  }
+  const int compact = (layout.cols <= 1 || layout.col_stride == 1) &&
+                      (out->tensor->ndim == 1 || layout.rows <= 1 || layout.row_stride == layout.cols);
+  if (!compact) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' must be contiguous", out->name);
+    return -1;
+  }
+  return 0;
+}
+
 /* `other` must match `ref` in dtype and device; outputs must also be compact. */
 static int check_same(const napo_arg *ref, const napo_arg *other) {
   const DLDataType a = ref->tensor->dtype, b = other->tensor->dtype;
@@ -223,15 +321,6 @@ static int check_output_vector(const napo_arg *out, int64_t expected_length) {
   }
   if (length > 1 && stride != 1) {
     PyErr_Format(PyExc_ValueError, "argument '%s' must be contiguous, got stride %lld", out->name, (long long)stride);
-    return -1;
-  }
-  return 0;
-}
-
-static int check_lengths(const napo_arg *a, int64_t la, const napo_arg *b, int64_t lb) {
-  if (la != lb) {
-    PyErr_Format(PyExc_ValueError, "arguments '%s' and '%s' must have the same length, got %lld and %lld", a->name,
-                 b->name, (long long)la, (long long)lb);
     return -1;
   }
   return 0;
@@ -310,7 +399,8 @@ static int raise_status(napo_status status, int cuda_error, const napo_arg *q) {
 /* ------------------------------------------------------------------ */
 
 PyDoc_STRVAR(loss_forward_doc, "loss_forward(margins, q, beta, out, stream=0)\n--\n\n"
-                               "Per-pair NaPO loss of 1-D `margins` into `out` (q is 0-dim; q == 0 is DPO).");
+                               "Per-pair NaPO loss into `out`. margins [B] with a 0-dim q, or [K, B] with q [K]\n"
+                               "(one loss term per row); q == 0 is DPO.");
 
 static PyObject *py_loss_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
   (void)self;
@@ -325,25 +415,27 @@ static PyObject *py_loss_forward(PyObject *self, PyObject *args, PyObject *kwarg
   napo_arg margins = {0}, q = {0}, out = {0};
   PyObject *result = NULL;
   arg_dtype dtype;
-  int64_t n = 0, stride = 0;
+  napo_layout layout;
+  int64_t q_stride = 0;
   int cuda_error = 0;
   napo_status status = NAPO_OK;
   if (acquire(margins_obj, "margins", &margins) || acquire(q_obj, "q", &q) || acquire(out_obj, "out", &out) ||
-      arg_dtype_of(&margins, &dtype) || check_device_supported(&margins) || vector_of(&margins, &n, &stride) ||
-      check_same(&margins, &q) || check_scalar(&q) || check_same(&margins, &out) || check_output_vector(&out, n) ||
-      check_beta(beta)) {
+      arg_dtype_of(&margins, &dtype) || check_device_supported(&margins) || layout_of(&margins, &layout) ||
+      check_same(&margins, &q) || row_q_of(&q, &margins, layout.rows, &q_stride) || check_same(&margins, &out) ||
+      check_output_like(&out, &margins) || check_beta(beta)) {
     goto cleanup;
   }
   if (is_cuda(&margins)) {
     status = dtype == DTYPE_F32
-                 ? NAPO_CUDA_CALL(napo_loss_forward_f32_cuda(data_of(&margins), stride, n, data_of(&q), beta,
+                 ? NAPO_CUDA_CALL(napo_loss_forward_f32_cuda(data_of(&margins), layout, data_of(&q), q_stride, beta,
                                                              data_of(&out), NAPO_CUDA_ARGS(margins)))
-                 : NAPO_CUDA_CALL(napo_loss_forward_f64_cuda(data_of(&margins), stride, n, data_of(&q), beta,
+                 : NAPO_CUDA_CALL(napo_loss_forward_f64_cuda(data_of(&margins), layout, data_of(&q), q_stride, beta,
                                                              data_of(&out), NAPO_CUDA_ARGS(margins)));
   } else {
     Py_BEGIN_ALLOW_THREADS;
-    status = dtype == DTYPE_F32 ? napo_loss_forward_f32(data_of(&margins), stride, n, data_of(&q), beta, data_of(&out))
-                                : napo_loss_forward_f64(data_of(&margins), stride, n, data_of(&q), beta, data_of(&out));
+    status = dtype == DTYPE_F32
+                 ? napo_loss_forward_f32(data_of(&margins), layout, data_of(&q), q_stride, beta, data_of(&out))
+                 : napo_loss_forward_f64(data_of(&margins), layout, data_of(&q), q_stride, beta, data_of(&out));
     Py_END_ALLOW_THREADS;
   }
   if (raise_status(status, cuda_error, &q) == 0) {
@@ -357,7 +449,7 @@ cleanup:
 }
 
 PyDoc_STRVAR(loss_backward_doc, "loss_backward(grad_loss, margins, q, beta, out, stream=0)\n--\n\n"
-                                "out = grad_loss * dL/dmargins for the per-pair NaPO loss.");
+                                "out = grad_loss * dL/dmargins for the per-pair NaPO loss (shapes as loss_forward).");
 
 static PyObject *py_loss_backward(PyObject *self, PyObject *args, PyObject *kwargs) {
   (void)self;
@@ -372,29 +464,31 @@ static PyObject *py_loss_backward(PyObject *self, PyObject *args, PyObject *kwar
   napo_arg grad = {0}, margins = {0}, q = {0}, out = {0};
   PyObject *result = NULL;
   arg_dtype dtype;
-  int64_t n = 0, stride = 0, grad_n = 0, grad_stride = 0;
+  napo_layout layout, grad_layout;
+  int64_t q_stride = 0;
   int cuda_error = 0;
   napo_status status = NAPO_OK;
   if (acquire(grad_obj, "grad_loss", &grad) || acquire(margins_obj, "margins", &margins) || acquire(q_obj, "q", &q) ||
       acquire(out_obj, "out", &out) || arg_dtype_of(&margins, &dtype) || check_device_supported(&margins) ||
-      vector_of(&margins, &n, &stride) || check_same(&margins, &grad) || vector_of(&grad, &grad_n, &grad_stride) ||
-      check_lengths(&margins, n, &grad, grad_n) || check_same(&margins, &q) || check_scalar(&q) ||
-      check_same(&margins, &out) || check_output_vector(&out, n) || check_beta(beta)) {
+      layout_of(&margins, &layout) || check_same(&margins, &grad) || check_same_shape(&margins, &grad) ||
+      layout_of(&grad, &grad_layout) || check_same(&margins, &q) || row_q_of(&q, &margins, layout.rows, &q_stride) ||
+      check_same(&margins, &out) || check_output_like(&out, &margins) || check_beta(beta)) {
     goto cleanup;
   }
   if (is_cuda(&margins)) {
-    status =
-        dtype == DTYPE_F32
-            ? NAPO_CUDA_CALL(napo_loss_backward_f32_cuda(data_of(&grad), grad_stride, data_of(&margins), stride, n,
-                                                         data_of(&q), beta, data_of(&out), NAPO_CUDA_ARGS(margins)))
-            : NAPO_CUDA_CALL(napo_loss_backward_f64_cuda(data_of(&grad), grad_stride, data_of(&margins), stride, n,
-                                                         data_of(&q), beta, data_of(&out), NAPO_CUDA_ARGS(margins)));
+    status = dtype == DTYPE_F32
+                 ? NAPO_CUDA_CALL(napo_loss_backward_f32_cuda(data_of(&grad), grad_layout, data_of(&margins), layout,
+                                                              data_of(&q), q_stride, beta, data_of(&out),
+                                                              NAPO_CUDA_ARGS(margins)))
+                 : NAPO_CUDA_CALL(napo_loss_backward_f64_cuda(data_of(&grad), grad_layout, data_of(&margins), layout,
+                                                              data_of(&q), q_stride, beta, data_of(&out),
+                                                              NAPO_CUDA_ARGS(margins)));
   } else {
     Py_BEGIN_ALLOW_THREADS;
-    status = dtype == DTYPE_F32 ? napo_loss_backward_f32(data_of(&grad), grad_stride, data_of(&margins), stride, n,
-                                                         data_of(&q), beta, data_of(&out))
-                                : napo_loss_backward_f64(data_of(&grad), grad_stride, data_of(&margins), stride, n,
-                                                         data_of(&q), beta, data_of(&out));
+    status = dtype == DTYPE_F32 ? napo_loss_backward_f32(data_of(&grad), grad_layout, data_of(&margins), layout,
+                                                         data_of(&q), q_stride, beta, data_of(&out))
+                                : napo_loss_backward_f64(data_of(&grad), grad_layout, data_of(&margins), layout,
+                                                         data_of(&q), q_stride, beta, data_of(&out));
     Py_END_ALLOW_THREADS;
   }
   if (raise_status(status, cuda_error, &q) == 0) {
@@ -457,44 +551,56 @@ cleanup:
   return result;
 }
 
-PyDoc_STRVAR(q_from_mean_doc, "q_from_mean(mean, gamma, q_min, q_max, out, stream=0)\n--\n\n"
-                              "Adaptive q from an already-reduced (e.g. all-reduced) 0-dim mean margin.");
+PyDoc_STRVAR(q_from_mean_doc, "q_from_mean(means, gamma, q_min, q_max, out, stream=0)\n--\n\n"
+                              "Adaptive q from already-reduced (e.g. all-reduced) mean margins, elementwise:\n"
+                              "means is 0-dim or 1-D, out has its shape.");
 
 static PyObject *py_q_from_mean(PyObject *self, PyObject *args, PyObject *kwargs) {
   (void)self;
-  static char *keywords[] = {"mean", "gamma", "q_min", "q_max", "out", "stream", NULL};
-  PyObject *mean_obj, *out_obj;
+  static char *keywords[] = {"means", "gamma", "q_min", "q_max", "out", "stream", NULL};
+  PyObject *means_obj, *out_obj;
   double gamma, q_min, q_max;
   unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OdddO|K:q_from_mean", keywords, &mean_obj, &gamma, &q_min, &q_max,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OdddO|K:q_from_mean", keywords, &means_obj, &gamma, &q_min, &q_max,
                                    &out_obj, &stream)) {
     return NULL;
   }
-  napo_arg mean = {0}, out = {0};
+  napo_arg means = {0}, out = {0};
   PyObject *result = NULL;
   arg_dtype dtype;
+  int64_t n = 1, stride = 0;
   int cuda_error = 0;
   napo_status status = NAPO_OK;
-  if (acquire(mean_obj, "mean", &mean) || acquire(out_obj, "out", &out) || arg_dtype_of(&mean, &dtype) ||
-      check_device_supported(&mean) || check_scalar(&mean) || check_same(&mean, &out) || check_scalar(&out) ||
-      check_q_params(gamma, q_min, q_max)) {
+  if (acquire(means_obj, "means", &means) || acquire(out_obj, "out", &out) || arg_dtype_of(&means, &dtype) ||
+      check_device_supported(&means) || check_same(&means, &out) || check_q_params(gamma, q_min, q_max)) {
     goto cleanup;
   }
-  if (is_cuda(&mean)) {
-    status = dtype == DTYPE_F32 ? NAPO_CUDA_CALL(napo_q_from_mean_f32_cuda(data_of(&mean), gamma, q_min, q_max,
-                                                                           data_of(&out), NAPO_CUDA_ARGS(mean)))
-                                : NAPO_CUDA_CALL(napo_q_from_mean_f64_cuda(data_of(&mean), gamma, q_min, q_max,
-                                                                           data_of(&out), NAPO_CUDA_ARGS(mean)));
+  if (means.tensor->ndim > 1) {
+    PyErr_Format(PyExc_ValueError, "argument 'means' must be 0-dim or 1-D, got %d dimensions", (int)means.tensor->ndim);
+    goto cleanup;
+  }
+  if (means.tensor->ndim == 1 && vector_of(&means, &n, &stride) != 0) {
+    goto cleanup;
+  }
+  if (means.tensor->ndim == 1 ? check_output_vector(&out, n) : check_scalar(&out)) {
+    goto cleanup;
+  }
+  if (is_cuda(&means)) {
+    status = dtype == DTYPE_F32
+                 ? NAPO_CUDA_CALL(napo_q_from_mean_f32_cuda(data_of(&means), n, stride, gamma, q_min, q_max,
+                                                            data_of(&out), NAPO_CUDA_ARGS(means)))
+                 : NAPO_CUDA_CALL(napo_q_from_mean_f64_cuda(data_of(&means), n, stride, gamma, q_min, q_max,
+                                                            data_of(&out), NAPO_CUDA_ARGS(means)));
   } else {
-    status = dtype == DTYPE_F32 ? napo_q_from_mean_f32(data_of(&mean), gamma, q_min, q_max, data_of(&out))
-                                : napo_q_from_mean_f64(data_of(&mean), gamma, q_min, q_max, data_of(&out));
+    status = dtype == DTYPE_F32 ? napo_q_from_mean_f32(data_of(&means), n, stride, gamma, q_min, q_max, data_of(&out))
+                                : napo_q_from_mean_f64(data_of(&means), n, stride, gamma, q_min, q_max, data_of(&out));
   }
   if (raise_status(status, cuda_error, &out) == 0) {
     result = Py_NewRef(Py_None);
   }
 cleanup:
   release(&out);
-  release(&mean);
+  release(&means);
   return result;
 }
 

@@ -3,8 +3,8 @@
  *
  * Every function returns a napo_status and never aborts; the caller (the
  * CPython binding, or a C program) turns a status into its own error.
- * Functions are named napo_<op>_<dtype>[_cuda]. Vectors are read through an
- * element stride so that strided views need no copy; outputs are compact.
+ * Functions are named napo_<op>_<dtype>[_cuda]. Inputs are read through
+ * element strides so that strided views need no copy; outputs are compact.
  * All arithmetic is carried out in double precision and rounded once on store.
  *
  * Notation (see shared/napo-spec.md): M is the reward margin of a pair,
@@ -33,8 +33,18 @@ typedef enum {
 /* A static, human-readable description of a status. */
 const char *napo_status_message(napo_status status);
 
+/* A strided 2-D view: element (r, c) is data[r * row_stride + c * col_stride]
+ * (in elements). A vector is one row. Strides may be zero or negative. */
+typedef struct {
+  int64_t rows;
+  int64_t cols;
+  int64_t row_stride;
+  int64_t col_stride;
+} napo_layout;
+
 /* ---- parameter checks shared by the CPU and CUDA entry points ---- */
 napo_status napo_check_vector(const void *data, int64_t n, int64_t stride, int allow_empty);
+napo_status napo_check_layout(const void *data, napo_layout layout);
 napo_status napo_check_loss_params(double beta);
 napo_status napo_check_q_params(double gamma, double q_min, double q_max);
 napo_status napo_check_weight_params(double w_min, double eps);
@@ -42,19 +52,22 @@ napo_status napo_check_weight_params(double w_min, double eps);
 /* ---- the NaPO loss, one value per pair ----
  * L_q(M) = -expm1(q * logsigmoid(beta M)) / q  for q in (0, 1]
  * L_0(M) = -logsigmoid(beta M)                 (exactly DPO's sigmoid loss)
- * q is read from memory (a 0-dim tensor) so that an adaptive q computed on
- * the device never has to visit the host. A NaN q or margin gives NaN.
+ * Row r of `margins` (one loss term) uses q[r * q_stride]; q is read from
+ * memory so that an adaptive q computed on the device never visits the host.
+ * Outputs are compact rows x cols. A NaN q or margin gives NaN.
  */
-napo_status napo_loss_forward_f32(const float *margins, int64_t margins_stride, int64_t n, const float *q, double beta,
-                                  float *loss);
-napo_status napo_loss_forward_f64(const double *margins, int64_t margins_stride, int64_t n, const double *q,
+napo_status napo_loss_forward_f32(const float *margins, napo_layout layout, const float *q, int64_t q_stride,
+                                  double beta, float *loss);
+napo_status napo_loss_forward_f64(const double *margins, napo_layout layout, const double *q, int64_t q_stride,
                                   double beta, double *loss);
 
-/* grad_margins[i] = grad_loss[i] * dL/dM,  dL/dM = -beta * sigmoid(z)^q * sigmoid(-z) */
-napo_status napo_loss_backward_f32(const float *grad_loss, int64_t grad_stride, const float *margins,
-                                   int64_t margins_stride, int64_t n, const float *q, double beta, float *grad_margins);
-napo_status napo_loss_backward_f64(const double *grad_loss, int64_t grad_stride, const double *margins,
-                                   int64_t margins_stride, int64_t n, const double *q, double beta,
+/* grad_margins = grad_loss * dL/dM,  dL/dM = -beta * sigmoid(z)^q * sigmoid(-z);
+ * grad_layout must have the rows and cols of layout. */
+napo_status napo_loss_backward_f32(const float *grad_loss, napo_layout grad_layout, const float *margins,
+                                   napo_layout layout, const float *q, int64_t q_stride, double beta,
+                                   float *grad_margins);
+napo_status napo_loss_backward_f64(const double *grad_loss, napo_layout grad_layout, const double *margins,
+                                   napo_layout layout, const double *q, int64_t q_stride, double beta,
                                    double *grad_margins);
 
 /* ---- adaptive q (spec Eq. 12) ----
@@ -65,9 +78,12 @@ napo_status napo_adaptive_q_f32(const float *margins, int64_t stride, int64_t n,
                                 double q_max, float *q_out);
 napo_status napo_adaptive_q_f64(const double *margins, int64_t stride, int64_t n, double gamma, double q_min,
                                 double q_max, double *q_out);
-/* The same from an already-reduced mean (the distributed case: all-reduce first). */
-napo_status napo_q_from_mean_f32(const float *mean, double gamma, double q_min, double q_max, float *q_out);
-napo_status napo_q_from_mean_f64(const double *mean, double gamma, double q_min, double q_max, double *q_out);
+/* The same, elementwise, from n already-reduced means (the distributed case:
+ * all-reduce first; several terms at once). q_out is compact. */
+napo_status napo_q_from_mean_f32(const float *means, int64_t n, int64_t stride, double gamma, double q_min,
+                                 double q_max, float *q_out);
+napo_status napo_q_from_mean_f64(const double *means, int64_t n, int64_t stride, double gamma, double q_min,
+                                 double q_max, double *q_out);
 
 /* ---- dynamic loss weights (spec Eq. 13) ----
  * w_k = clip(R_k / sum_j R_j, w_min, 1); uniform 1/K when sum_j R_j <= eps.
@@ -85,24 +101,24 @@ napo_status napo_dynamic_weights_f64(const double *reward_margins, int64_t strid
  */
 int napo_cuda_available(void);
 const char *napo_cuda_error_string(int cuda_error);
-napo_status napo_loss_forward_f32_cuda(const float *margins, int64_t margins_stride, int64_t n, const float *q,
+napo_status napo_loss_forward_f32_cuda(const float *margins, napo_layout layout, const float *q, int64_t q_stride,
                                        double beta, float *loss, int device, void *stream, int *cuda_error);
-napo_status napo_loss_forward_f64_cuda(const double *margins, int64_t margins_stride, int64_t n, const double *q,
+napo_status napo_loss_forward_f64_cuda(const double *margins, napo_layout layout, const double *q, int64_t q_stride,
                                        double beta, double *loss, int device, void *stream, int *cuda_error);
-napo_status napo_loss_backward_f32_cuda(const float *grad_loss, int64_t grad_stride, const float *margins,
-                                        int64_t margins_stride, int64_t n, const float *q, double beta,
+napo_status napo_loss_backward_f32_cuda(const float *grad_loss, napo_layout grad_layout, const float *margins,
+                                        napo_layout layout, const float *q, int64_t q_stride, double beta,
                                         float *grad_margins, int device, void *stream, int *cuda_error);
-napo_status napo_loss_backward_f64_cuda(const double *grad_loss, int64_t grad_stride, const double *margins,
-                                        int64_t margins_stride, int64_t n, const double *q, double beta,
+napo_status napo_loss_backward_f64_cuda(const double *grad_loss, napo_layout grad_layout, const double *margins,
+                                        napo_layout layout, const double *q, int64_t q_stride, double beta,
                                         double *grad_margins, int device, void *stream, int *cuda_error);
 napo_status napo_adaptive_q_f32_cuda(const float *margins, int64_t stride, int64_t n, double gamma, double q_min,
                                      double q_max, float *q_out, int device, void *stream, int *cuda_error);
 napo_status napo_adaptive_q_f64_cuda(const double *margins, int64_t stride, int64_t n, double gamma, double q_min,
                                      double q_max, double *q_out, int device, void *stream, int *cuda_error);
-napo_status napo_q_from_mean_f32_cuda(const float *mean, double gamma, double q_min, double q_max, float *q_out,
-                                      int device, void *stream, int *cuda_error);
-napo_status napo_q_from_mean_f64_cuda(const double *mean, double gamma, double q_min, double q_max, double *q_out,
-                                      int device, void *stream, int *cuda_error);
+napo_status napo_q_from_mean_f32_cuda(const float *means, int64_t n, int64_t stride, double gamma, double q_min,
+                                      double q_max, float *q_out, int device, void *stream, int *cuda_error);
+napo_status napo_q_from_mean_f64_cuda(const double *means, int64_t n, int64_t stride, double gamma, double q_min,
+                                      double q_max, double *q_out, int device, void *stream, int *cuda_error);
 napo_status napo_dynamic_weights_f32_cuda(const float *reward_margins, int64_t stride, int64_t k, double w_min,
                                           double eps, float *weights, int device, void *stream, int *cuda_error);
 napo_status napo_dynamic_weights_f64_cuda(const double *reward_margins, int64_t stride, int64_t k, double w_min,

@@ -68,6 +68,32 @@ napo_status napo_check_vector(const void *data, int64_t n, int64_t stride, int a
   return NAPO_OK;
 }
 
+/* |a| * b <= limit without overflow, for a, b >= 0 after the sign is dropped. */
+static int product_within(int64_t a, int64_t b, int64_t limit) {
+  const int64_t abs_a = a < 0 ? -a : a;
+  return abs_a == 0 || b <= limit / abs_a;
+}
+
+napo_status napo_check_layout(const void *data, napo_layout layout) {
+  if (layout.rows < 0 || layout.cols < 0) {
+    return NAPO_ERR_SIZE;
+  }
+  if (layout.rows == 0 || layout.cols == 0) {
+    return NAPO_OK;
+  }
+  if (data == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  /* Both the furthest offset and the compact output size must stay representable in bytes. */
+  const int64_t half = INT64_MAX / (int64_t)sizeof(double) / 2;
+  if (layout.row_stride < -half || layout.row_stride > half || layout.col_stride < -half || layout.col_stride > half ||
+      !product_within(layout.row_stride, layout.rows - 1, half) ||
+      !product_within(layout.col_stride, layout.cols - 1, half) || !product_within(layout.rows, layout.cols, half)) {
+    return NAPO_ERR_SIZE;
+  }
+  return NAPO_OK;
+}
+
 napo_status napo_check_loss_params(double beta) {
   return (isfinite(beta) && beta > 0.0) ? NAPO_OK : NAPO_ERR_PARAMETER;
 }
@@ -91,48 +117,74 @@ napo_status napo_check_weight_params(double w_min, double eps) {
 
 /* ---- loss ---- */
 
-static napo_status loss_forward(const void *margins, int64_t margins_stride, int64_t n, const void *q, double beta,
-                                void *loss, napo_dtype dtype) {
-  napo_status status = napo_check_vector(margins, n, margins_stride, 1);
-  if (status != NAPO_OK) {
-    return status;
-  }
-  if (q == NULL || (n > 0 && loss == NULL)) {
+/* Validates every row's q before anything is written. */
+static napo_status check_row_q(const void *q, int64_t q_stride, int64_t rows, napo_dtype dtype) {
+  if (q == NULL) {
     return NAPO_ERR_NULL_POINTER;
   }
-  if ((status = napo_check_loss_params(beta)) != NAPO_OK) {
-    return status;
+  if (!product_within(q_stride, rows, INT64_MAX / (int64_t)sizeof(double))) {
+    return NAPO_ERR_SIZE;
   }
-  const double q_value = load(q, dtype, 0);
-  if (!napo_q_in_range(q_value)) {
-    return NAPO_ERR_Q_RANGE;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    store(loss, dtype, i, napo_loss_value(load(margins, dtype, i * margins_stride), q_value, beta));
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!napo_q_in_range(load(q, dtype, r * q_stride))) {
+      return NAPO_ERR_Q_RANGE;
+    }
   }
   return NAPO_OK;
 }
 
-static napo_status loss_backward(const void *grad_loss, int64_t grad_stride, const void *margins,
-                                 int64_t margins_stride, int64_t n, const void *q, double beta, void *grad_margins,
-                                 napo_dtype dtype) {
-  napo_status status = napo_check_vector(margins, n, margins_stride, 1);
-  if (status != NAPO_OK || (status = napo_check_vector(grad_loss, n, grad_stride, 1)) != NAPO_OK) {
+static napo_status loss_forward(const void *margins, napo_layout layout, const void *q, int64_t q_stride, double beta,
+                                void *loss, napo_dtype dtype) {
+  napo_status status = napo_check_layout(margins, layout);
+  if (status != NAPO_OK || (status = napo_check_loss_params(beta)) != NAPO_OK) {
     return status;
   }
-  if (q == NULL || (n > 0 && grad_margins == NULL)) {
+  if (layout.rows == 0 || layout.cols == 0) {
+    return NAPO_OK;
+  }
+  if (loss == NULL) {
     return NAPO_ERR_NULL_POINTER;
   }
-  if ((status = napo_check_loss_params(beta)) != NAPO_OK) {
+  if ((status = check_row_q(q, q_stride, layout.rows, dtype)) != NAPO_OK) {
     return status;
   }
-  const double q_value = load(q, dtype, 0);
-  if (!napo_q_in_range(q_value)) {
-    return NAPO_ERR_Q_RANGE;
+  for (int64_t r = 0; r < layout.rows; ++r) {
+    const double q_value = load(q, dtype, r * q_stride);
+    for (int64_t c = 0; c < layout.cols; ++c) {
+      const double margin = load(margins, dtype, r * layout.row_stride + c * layout.col_stride);
+      store(loss, dtype, r * layout.cols + c, napo_loss_value(margin, q_value, beta));
+    }
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const double dloss_dmargin = napo_loss_grad(load(margins, dtype, i * margins_stride), q_value, beta);
-    store(grad_margins, dtype, i, load(grad_loss, dtype, i * grad_stride) * dloss_dmargin);
+  return NAPO_OK;
+}
+
+static napo_status loss_backward(const void *grad_loss, napo_layout grad_layout, const void *margins,
+                                 napo_layout layout, const void *q, int64_t q_stride, double beta, void *grad_margins,
+                                 napo_dtype dtype) {
+  napo_status status = napo_check_layout(margins, layout);
+  if (status != NAPO_OK || (status = napo_check_layout(grad_loss, grad_layout)) != NAPO_OK ||
+      (status = napo_check_loss_params(beta)) != NAPO_OK) {
+    return status;
+  }
+  if (grad_layout.rows != layout.rows || grad_layout.cols != layout.cols) {
+    return NAPO_ERR_SIZE;
+  }
+  if (layout.rows == 0 || layout.cols == 0) {
+    return NAPO_OK;
+  }
+  if (grad_margins == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  if ((status = check_row_q(q, q_stride, layout.rows, dtype)) != NAPO_OK) {
+    return status;
+  }
+  for (int64_t r = 0; r < layout.rows; ++r) {
+    const double q_value = load(q, dtype, r * q_stride);
+    for (int64_t c = 0; c < layout.cols; ++c) {
+      const double margin = load(margins, dtype, r * layout.row_stride + c * layout.col_stride);
+      const double upstream = load(grad_loss, dtype, r * grad_layout.row_stride + c * grad_layout.col_stride);
+      store(grad_margins, dtype, r * layout.cols + c, upstream * napo_loss_grad(margin, q_value, beta));
+    }
   }
   return NAPO_OK;
 }
@@ -159,16 +211,18 @@ static napo_status adaptive_q(const void *margins, int64_t stride, int64_t n, do
   return NAPO_OK;
 }
 
-static napo_status q_from_mean(const void *mean, double gamma, double q_min, double q_max, void *q_out,
-                               napo_dtype dtype) {
-  if (mean == NULL || q_out == NULL) {
-    return NAPO_ERR_NULL_POINTER;
-  }
-  const napo_status status = napo_check_q_params(gamma, q_min, q_max);
-  if (status != NAPO_OK) {
+static napo_status q_from_mean(const void *means, int64_t n, int64_t stride, double gamma, double q_min, double q_max,
+                               void *q_out, napo_dtype dtype) {
+  napo_status status = napo_check_vector(means, n, stride, 1);
+  if (status != NAPO_OK || (status = napo_check_q_params(gamma, q_min, q_max)) != NAPO_OK) {
     return status;
   }
-  store(q_out, dtype, 0, napo_q_value(load(mean, dtype, 0), gamma, q_min, q_max));
+  if (n > 0 && q_out == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    store(q_out, dtype, i, napo_q_value(load(means, dtype, i * stride), gamma, q_min, q_max));
+  }
   return NAPO_OK;
 }
 
@@ -203,26 +257,26 @@ static napo_status dynamic_weights(const void *reward_margins, int64_t stride, i
 
 /* ---- typed entry points ---- */
 
-napo_status napo_loss_forward_f32(const float *margins, int64_t margins_stride, int64_t n, const float *q, double beta,
-                                  float *loss) {
-  return loss_forward(margins, margins_stride, n, q, beta, loss, NAPO_F32);
+napo_status napo_loss_forward_f32(const float *margins, napo_layout layout, const float *q, int64_t q_stride,
+                                  double beta, float *loss) {
+  return loss_forward(margins, layout, q, q_stride, beta, loss, NAPO_F32);
 }
 
-napo_status napo_loss_forward_f64(const double *margins, int64_t margins_stride, int64_t n, const double *q,
+napo_status napo_loss_forward_f64(const double *margins, napo_layout layout, const double *q, int64_t q_stride,
                                   double beta, double *loss) {
-  return loss_forward(margins, margins_stride, n, q, beta, loss, NAPO_F64);
+  return loss_forward(margins, layout, q, q_stride, beta, loss, NAPO_F64);
 }
 
-napo_status napo_loss_backward_f32(const float *grad_loss, int64_t grad_stride, const float *margins,
-                                   int64_t margins_stride, int64_t n, const float *q, double beta,
+napo_status napo_loss_backward_f32(const float *grad_loss, napo_layout grad_layout, const float *margins,
+                                   napo_layout layout, const float *q, int64_t q_stride, double beta,
                                    float *grad_margins) {
-  return loss_backward(grad_loss, grad_stride, margins, margins_stride, n, q, beta, grad_margins, NAPO_F32);
+  return loss_backward(grad_loss, grad_layout, margins, layout, q, q_stride, beta, grad_margins, NAPO_F32);
 }
 
-napo_status napo_loss_backward_f64(const double *grad_loss, int64_t grad_stride, const double *margins,
-                                   int64_t margins_stride, int64_t n, const double *q, double beta,
+napo_status napo_loss_backward_f64(const double *grad_loss, napo_layout grad_layout, const double *margins,
+                                   napo_layout layout, const double *q, int64_t q_stride, double beta,
                                    double *grad_margins) {
-  return loss_backward(grad_loss, grad_stride, margins, margins_stride, n, q, beta, grad_margins, NAPO_F64);
+  return loss_backward(grad_loss, grad_layout, margins, layout, q, q_stride, beta, grad_margins, NAPO_F64);
 }
 
 napo_status napo_adaptive_q_f32(const float *margins, int64_t stride, int64_t n, double gamma, double q_min,
@@ -235,12 +289,14 @@ napo_status napo_adaptive_q_f64(const double *margins, int64_t stride, int64_t n
   return adaptive_q(margins, stride, n, gamma, q_min, q_max, q_out, NAPO_F64);
 }
 
-napo_status napo_q_from_mean_f32(const float *mean, double gamma, double q_min, double q_max, float *q_out) {
-  return q_from_mean(mean, gamma, q_min, q_max, q_out, NAPO_F32);
+napo_status napo_q_from_mean_f32(const float *means, int64_t n, int64_t stride, double gamma, double q_min,
+                                 double q_max, float *q_out) {
+  return q_from_mean(means, n, stride, gamma, q_min, q_max, q_out, NAPO_F32);
 }
 
-napo_status napo_q_from_mean_f64(const double *mean, double gamma, double q_min, double q_max, double *q_out) {
-  return q_from_mean(mean, gamma, q_min, q_max, q_out, NAPO_F64);
+napo_status napo_q_from_mean_f64(const double *means, int64_t n, int64_t stride, double gamma, double q_min,
+                                 double q_max, double *q_out) {
+  return q_from_mean(means, n, stride, gamma, q_min, q_max, q_out, NAPO_F64);
 }
 
 napo_status napo_dynamic_weights_f32(const float *reward_margins, int64_t stride, int64_t k, double w_min, double eps,

@@ -2,8 +2,9 @@
 
 No maths here: the pure-PyTorch kernels live in ``backends/reference.py`` (the
 default for every device, and the test oracle) and the C/CUDA kernels in
-``backends/native.py`` (registered for CPU and CUDA). The ops are low-level:
-margins are float32/float64 1-D tensors, q a 0-dim tensor of the same dtype.
+``backends/native.py`` (registered for CPU and CUDA). The ops are low-level: float32/float64
+tensors; the loss takes margins ``[B]`` with a 0-dim q, or ``[K, B]`` (one term per
+row) with q ``[K]``; ``q_from_mean`` is elementwise over 0-dim or ``[K]`` means.
 The user-facing checks and dtype promotion are in ``napo.functional``.
 """
 
@@ -18,7 +19,7 @@ _lib = torch.library.Library(LIBRARY, "DEF")
 _lib.define("napo_loss(Tensor margins, Tensor q, float beta) -> Tensor")
 _lib.define("napo_loss_backward(Tensor grad_loss, Tensor margins, Tensor q, float beta) -> Tensor")
 _lib.define("adaptive_q(Tensor margins, float gamma, float q_min, float q_max) -> Tensor")
-_lib.define("q_from_mean(Tensor mean, float gamma, float q_min, float q_max) -> Tensor")
+_lib.define("q_from_mean(Tensor means, float gamma, float q_min, float q_max) -> Tensor")
 _lib.define("dynamic_weights(Tensor reward_margins, float w_min, float eps) -> Tensor")
 
 OP_NAMES = ("napo_loss", "napo_loss_backward", "adaptive_q", "q_from_mean", "dynamic_weights")
@@ -42,8 +43,8 @@ def _adaptive_q_fake(margins: torch.Tensor, gamma: float, q_min: float, q_max: f
 
 
 @torch.library.register_fake("napo::q_from_mean")
-def _q_from_mean_fake(mean: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
-    return mean.new_empty(())
+def _q_from_mean_fake(means: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
+    return means.new_empty(means.shape)
 
 
 @torch.library.register_fake("napo::dynamic_weights")

@@ -283,78 +283,91 @@ class NaPOObjective(nn.Module):
             "language": (policy_language_avg_logps, reference_language_avg_logps),
             "vision": (policy_vision_avg_logps, reference_vision_avg_logps),
         }
-        answers = ["chosen", *(_REJECTED_ANSWER[name] for name in self.terms)]
+        names = list(self.terms)
+        answers = ["chosen", *(_REJECTED_ANSWER[name] for name in names)]
+        avg_terms = [name for name, term in self.terms.items() if term.adaptive and term.margin == "avg"]
+        avg_answers = ["chosen", *(_REJECTED_ANSWER[name] for name in avg_terms)] if avg_terms else []
         needed: dict[str, torch.Tensor | None] = {}
         for answer in answers:
             needed[f"policy_{answer}_logps"], needed[f"reference_{answer}_logps"] = sums[answer]
-        for name, term in self.terms.items():
-            if term.adaptive and term.margin == "avg":
-                for answer in ("chosen", _REJECTED_ANSWER[name]):
-                    needed[f"policy_{answer}_avg_logps"], needed[f"reference_{answer}_avg_logps"] = avgs[answer]
+        for answer in avg_answers:
+            needed[f"policy_{answer}_avg_logps"], needed[f"reference_{answer}_avg_logps"] = avgs[answer]
         missing = [arg for arg, value in needed.items() if value is None]
         if missing:
             raise ValueError(
-                f"the active terms ({', '.join(self.terms)}) need these arguments, which were not given: "
+                f"the active terms ({', '.join(names)}) need these arguments, which were not given: "
                 + ", ".join(missing)
             )
         first = F_napo._check_batch(needed)  # type: ignore[arg-type]
-
-        margins: dict[str, torch.Tensor] = {}
-        q_margins: dict[str, torch.Tensor] = {}
-        for name, term in self.terms.items():
-            rejected = _REJECTED_ANSWER[name]
-            margins[name] = F_napo.reward_margin(
-                sums["chosen"][0], sums[rejected][0], sums["chosen"][1], sums[rejected][1]
-            )
-            if term.adaptive:
-                if term.margin == "avg":
-                    q_margins[name] = F_napo.reward_margin(
-                        avgs["chosen"][0], avgs[rejected][0], avgs["chosen"][1], avgs[rejected][1]
-                    )
-                else:
-                    q_margins[name] = margins[name]
-        dtype = next(iter(margins.values())).dtype
+        dtype = F_napo._compute_dtype(*needed.values())  # type: ignore[arg-type]
         device = first.device
 
-        # One all-reduce for every batch statistic: the q margins, then beta * M per term.
-        stats = [q_margins[name] for name in q_margins]
-        if self.fixed_weights is None:
-            stats += [self.beta * margins[name] for name in self.terms]
-        means = (
-            F_napo.global_mean(torch.stack([s.detach() for s in stats], dim=1), process_group=self.process_group)
-            if stats
-            else None
-        )
+        # Every term at once: log-ratios of the answers [A, B], chosen first; margins [K, B] (Eq. 2).
+        log_ratios = _log_ratios(sums, answers, dtype)
+        margins = log_ratios[:1] - log_ratios[1:]
+        beta_margins = (self.beta * margins).detach()
 
-        q: dict[str, torch.Tensor] = {}
-        for index, name in enumerate(q_margins):
-            term = self.terms[name]
-            mean = means[index].to(dtype)  # type: ignore[index]
-            q[name] = torch.ops.napo.q_from_mean(mean, term.gamma, self.q_min, self.q_max)
-        for name, term in self.terms.items():
-            if name not in q:
-                fixed_q = 0.0 if term.loss == "dpo" else float(term.q)
-                q[name] = torch.full((), fixed_q, dtype=dtype, device=device)  # no host copy: graph-capturable
-
+        # One all-reduce for every batch statistic: gamma_k * q-margin_k of each adaptive term, then beta * M_k.
+        # gamma is folded in here so that one elementwise q_from_mean serves all terms.
+        adaptive = [name for name in names if self.terms[name].adaptive]
+        if avg_terms:
+            avg_ratios = _log_ratios(avgs, avg_answers, dtype).detach()
+            avg_margins = dict(zip(avg_terms, (avg_ratios[:1] - avg_ratios[1:]).unbind(0), strict=True))
+        stats = [
+            self.terms[name].gamma * (avg_margins[name] if name in avg_terms else margins[names.index(name)].detach())
+            for name in adaptive
+        ]
         if self.fixed_weights is None:
-            reward_means = means[len(q_margins) :].to(dtype)  # type: ignore[index]
-            weight_vector = torch.ops.napo.dynamic_weights(reward_means, self.w_min, self.eps)
+            stats.extend(beta_margins.unbind(0))
+        if stats:
+            means = F_napo.global_mean(torch.stack(stats, dim=1), process_group=self.process_group).to(dtype)
+        else:  # fixed q and fixed weights: no batch statistic, no all-reduce
+            means = margins.new_zeros(0)
+
+        adaptive_q = torch.ops.napo.q_from_mean(means[: len(adaptive)], 1.0, self.q_min, self.q_max)
+        q_values = self._q_vector(adaptive_q, adaptive, dtype, device)
+        if self.fixed_weights is None:
+            weight_vector = torch.ops.napo.dynamic_weights(means[len(adaptive) :], self.w_min, self.eps)
         else:
             weight_vector = torch.stack([torch.full((), w, dtype=dtype, device=device) for w in self.fixed_weights])
-        weights = {name: weight_vector[i] for i, name in enumerate(self.terms)}
 
-        losses = {name: torch.ops.napo.napo_loss(margins[name], q[name], self.beta) for name in self.terms}
-        loss = sum(weights[name] * losses[name] for name in self.terms).mean()
+        losses = torch.ops.napo.napo_loss(margins, q_values, self.beta)  # [K, B], one kernel for all terms
+        loss = torch.dot(weight_vector, losses.mean(dim=1))  # = mean_b sum_k w_k L_k (Eq. 14)
 
-        rewards = {
-            answer: (self.beta * (sums[answer][0].to(dtype) - sums[answer][1].to(dtype))).detach() for answer in answers
-        }
+        rewards = dict(zip(answers, (self.beta * log_ratios.detach()).unbind(0), strict=True))
         return NaPOOutput(
             loss=loss,
-            losses={name: value.detach() for name, value in losses.items()},
-            q=q,
-            weights=weights,
-            margins={name: (self.beta * m).detach() for name, m in margins.items()},
+            losses=dict(zip(names, losses.detach().unbind(0), strict=True)),
+            q=dict(zip(names, q_values.unbind(0), strict=True)),
+            weights=dict(zip(names, weight_vector.unbind(0), strict=True)),
+            margins=dict(zip(names, beta_margins.unbind(0), strict=True)),
             rewards=rewards,
-            accuracies={name: (m > 0).to(dtype).mean().detach() for name, m in margins.items()},
+            accuracies=dict(zip(names, (margins.detach() > 0).to(dtype).mean(dim=1).unbind(0), strict=True)),
         )
+
+    def _q_vector(
+        self, adaptive_q: torch.Tensor, adaptive: list[str], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """q of every term in order: adaptive ones from the kernel, fixed ones (0 for DPO) as constants."""
+        if len(adaptive) == len(self.terms):
+            return adaptive_q
+        pieces = []
+        for name, term in self.terms.items():
+            if name in adaptive:
+                index = adaptive.index(name)
+                pieces.append(adaptive_q[index : index + 1])
+            else:
+                fixed_q = 0.0 if term.loss == "dpo" else float(term.q)
+                # torch.full copies nothing from the host, so this stays graph-capturable.
+                pieces.append(torch.full((1,), fixed_q, dtype=dtype, device=device))
+        return torch.cat(pieces)
+
+
+def _log_ratios(
+    logps: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]], answers: list[str], dtype: torch.dtype
+) -> torch.Tensor:
+    """[A, B] log pi(y) - log ref(y) for the answers, in the compute dtype."""
+    # torch.stack promotes mixed dtypes; one cast per stack instead of one per tensor.
+    policy = torch.stack([logps[a][0] for a in answers]).to(dtype)  # type: ignore[misc]
+    reference = torch.stack([logps[a][1] for a in answers]).to(dtype)  # type: ignore[misc]
+    return policy - reference

@@ -62,6 +62,14 @@ np = pytest.importorskip("numpy")
 C = pytest.importorskip("napo._C")
 
 v3 = np.zeros(3)
+
+
+def _used_capsule():
+    capsule = torch.zeros(3).__dlpack__()
+    torch.from_dlpack(capsule)  # consuming renames it to "used_dltensor"
+    return capsule
+
+
 NATIVE_CASES = [
     ("not an array", lambda: C.loss_forward([0.0], np.array(0.5), 0.1, v3), TypeError, "must be an array"),
     ("int margins", lambda: C.loss_forward(np.zeros(3, dtype=np.int32), np.array(0.5), 0.1, v3), TypeError,
@@ -70,14 +78,24 @@ NATIVE_CASES = [
      "float16"),
     ("mixed dtypes", lambda: C.loss_forward(np.zeros(3, dtype=np.float32), np.array(0.5), 0.1, v3), LookupError,
      "must match"),
-    ("out too short", lambda: C.loss_forward(v3, np.array(0.5), 0.1, np.zeros(2)), ValueError, "length 3, got 2"),
+    ("out too short", lambda: C.loss_forward(v3, np.array(0.5), 0.1, np.zeros(2)), ValueError,
+     "'out' must have the shape of 'margins' \\(3,\\), got \\(2,\\)"),
     ("out strided", lambda: C.loss_forward(v3, np.array(0.5), 0.1, np.zeros(6)[::2]), ValueError, "contiguous"),
     ("q vector", lambda: C.loss_forward(v3, np.zeros(2), 0.1, v3), ValueError, "exactly one value"),
     ("q out of range", lambda: C.loss_forward(v3, np.array(1.5), 0.1, v3), ValueError,
      "q must be in \\[0, 1\\], got 1.5"),
     ("beta negative", lambda: C.loss_forward(v3, np.array(0.5), -1.0, v3), ValueError, "beta must be"),
     ("2-D margins", lambda: C.loss_forward(np.zeros((3, 1)), np.array(0.5), 0.1, v3), ValueError, "1-D"),
-    ("backward length", lambda: C.loss_backward(np.zeros(2), v3, np.array(0.5), 0.1, v3), ValueError, "same length"),
+    ("backward length", lambda: C.loss_backward(np.zeros(2), v3, np.array(0.5), 0.1, v3), ValueError,
+     "'grad_loss' must have the shape of 'margins'"),
+    ("q per row missing", lambda: C.loss_forward(np.zeros((2, 3)), np.array(0.5), 0.1, np.zeros((2, 3))), ValueError,
+     "one value per row"),
+    ("3-D margins", lambda: C.loss_forward(np.zeros((2, 2, 2)), np.zeros(2), 0.1, np.zeros((2, 2, 2))), ValueError,
+     "1-D \\[batch\\] or 2-D"),
+    ("2-D out transposed", lambda: C.loss_forward(np.zeros((2, 3)), np.zeros(2), 0.1, np.zeros((3, 2)).T), ValueError,
+     "contiguous"),
+    ("consumed capsule", lambda: C.adaptive_q(_used_capsule(), 0.5, 0.0, 1.0, np.zeros(())), TypeError,
+     "not an unconsumed 'dltensor' capsule"),
     ("q of empty", lambda: C.adaptive_q(np.zeros(0), 0.5, 0.0, 1.0, np.zeros(())), ValueError, "empty"),
     ("gamma zero", lambda: C.adaptive_q(v3, 0.0, 0.0, 1.0, np.zeros(())), ValueError, "gamma must be"),
     ("q_max below q_min", lambda: C.adaptive_q(v3, 0.5, 0.5, 0.1, np.zeros(())), ValueError, "q_max must be"),

@@ -47,23 +47,28 @@ template <typename Launch> napo_status on_device(int device, int *cuda_error, La
 }
 
 template <typename T>
-__global__ void loss_forward_kernel(const T *margins, int64_t stride, int64_t n, const T *q, double beta, T *loss) {
-  const double q_value = (double)*q;
-  /* q cannot be validated on the host without a sync: out of range gives NaN. */
-  const bool q_ok = napo_q_in_range(q_value);
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    loss[i] = q_ok ? (T)napo_loss_value((double)margins[i * stride], q_value, beta) : (T)NAN;
+__global__ void loss_forward_kernel(const T *margins, napo_layout layout, const T *q, int64_t q_stride, double beta,
+                                    T *loss) {
+  const int64_t total = layout.rows * layout.cols;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / layout.cols, c = i % layout.cols;
+    const double q_value = (double)q[r * q_stride];
+    /* q cannot be validated on the host without a sync: out of range gives NaN. */
+    const double margin = (double)margins[r * layout.row_stride + c * layout.col_stride];
+    loss[i] = napo_q_in_range(q_value) ? (T)napo_loss_value(margin, q_value, beta) : (T)NAN;
   }
 }
 
 template <typename T>
-__global__ void loss_backward_kernel(const T *grad_loss, int64_t grad_stride, const T *margins, int64_t stride,
-                                     int64_t n, const T *q, double beta, T *grad_margins) {
-  const double q_value = (double)*q;
-  const bool q_ok = napo_q_in_range(q_value);
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const double g = napo_loss_grad((double)margins[i * stride], q_value, beta);
-    grad_margins[i] = q_ok ? (T)((double)grad_loss[i * grad_stride] * g) : (T)NAN;
+__global__ void loss_backward_kernel(const T *grad_loss, napo_layout grad_layout, const T *margins, napo_layout layout,
+                                     const T *q, int64_t q_stride, double beta, T *grad_margins) {
+  const int64_t total = layout.rows * layout.cols;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / layout.cols, c = i % layout.cols;
+    const double q_value = (double)q[r * q_stride];
+    const double margin = (double)margins[r * layout.row_stride + c * layout.col_stride];
+    const double upstream = (double)grad_loss[r * grad_layout.row_stride + c * grad_layout.col_stride];
+    grad_margins[i] = napo_q_in_range(q_value) ? (T)(upstream * napo_loss_grad(margin, q_value, beta)) : (T)NAN;
   }
 }
 
@@ -95,8 +100,11 @@ __global__ void adaptive_q_kernel(const T *margins, int64_t stride, int64_t n, d
 }
 
 template <typename T>
-__global__ void q_from_mean_kernel(const T *mean, double gamma, double q_min, double q_max, T *q_out) {
-  *q_out = (T)napo_q_value((double)*mean, gamma, q_min, q_max);
+__global__ void q_from_mean_kernel(const T *means, int64_t n, int64_t stride, double gamma, double q_min, double q_max,
+                                   T *q_out) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    q_out[i] = (T)napo_q_value((double)means[i * stride], gamma, q_min, q_max);
+  }
 }
 
 template <typename T>
@@ -110,40 +118,46 @@ __global__ void dynamic_weights_kernel(const T *reward_margins, int64_t stride, 
 }
 
 template <typename T>
-napo_status loss_forward(const T *margins, int64_t stride, int64_t n, const T *q, double beta, T *loss, int device,
-                         void *stream, int *cuda_error) {
-  napo_status status = napo_check_vector(margins, n, stride, 1);
+napo_status loss_forward(const T *margins, napo_layout layout, const T *q, int64_t q_stride, double beta, T *loss,
+                         int device, void *stream, int *cuda_error) {
+  napo_status status = napo_check_layout(margins, layout);
   if (status != NAPO_OK || (status = napo_check_loss_params(beta)) != NAPO_OK) {
     return status;
   }
-  if (q == nullptr || (n > 0 && loss == nullptr)) {
-    return NAPO_ERR_NULL_POINTER;
-  }
-  if (n == 0) {
+  const int64_t total = layout.rows * layout.cols;
+  if (total == 0) {
     return NAPO_OK;
   }
+  if (q == nullptr || loss == nullptr) {
+    return NAPO_ERR_NULL_POINTER;
+  }
   return on_device(device, cuda_error, [&] {
-    loss_forward_kernel<T><<<blocks_for(n), kThreads, 0, (cudaStream_t)stream>>>(margins, stride, n, q, beta, loss);
+    loss_forward_kernel<T>
+        <<<blocks_for(total), kThreads, 0, (cudaStream_t)stream>>>(margins, layout, q, q_stride, beta, loss);
   });
 }
 
 template <typename T>
-napo_status loss_backward(const T *grad_loss, int64_t grad_stride, const T *margins, int64_t stride, int64_t n,
-                          const T *q, double beta, T *grad_margins, int device, void *stream, int *cuda_error) {
-  napo_status status = napo_check_vector(margins, n, stride, 1);
-  if (status != NAPO_OK || (status = napo_check_vector(grad_loss, n, grad_stride, 1)) != NAPO_OK ||
+napo_status loss_backward(const T *grad_loss, napo_layout grad_layout, const T *margins, napo_layout layout, const T *q,
+                          int64_t q_stride, double beta, T *grad_margins, int device, void *stream, int *cuda_error) {
+  napo_status status = napo_check_layout(margins, layout);
+  if (status != NAPO_OK || (status = napo_check_layout(grad_loss, grad_layout)) != NAPO_OK ||
       (status = napo_check_loss_params(beta)) != NAPO_OK) {
     return status;
   }
-  if (q == nullptr || (n > 0 && grad_margins == nullptr)) {
-    return NAPO_ERR_NULL_POINTER;
+  if (grad_layout.rows != layout.rows || grad_layout.cols != layout.cols) {
+    return NAPO_ERR_SIZE;
   }
-  if (n == 0) {
+  const int64_t total = layout.rows * layout.cols;
+  if (total == 0) {
     return NAPO_OK;
   }
+  if (q == nullptr || grad_margins == nullptr) {
+    return NAPO_ERR_NULL_POINTER;
+  }
   return on_device(device, cuda_error, [&] {
-    loss_backward_kernel<T><<<blocks_for(n), kThreads, 0, (cudaStream_t)stream>>>(grad_loss, grad_stride, margins,
-                                                                                  stride, n, q, beta, grad_margins);
+    loss_backward_kernel<T><<<blocks_for(total), kThreads, 0, (cudaStream_t)stream>>>(
+        grad_loss, grad_layout, margins, layout, q, q_stride, beta, grad_margins);
   });
 }
 
@@ -163,17 +177,22 @@ napo_status adaptive_q(const T *margins, int64_t stride, int64_t n, double gamma
 }
 
 template <typename T>
-napo_status q_from_mean(const T *mean, double gamma, double q_min, double q_max, T *q_out, int device, void *stream,
-                        int *cuda_error) {
-  const napo_status status = napo_check_q_params(gamma, q_min, q_max);
-  if (status != NAPO_OK) {
+napo_status q_from_mean(const T *means, int64_t n, int64_t stride, double gamma, double q_min, double q_max, T *q_out,
+                        int device, void *stream, int *cuda_error) {
+  napo_status status = napo_check_vector(means, n, stride, 1);
+  if (status != NAPO_OK || (status = napo_check_q_params(gamma, q_min, q_max)) != NAPO_OK) {
     return status;
   }
-  if (mean == nullptr || q_out == nullptr) {
+  if (n == 0) {
+    return NAPO_OK;
+  }
+  if (q_out == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return on_device(device, cuda_error,
-                   [&] { q_from_mean_kernel<T><<<1, 1, 0, (cudaStream_t)stream>>>(mean, gamma, q_min, q_max, q_out); });
+  return on_device(device, cuda_error, [&] {
+    q_from_mean_kernel<T>
+        <<<blocks_for(n), kThreads, 0, (cudaStream_t)stream>>>(means, n, stride, gamma, q_min, q_max, q_out);
+  });
 }
 
 template <typename T>
@@ -202,27 +221,27 @@ int napo_cuda_available(void) {
 
 const char *napo_cuda_error_string(int cuda_error) { return cudaGetErrorString((cudaError_t)cuda_error); }
 
-napo_status napo_loss_forward_f32_cuda(const float *margins, int64_t margins_stride, int64_t n, const float *q,
+napo_status napo_loss_forward_f32_cuda(const float *margins, napo_layout layout, const float *q, int64_t q_stride,
                                        double beta, float *loss, int device, void *stream, int *cuda_error) {
-  return loss_forward(margins, margins_stride, n, q, beta, loss, device, stream, cuda_error);
+  return loss_forward(margins, layout, q, q_stride, beta, loss, device, stream, cuda_error);
 }
 
-napo_status napo_loss_forward_f64_cuda(const double *margins, int64_t margins_stride, int64_t n, const double *q,
+napo_status napo_loss_forward_f64_cuda(const double *margins, napo_layout layout, const double *q, int64_t q_stride,
                                        double beta, double *loss, int device, void *stream, int *cuda_error) {
-  return loss_forward(margins, margins_stride, n, q, beta, loss, device, stream, cuda_error);
+  return loss_forward(margins, layout, q, q_stride, beta, loss, device, stream, cuda_error);
 }
 
-napo_status napo_loss_backward_f32_cuda(const float *grad_loss, int64_t grad_stride, const float *margins,
-                                        int64_t margins_stride, int64_t n, const float *q, double beta,
+napo_status napo_loss_backward_f32_cuda(const float *grad_loss, napo_layout grad_layout, const float *margins,
+                                        napo_layout layout, const float *q, int64_t q_stride, double beta,
                                         float *grad_margins, int device, void *stream, int *cuda_error) {
-  return loss_backward(grad_loss, grad_stride, margins, margins_stride, n, q, beta, grad_margins, device, stream,
+  return loss_backward(grad_loss, grad_layout, margins, layout, q, q_stride, beta, grad_margins, device, stream,
                        cuda_error);
 }
 
-napo_status napo_loss_backward_f64_cuda(const double *grad_loss, int64_t grad_stride, const double *margins,
-                                        int64_t margins_stride, int64_t n, const double *q, double beta,
+napo_status napo_loss_backward_f64_cuda(const double *grad_loss, napo_layout grad_layout, const double *margins,
+                                        napo_layout layout, const double *q, int64_t q_stride, double beta,
                                         double *grad_margins, int device, void *stream, int *cuda_error) {
-  return loss_backward(grad_loss, grad_stride, margins, margins_stride, n, q, beta, grad_margins, device, stream,
+  return loss_backward(grad_loss, grad_layout, margins, layout, q, q_stride, beta, grad_margins, device, stream,
                        cuda_error);
 }
 
@@ -236,14 +255,14 @@ napo_status napo_adaptive_q_f64_cuda(const double *margins, int64_t stride, int6
   return adaptive_q(margins, stride, n, gamma, q_min, q_max, q_out, device, stream, cuda_error);
 }
 
-napo_status napo_q_from_mean_f32_cuda(const float *mean, double gamma, double q_min, double q_max, float *q_out,
-                                      int device, void *stream, int *cuda_error) {
-  return q_from_mean(mean, gamma, q_min, q_max, q_out, device, stream, cuda_error);
+napo_status napo_q_from_mean_f32_cuda(const float *means, int64_t n, int64_t stride, double gamma, double q_min,
+                                      double q_max, float *q_out, int device, void *stream, int *cuda_error) {
+  return q_from_mean(means, n, stride, gamma, q_min, q_max, q_out, device, stream, cuda_error);
 }
 
-napo_status napo_q_from_mean_f64_cuda(const double *mean, double gamma, double q_min, double q_max, double *q_out,
-                                      int device, void *stream, int *cuda_error) {
-  return q_from_mean(mean, gamma, q_min, q_max, q_out, device, stream, cuda_error);
+napo_status napo_q_from_mean_f64_cuda(const double *means, int64_t n, int64_t stride, double gamma, double q_min,
+                                      double q_max, double *q_out, int device, void *stream, int *cuda_error) {
+  return q_from_mean(means, n, stride, gamma, q_min, q_max, q_out, device, stream, cuda_error);
 }
 
 napo_status napo_dynamic_weights_f32_cuda(const float *reward_margins, int64_t stride, int64_t k, double w_min,

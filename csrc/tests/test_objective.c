@@ -12,6 +12,8 @@
 #include "napo.h"
 #include "napo_math.h"
 
+static napo_layout vec(int64_t n, int64_t stride) { return (napo_layout){1, n, 0, stride}; }
+
 typedef struct {
   int passed;
   int failed;
@@ -35,19 +37,19 @@ static void test_loss_closed_forms(tally *t) {
   const double margins[] = {-3.0, -0.5, 0.0, 0.5, 3.0};
   double loss[5];
   const double q_dpo = 0.0, q_mae = 1.0;
-  CHECK(t, napo_loss_forward_f64(margins, 1, 5, &q_dpo, 0.7, loss) == NAPO_OK);
+  CHECK(t, napo_loss_forward_f64(margins, vec(5, 1), &q_dpo, 0, 0.7, loss) == NAPO_OK);
   for (int i = 0; i < 5; ++i) {
     CHECK(t, close_rel(loss[i], log1p(exp(-0.7 * margins[i])), 1e-15)); /* -logsigmoid */
   }
   CHECK(t, close_rel(loss[2], log(2.0), 1e-15));
-  CHECK(t, napo_loss_forward_f64(margins, 1, 5, &q_mae, 0.7, loss) == NAPO_OK);
+  CHECK(t, napo_loss_forward_f64(margins, vec(5, 1), &q_mae, 0, 0.7, loss) == NAPO_OK);
   for (int i = 0; i < 5; ++i) {
     CHECK(t, close_rel(loss[i], 1.0 / (1.0 + exp(0.7 * margins[i])), 1e-14)); /* 1 - sigmoid */
   }
   /* q = 1/2: (1 - sqrt(s)) / (1/2) at z = 0 is 2 - sqrt(2). */
   const double q_half = 0.5, zero = 0.0;
   double one_loss = 0.0;
-  CHECK(t, napo_loss_forward_f64(&zero, 1, 1, &q_half, 0.1, &one_loss) == NAPO_OK);
+  CHECK(t, napo_loss_forward_f64(&zero, vec(1, 1), &q_half, 0, 0.1, &one_loss) == NAPO_OK);
   CHECK(t, close_rel(one_loss, 2.0 - sqrt(2.0), 1e-15));
 }
 
@@ -59,8 +61,8 @@ static void test_loss_extremes(tally *t) {
     ones[i] = 1.0;
   }
   for (int k = 0; k < 4; ++k) {
-    CHECK(t, napo_loss_forward_f64(margins, 1, 8, &qs[k], 1.0, loss) == NAPO_OK);
-    CHECK(t, napo_loss_backward_f64(ones, 1, margins, 1, 8, &qs[k], 1.0, grad) == NAPO_OK);
+    CHECK(t, napo_loss_forward_f64(margins, vec(8, 1), &qs[k], 0, 1.0, loss) == NAPO_OK);
+    CHECK(t, napo_loss_backward_f64(ones, vec(8, 1), margins, vec(8, 1), &qs[k], 0, 1.0, grad) == NAPO_OK);
     for (int i = 0; i < 7; ++i) {
       CHECK(t, isfinite(loss[i]) && loss[i] >= 0.0);
       CHECK(t, isfinite(grad[i]) && grad[i] <= 0.0 && grad[i] >= -1.0);
@@ -77,14 +79,14 @@ static void test_loss_strided_float32_and_nan(tally *t) {
   const float margins[] = {1.0f, 99.0f, -2.0f, 99.0f, NAN, 99.0f};
   const float q = 0.25f;
   float loss[3];
-  CHECK(t, napo_loss_forward_f32(margins, 2, 3, &q, 1.0, loss) == NAPO_OK);
+  CHECK(t, napo_loss_forward_f32(margins, vec(3, 2), &q, 0, 1.0, loss) == NAPO_OK);
   const double s0 = 1.0 / (1.0 + exp(-1.0)), s1 = 1.0 / (1.0 + exp(2.0));
   CHECK(t, close_rel(loss[0], (1.0 - pow(s0, 0.25)) / 0.25, 1e-6));
   CHECK(t, close_rel(loss[1], (1.0 - pow(s1, 0.25)) / 0.25, 1e-6));
   CHECK(t, isnan(loss[2]));
   /* A NaN q propagates; it is not an out-of-range error. */
   const float nan_q = NAN;
-  CHECK(t, napo_loss_forward_f32(margins, 2, 3, &nan_q, 1.0, loss) == NAPO_OK && isnan(loss[0]));
+  CHECK(t, napo_loss_forward_f32(margins, vec(3, 2), &nan_q, 0, 1.0, loss) == NAPO_OK && isnan(loss[0]));
 }
 
 static void test_backward_matches_finite_differences(tally *t) {
@@ -94,12 +96,57 @@ static void test_backward_matches_finite_differences(tally *t) {
       const double h = 1e-6, one = 1.0;
       double lp = 0.0, lm = 0.0, g = 0.0;
       const double mp = m + h, mm = m - h;
-      CHECK(t, napo_loss_forward_f64(&mp, 1, 1, &qs[k], 0.3, &lp) == NAPO_OK);
-      CHECK(t, napo_loss_forward_f64(&mm, 1, 1, &qs[k], 0.3, &lm) == NAPO_OK);
-      CHECK(t, napo_loss_backward_f64(&one, 1, &m, 1, 1, &qs[k], 0.3, &g) == NAPO_OK);
+      CHECK(t, napo_loss_forward_f64(&mp, vec(1, 1), &qs[k], 0, 0.3, &lp) == NAPO_OK);
+      CHECK(t, napo_loss_forward_f64(&mm, vec(1, 1), &qs[k], 0, 0.3, &lm) == NAPO_OK);
+      CHECK(t, napo_loss_backward_f64(&one, vec(1, 1), &m, vec(1, 1), &qs[k], 0, 0.3, &g) == NAPO_OK);
       CHECK(t, fabs(g - (lp - lm) / (2 * h)) <= 1e-8);
     }
   }
+}
+
+/* Several terms at once: row r uses q[r]; rows may be strided, transposed or reversed. */
+static void test_loss_rows(tally *t) {
+  /* A 3 x 4 storage read as its transpose (4 rows of 3): row r is column r of the storage. */
+  const double storage[12] = {0.5, -1.0, 2.0, 4.0, -3.0, 0.0, 1.5, 7.0, 9.0, -0.5, 3.0, -2.0};
+  const napo_layout transposed = {4, 3, 1, 4};
+  const double q[8] = {0.0, -1.0, 0.5, -1.0, 1.0, -1.0, 0.25, -1.0}; /* every other entry: q_stride 2 */
+  double loss[12], grad[12];
+  const double upstream[1] = {2.0}; /* broadcast gradient: zero strides */
+  const napo_layout broadcast = {4, 3, 0, 0};
+  CHECK(t, napo_loss_forward_f64(storage, transposed, q, 2, 0.5, loss) == NAPO_OK);
+  CHECK(t, napo_loss_backward_f64(upstream, broadcast, storage, transposed, q, 2, 0.5, grad) == NAPO_OK);
+  for (int r = 0; r < 4; ++r) {
+    for (int c = 0; c < 3; ++c) {
+      const double m = storage[c * 4 + r], qr = q[2 * r], z = 0.5 * m;
+      const double s = 1.0 / (1.0 + exp(-z));
+      const double expected = qr == 0.0 ? -log(s) : (1.0 - pow(s, qr)) / qr;
+      CHECK(t, close_rel(loss[r * 3 + c], expected, 1e-13));
+      CHECK(t, close_rel(grad[r * 3 + c], 2.0 * -0.5 * pow(s, qr) * (1.0 - s), 1e-13));
+    }
+  }
+  /* Reversed rows through a negative stride, starting from the last row. */
+  const napo_layout reversed = {2, 3, -3, 1};
+  const double two_rows[6] = {1.0, 2.0, 3.0, -1.0, -2.0, -3.0};
+  const double q_rows[2] = {1.0, 1.0};
+  double out[6];
+  CHECK(t, napo_loss_forward_f64(two_rows + 3, reversed, q_rows, 1, 1.0, out) == NAPO_OK);
+  CHECK(t, close_rel(out[0], 1.0 / (1.0 + exp(-1.0)), 1e-15) && close_rel(out[3], 1.0 / (1.0 + exp(1.0)), 1e-15));
+  /* One bad q in any row rejects the call before anything is written. */
+  const double q_bad[2] = {0.5, 2.0};
+  out[0] = 42.0;
+  CHECK(t, napo_loss_forward_f64(two_rows, (napo_layout){2, 3, 3, 1}, q_bad, 1, 1.0, out) == NAPO_ERR_Q_RANGE);
+  CHECK(t, out[0] == 42.0);
+  /* Mismatched gradient shape, overflowing layouts. */
+  CHECK(t, napo_loss_backward_f64(upstream, (napo_layout){4, 2, 0, 0}, storage, transposed, q, 2, 0.5, grad) ==
+               NAPO_ERR_SIZE);
+  CHECK(t, napo_loss_forward_f64(storage, (napo_layout){INT64_MAX / 4, INT64_MAX / 4, 1, 1}, q, 0, 0.5, loss) ==
+               NAPO_ERR_SIZE);
+  CHECK(t, napo_loss_forward_f64(storage, (napo_layout){3, -1, 1, 1}, q, 0, 0.5, loss) == NAPO_ERR_SIZE);
+  /* Elementwise q from several means. */
+  const double means[3] = {0.0, 2.0, -1.0};
+  double qs[3];
+  CHECK(t, napo_q_from_mean_f64(means, 3, 1, 0.5, 0.001, 1.0, qs) == NAPO_OK);
+  CHECK(t, qs[0] == 1.0 && close_rel(qs[1], 2.0 / (1.0 + exp(1.0)), 1e-15) && qs[2] == 1.0);
 }
 
 static void test_adaptive_q(tally *t) {
@@ -116,9 +163,10 @@ static void test_adaptive_q(tally *t) {
   const double mean = 2.0;
   float q32 = 0.0f;
   const float mean32 = 2.0f;
-  CHECK(t, napo_q_from_mean_f64(&mean, 0.5, 0.0, 1.0, &q) == NAPO_OK && close_rel(q, 2.0 / (1.0 + exp(1.0)), 1e-15));
   CHECK(t,
-        napo_q_from_mean_f32(&mean32, 0.5, 0.0, 1.0, &q32) == NAPO_OK && close_rel(q32, 2.0 / (1.0 + exp(1.0)), 1e-7));
+        napo_q_from_mean_f64(&mean, 1, 1, 0.5, 0.0, 1.0, &q) == NAPO_OK && close_rel(q, 2.0 / (1.0 + exp(1.0)), 1e-15));
+  CHECK(t, napo_q_from_mean_f32(&mean32, 1, 1, 0.5, 0.0, 1.0, &q32) == NAPO_OK &&
+               close_rel(q32, 2.0 / (1.0 + exp(1.0)), 1e-7));
   /* The compensated mean of many values that cancel stays exact. */
   enum { N = 100001 };
   double *values = malloc(sizeof(double) * N);
@@ -157,17 +205,17 @@ static void test_bad_arguments(tally *t) {
   const double m[] = {0.0, 1.0};
   double out[2];
   const double q_ok = 0.5, q_high = 1.5, q_low = -0.1;
-  CHECK(t, napo_loss_forward_f64(m, 1, 2, &q_high, 0.1, out) == NAPO_ERR_Q_RANGE);
-  CHECK(t, napo_loss_forward_f64(m, 1, 2, &q_low, 0.1, out) == NAPO_ERR_Q_RANGE);
-  CHECK(t, napo_loss_forward_f64(m, 1, 2, &q_ok, 0.0, out) == NAPO_ERR_PARAMETER);
-  CHECK(t, napo_loss_forward_f64(m, 1, 2, &q_ok, NAN, out) == NAPO_ERR_PARAMETER);
-  CHECK(t, napo_loss_forward_f64(m, 1, -1, &q_ok, 0.1, out) == NAPO_ERR_SIZE);
-  CHECK(t, napo_loss_forward_f64(NULL, 1, 2, &q_ok, 0.1, out) == NAPO_ERR_NULL_POINTER);
-  CHECK(t, napo_loss_forward_f64(m, 1, 2, NULL, 0.1, out) == NAPO_ERR_NULL_POINTER);
-  CHECK(t, napo_loss_forward_f64(m, 1, 2, &q_ok, 0.1, NULL) == NAPO_ERR_NULL_POINTER);
-  CHECK(t, napo_loss_forward_f64(NULL, 1, 0, &q_ok, 0.1, NULL) == NAPO_OK); /* empty is fine for the loss */
-  CHECK(t, napo_loss_forward_f64(m, INT64_MAX / 2, 2, &q_ok, 0.1, out) == NAPO_ERR_SIZE); /* offset overflow */
-  CHECK(t, napo_loss_backward_f64(m, 1, m, 1, 2, &q_ok, -1.0, out) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_high, 0, 0.1, out) == NAPO_ERR_Q_RANGE);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_low, 0, 0.1, out) == NAPO_ERR_Q_RANGE);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_ok, 0, 0.0, out) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_ok, 0, NAN, out) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_loss_forward_f64(m, vec(-1, 1), &q_ok, 0, 0.1, out) == NAPO_ERR_SIZE);
+  CHECK(t, napo_loss_forward_f64(NULL, vec(2, 1), &q_ok, 0, 0.1, out) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), NULL, 0, 0.1, out) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_ok, 0, 0.1, NULL) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_loss_forward_f64(NULL, vec(0, 1), &q_ok, 0, 0.1, NULL) == NAPO_OK); /* empty is fine for the loss */
+  CHECK(t, napo_loss_forward_f64(m, vec(2, INT64_MAX / 2), &q_ok, 0, 0.1, out) == NAPO_ERR_SIZE); /* offset overflow */
+  CHECK(t, napo_loss_backward_f64(m, vec(2, 1), m, vec(2, 1), &q_ok, 0, -1.0, out) == NAPO_ERR_PARAMETER);
   double q = 0.0;
   CHECK(t, napo_adaptive_q_f64(m, 1, 0, 0.5, 0.0, 1.0, &q) == NAPO_ERR_SIZE); /* mean of nothing */
   CHECK(t, napo_adaptive_q_f64(m, 1, 2, 0.0, 0.0, 1.0, &q) == NAPO_ERR_PARAMETER);
@@ -175,7 +223,7 @@ static void test_bad_arguments(tally *t) {
   CHECK(t, napo_adaptive_q_f64(m, 1, 2, 0.5, 0.6, 0.5, &q) == NAPO_ERR_PARAMETER);
   CHECK(t, napo_adaptive_q_f64(m, 1, 2, 0.5, 0.0, 1.5, &q) == NAPO_ERR_PARAMETER);
   CHECK(t, napo_adaptive_q_f64(m, 1, 2, 0.5, 0.0, 1.0, NULL) == NAPO_ERR_NULL_POINTER);
-  CHECK(t, napo_q_from_mean_f64(NULL, 0.5, 0.0, 1.0, &q) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_q_from_mean_f64(NULL, 1, 1, 0.5, 0.0, 1.0, &q) == NAPO_ERR_NULL_POINTER);
   CHECK(t, napo_dynamic_weights_f64(m, 1, 0, 0.01, 1e-8, out) == NAPO_ERR_SIZE); /* K = 0 */
   CHECK(t, napo_dynamic_weights_f64(m, 1, 2, 1.5, 1e-8, out) == NAPO_ERR_PARAMETER);
   CHECK(t, napo_dynamic_weights_f64(m, 1, 2, 0.01, -1.0, out) == NAPO_ERR_PARAMETER);
@@ -189,6 +237,7 @@ int main(void) {
   test_loss_extremes(&t);
   test_loss_strided_float32_and_nan(&t);
   test_backward_matches_finite_differences(&t);
+  test_loss_rows(&t);
   test_adaptive_q(&t);
   test_dynamic_weights(&t);
   test_bad_arguments(&t);

@@ -1,33 +1,36 @@
 """C (CPU) and CUDA C kernels of napo's ops, called through ``napo._C``.
 
-Tensors cross into C through DLPack (detached: the op's autograd is
-registered separately, and DLPack refuses tensors that require grad); outputs are allocated here, by torch,
-so that on CUDA they come from the caching allocator and a graph capture sees
-only kernel launches on the current stream. A CUDA tensor on a build without
-CUDA kernels falls back to the reference kernels, with one warning.
+Tensors cross into C as DLPack capsules made by ``torch.utils.dlpack.to_dlpack``
+(detached: the op's autograd is registered separately, and DLPack refuses
+tensors that require grad). The capsule path skips the two Python-level
+``__dlpack__``/``__dlpack_device__`` calls per tensor and never synchronises
+streams. Outputs are allocated here, by torch, so that on CUDA they come from
+the caching allocator and a graph capture sees only kernel launches on the
+current stream. A CUDA tensor on a build without CUDA kernels falls back to the
+reference kernels, with one warning.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from napo._native import native
 from napo.backends import reference
 
 
-@contextlib.contextmanager
-def _launch_context(tensor: torch.Tensor) -> Iterator[dict[str, Any]]:
-    """Guards the tensor's CUDA device and yields the stream to launch on."""
+def _capsule(tensor: torch.Tensor) -> Any:
+    return to_dlpack(tensor.detach())
+
+
+def _launch(tensor: torch.Tensor) -> dict[str, int]:
+    """The stream to launch on: the current one of the tensor's device (the kernels set the device)."""
     if tensor.device.type != "cuda":
-        yield {}
-        return
-    with torch.cuda.device(tensor.device):
-        yield {"stream": torch.cuda.current_stream(tensor.device).cuda_stream}
+        return {}
+    return {"stream": torch.cuda.current_stream(tensor.device).cuda_stream}
 
 
 _warned_no_cuda_kernels = False
@@ -53,8 +56,7 @@ def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tens
     if _cuda_fallback(margins):
         return reference.napo_loss(margins, q, beta)
     out = margins.new_empty(margins.shape)
-    with _launch_context(margins) as launch:
-        native().loss_forward(margins.detach(), q.detach(), beta, out, **launch)
+    native().loss_forward(_capsule(margins), _capsule(q), beta, _capsule(out), **_launch(margins))
     return out
 
 
@@ -62,8 +64,7 @@ def napo_loss_backward(grad_loss: torch.Tensor, margins: torch.Tensor, q: torch.
     if _cuda_fallback(margins):
         return reference.napo_loss_backward(grad_loss, margins, q, beta)
     out = margins.new_empty(margins.shape)
-    with _launch_context(margins) as launch:
-        native().loss_backward(grad_loss.detach(), margins.detach(), q.detach(), beta, out, **launch)
+    native().loss_backward(_capsule(grad_loss), _capsule(margins), _capsule(q), beta, _capsule(out), **_launch(margins))
     return out
 
 
@@ -71,17 +72,15 @@ def adaptive_q(margins: torch.Tensor, gamma: float, q_min: float, q_max: float) 
     if _cuda_fallback(margins):
         return reference.adaptive_q(margins, gamma, q_min, q_max)
     out = margins.new_empty(())
-    with _launch_context(margins) as launch:
-        native().adaptive_q(margins.detach(), gamma, q_min, q_max, out, **launch)
+    native().adaptive_q(_capsule(margins), gamma, q_min, q_max, _capsule(out), **_launch(margins))
     return out
 
 
-def q_from_mean(mean: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
-    if _cuda_fallback(mean):
-        return reference.q_from_mean(mean, gamma, q_min, q_max)
-    out = mean.new_empty(())
-    with _launch_context(mean) as launch:
-        native().q_from_mean(mean.detach(), gamma, q_min, q_max, out, **launch)
+def q_from_mean(means: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
+    if _cuda_fallback(means):
+        return reference.q_from_mean(means, gamma, q_min, q_max)
+    out = means.new_empty(means.shape)
+    native().q_from_mean(_capsule(means), gamma, q_min, q_max, _capsule(out), **_launch(means))
     return out
 
 
@@ -89,6 +88,5 @@ def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> t
     if _cuda_fallback(reward_margins):
         return reference.dynamic_weights(reward_margins, w_min, eps)
     out = reward_margins.new_empty(reward_margins.shape)
-    with _launch_context(reward_margins) as launch:
-        native().dynamic_weights(reward_margins.detach(), w_min, eps, out, **launch)
+    native().dynamic_weights(_capsule(reward_margins), w_min, eps, _capsule(out), **_launch(reward_margins))
     return out

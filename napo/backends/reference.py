@@ -14,10 +14,15 @@ import torch
 import torch.nn.functional as F
 
 
+def _row_q(q: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    """q of shape [] (margins [B]) or [K] (margins [K, B]) as a column that broadcasts over the batch."""
+    return q.to(margins.dtype).reshape(q.shape + (1,) * (margins.dim() - q.dim()))
+
+
 def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
     """L_q(M) = -expm1(q * logsigmoid(beta * M)) / q; q == 0 is -logsigmoid(beta * M)."""
     log_sig = F.logsigmoid(beta * margins)
-    q = q.to(margins.dtype)
+    q = _row_q(q, margins)
     is_dpo = q == 0
     safe_q = torch.where(is_dpo, torch.ones_like(q), q)
     loss = torch.where(is_dpo, -log_sig, -torch.expm1(safe_q * log_sig) / safe_q)
@@ -27,7 +32,7 @@ def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tens
 def napo_loss_grad_factor(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
     """dL_q/dM = -beta * sigmoid(beta M)^q * sigmoid(-beta M)."""
     z = beta * margins
-    q = q.to(margins.dtype)
+    q = _row_q(q, margins)
     # sigmoid^q as exp(q * logsigmoid): q == 0 must give exactly 1, also where logsigmoid = -inf.
     power = torch.where(q == 0, torch.ones_like(z), torch.exp(q * F.logsigmoid(z)))
     factor = -beta * power * torch.sigmoid(-z)
@@ -38,10 +43,10 @@ def napo_loss_backward(grad_loss: torch.Tensor, margins: torch.Tensor, q: torch.
     return grad_loss * napo_loss_grad_factor(margins, q, beta)
 
 
-def q_from_mean(mean: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
-    """q = clip(2 * (1 - sigmoid(gamma * mean)), q_min, q_max), evaluated in float64."""
-    q = 2.0 * (1.0 - torch.sigmoid(gamma * mean.to(torch.float64)))
-    return q.clamp(q_min, q_max).to(mean.dtype).reshape(())
+def q_from_mean(means: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
+    """q = clip(2 * (1 - sigmoid(gamma * mean)), q_min, q_max) elementwise, evaluated in float64."""
+    q = 2.0 * (1.0 - torch.sigmoid(gamma * means.to(torch.float64)))
+    return q.clamp(q_min, q_max).to(means.dtype)
 
 
 def adaptive_q(margins: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:

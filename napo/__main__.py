@@ -1,0 +1,5 @@
+import sys
+
+from napo.cli import main
+
+sys.exit(main())

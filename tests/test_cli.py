@@ -1,0 +1,48 @@
+"""The `napo` command line: the demo (the README's main job) and argument errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from napo.cli import main
+from napo.demo import run_demo
+
+
+def test_demo_prints_a_table_starting_at_q_one_and_uniform_weights(capsys):
+    assert main(["demo", "--steps", "9", "--batch-size", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["step", "loss", "q_lang"])
+    first = lines[header + 2].split()
+    assert first[0] == "0" and first[2:4] == ["1.0000", "1.0000"] and first[4:7] == ["0.333"] * 3
+    assert any(line.startswith("9 steps of batch 16") for line in lines)
+
+
+def test_demo_learns_and_q_falls_below_one():
+    rows = run_demo(steps=40, batch_size=32, print_every=39)
+    assert rows[0]["q_language"] == 1.0 and rows[0]["loss"] > rows[-1]["loss"]
+    assert rows[-1]["q_language"] < 1.0 and rows[-1]["q_vision"] < 1.0
+    assert rows[-1]["margin_original"] > 0
+
+
+@pytest.mark.parametrize("argv", [["demo", "--steps", "0"], ["demo", "--beta", "-1"], ["frobnicate"], []])
+def test_bad_arguments_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage: napo" in capsys.readouterr().err
+
+
+def test_python_dash_m_napo_runs():
+    result = subprocess.run([sys.executable, "-m", "napo", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("napo ")
+
+
+def test_objective_quickstart_example_runs():
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / "objective_quickstart.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("loss ") and "napo/q_language" in result.stdout
