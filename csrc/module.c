@@ -283,8 +283,10 @@ static int check_output_like(const napo_arg *out, const napo_arg *ref) {
   if (layout_of(out, &layout) != 0) {
     return -1;
   }
-  const int compact = (layout.cols <= 1 || layout.col_stride == 1) &&
-                      (out->tensor->ndim == 1 || layout.rows <= 1 || layout.row_stride == layout.cols);
+  /* An empty output has nothing to write: producers give it arbitrary strides. */
+  const int compact = layout.rows == 0 || layout.cols == 0 ||
+                      ((layout.cols <= 1 || layout.col_stride == 1) &&
+                       (out->tensor->ndim == 1 || layout.rows <= 1 || layout.row_stride == layout.cols));
   if (!compact) {
     PyErr_Format(PyExc_ValueError, "argument '%s' must be contiguous", out->name);
     return -1;

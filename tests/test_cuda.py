@@ -36,6 +36,28 @@ def test_loss_forward_backward_match_reference(dtype, batch, q):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_terms_with_row_q_match_reference(dtype):
+    margins = (torch.randn(257, 3, dtype=dtype, device="cuda") * 30).t()  # [3, 257], transposed
+    q = torch.tensor([0.0, 0.4, 1.0], dtype=dtype, device="cuda")
+    grad = torch.ones(1, 1, dtype=dtype, device="cuda").expand(3, 257)  # zero strides
+    assert_close(torch.ops.napo.napo_loss(margins, q, 0.1), reference.napo_loss(margins, q, 0.1),
+                 **TOLERANCES[dtype], what="loss")  # fmt: skip
+    assert_close(torch.ops.napo.napo_loss_backward(grad, margins, q, 0.1),
+                 reference.napo_loss_backward(grad, margins, q, 0.1), **TOLERANCES[dtype], what="grad")  # fmt: skip
+    means = torch.tensor([0.0, 2.0, -1.0, 1e6], dtype=dtype, device="cuda")
+    assert_close(torch.ops.napo.q_from_mean(means, 0.5, 0.001, 1.0), reference.q_from_mean(means, 0.5, 0.001, 1.0),
+                 **TOLERANCES[dtype], what="q_from_mean")  # fmt: skip
+
+
+def test_tensors_on_a_second_gpu_use_that_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    margins = torch.randn(8, device="cuda:1")
+    q = torch.tensor(0.5, device="cuda:1")
+    assert_close(torch.ops.napo.napo_loss(margins, q, 0.1), reference.napo_loss(margins, q, 0.1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 3, 257, 100_003])
 def test_q_and_weights_match_reference(dtype, n):
     margins = torch.randn(n, dtype=dtype, device="cuda") + 0.2

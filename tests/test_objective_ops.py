@@ -189,3 +189,30 @@ def test_reference_backend_env_switch(tmp_path):
     env = {**__import__("os").environ, "NAPO_BACKEND": "reference"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["[0.5, 0.5, 0.5]", "False"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 1), (3, 257), (1, 5), (2, 0)])
+def test_loss_op_on_stacked_terms_uses_one_q_per_row(dtype, shape, generator):
+    # [K, B] margins, one q per row: what NaPOObjective sends in one kernel call. Non-contiguous (transposed).
+    margins = (20 * torch.randn(shape[::-1], generator=generator, dtype=torch.float64)).to(dtype).t()
+    q = torch.rand(shape[0], generator=generator, dtype=torch.float64).to(dtype)
+    q[0] = 0.0  # a DPO row
+    loss = torch.ops.napo.napo_loss(margins, q, 0.3)
+    assert loss.shape == margins.shape and loss.is_contiguous()
+    for row in range(shape[0]):
+        assert_close(loss[row], reference.napo_loss(margins[row], q[row], 0.3), **TOLERANCES[dtype], what=f"row {row}")
+    grad = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    assert_close(
+        torch.ops.napo.napo_loss_backward(grad, margins, q, 0.3),
+        reference.napo_loss_backward(grad, margins, q, 0.3),
+        **TOLERANCES[dtype],
+        what="backward",
+    )
+
+
+def test_q_from_mean_is_elementwise():
+    means = torch.tensor([0.0, 2.0, -3.0, 1e6], dtype=torch.float64)
+    q = torch.ops.napo.q_from_mean(means, 0.5, 0.001, 1.0)
+    assert q.tolist() == pytest.approx([1.0, 2 / (1 + math.e), 1.0, 0.001], rel=1e-15)
+    assert_close(q, reference.q_from_mean(means, 0.5, 0.001, 1.0), rtol=1e-15, atol=0)

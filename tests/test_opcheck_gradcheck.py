@@ -23,10 +23,12 @@ def loss_examples():
         (_margins(0), torch.tensor(0.5, dtype=F64), 0.1),
         (non_contiguous, torch.tensor(0.7, dtype=F64), 0.2),
         (non_contiguous.detach().requires_grad_(True), torch.tensor(0.7, dtype=F64), 0.2),
+        (torch.randn(5, 3, dtype=F64).t().requires_grad_(True), torch.tensor([0.0, 0.5, 1.0], dtype=F64), 0.1),
+        (torch.randn(3, 0, dtype=F64), torch.tensor([0.0, 0.5, 1.0], dtype=F64), 0.1),
     ]
 
 
-@pytest.mark.parametrize("example", range(6))
+@pytest.mark.parametrize("example", range(8))
 def test_opcheck_napo_loss(example):
     torch.library.opcheck(torch.ops.napo.napo_loss.default, loss_examples()[example])
 
@@ -51,6 +53,7 @@ def test_opcheck_napo_loss_backward(args):
         ("adaptive_q", (_margins(18)[::2], 0.01, 0.0, 0.9)),
         ("adaptive_q", (_margins(3, dtype=torch.float32), 0.5, 0.001, 1.0)),
         ("q_from_mean", (torch.tensor(1.5, dtype=F64), 0.5, 0.001, 1.0)),
+        ("q_from_mean", (torch.tensor([1.5, -2.0, 0.0, 9.0], dtype=torch.float32)[::2], 0.5, 0.001, 1.0)),
         ("dynamic_weights", (torch.tensor([0.1, 0.5, 0.2], dtype=F64), 0.01, 1e-8)),
         ("dynamic_weights", (torch.tensor([0.1, 0.5, 0.2, 0.7], dtype=torch.float32)[::2], 0.01, 1e-8)),
     ],
@@ -64,6 +67,12 @@ def test_gradcheck_napo_loss_op(q):
     margins = _margins(11, requires_grad=True)
     qt = torch.tensor(q, dtype=F64)
     assert torch.autograd.gradcheck(lambda m: torch.ops.napo.napo_loss(m, qt, 0.3), (margins,), eps=1e-6, atol=1e-9)
+
+
+def test_gradcheck_napo_loss_op_stacked_terms():
+    margins = torch.randn(3, 6, dtype=F64, requires_grad=True)
+    q = torch.tensor([0.0, 0.3, 1.0], dtype=F64)
+    assert torch.autograd.gradcheck(lambda m: torch.ops.napo.napo_loss(m, q, 0.7), (margins,), eps=1e-6, atol=1e-9)
 
 
 def test_gradcheck_napo_loss_functional():
