@@ -400,106 +400,106 @@ static int raise_status(napo_status status, int cuda_error, const napo_arg *q) {
 
 /* ------------------------------------------------------------------ */
 
-PyDoc_STRVAR(loss_forward_doc, "loss_forward(margins, q, beta, out, stream=0)\n--\n\n"
-                               "Per-pair NaPO loss into `out`. margins [B] with a 0-dim q, or [K, B] with q [K]\n"
-                               "(one loss term per row); q == 0 is DPO.");
+PyDoc_STRVAR(loss_forward_doc, "loss_forward(margins, q, beta, out, grad_out=None, stream=0)\n--\n\n"
+                               "Per-pair NaPO loss into `out` and, if given, dL/dmargins into `grad_out`.\n"
+                               "margins [B] with a 0-dim q, or [K, B] with q [K] (one loss term per row);\n"
+                               "q == 0 is DPO.");
 
 static PyObject *py_loss_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
   (void)self;
-  static char *keywords[] = {"margins", "q", "beta", "out", "stream", NULL};
-  PyObject *margins_obj, *q_obj, *out_obj;
+  static char *keywords[] = {"margins", "q", "beta", "out", "grad_out", "stream", NULL};
+  PyObject *margins_obj, *q_obj, *out_obj, *grad_obj = Py_None;
   double beta;
   unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOdO|K:loss_forward", keywords, &margins_obj, &q_obj, &beta, &out_obj,
-                                   &stream)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOdO|OK:loss_forward", keywords, &margins_obj, &q_obj, &beta,
+                                   &out_obj, &grad_obj, &stream)) {
     return NULL;
   }
-  napo_arg margins = {0}, q = {0}, out = {0};
+  napo_arg margins = {0}, q = {0}, out = {0}, grad = {0};
   PyObject *result = NULL;
   arg_dtype dtype;
   napo_layout layout;
   int64_t q_stride = 0;
   int cuda_error = 0;
   napo_status status = NAPO_OK;
+  const int with_grad = grad_obj != Py_None;
   if (acquire(margins_obj, "margins", &margins) || acquire(q_obj, "q", &q) || acquire(out_obj, "out", &out) ||
-      arg_dtype_of(&margins, &dtype) || check_device_supported(&margins) || layout_of(&margins, &layout) ||
-      check_same(&margins, &q) || row_q_of(&q, &margins, layout.rows, &q_stride) || check_same(&margins, &out) ||
-      check_output_like(&out, &margins) || check_beta(beta)) {
+      (with_grad && acquire(grad_obj, "grad_out", &grad)) || arg_dtype_of(&margins, &dtype) ||
+      check_device_supported(&margins) || layout_of(&margins, &layout) || check_same(&margins, &q) ||
+      row_q_of(&q, &margins, layout.rows, &q_stride) || check_same(&margins, &out) ||
+      check_output_like(&out, &margins) ||
+      (with_grad && (check_same(&margins, &grad) || check_output_like(&grad, &margins))) || check_beta(beta)) {
     goto cleanup;
   }
+  void *grad_data = with_grad ? data_of(&grad) : NULL;
   if (is_cuda(&margins)) {
     status = dtype == DTYPE_F32
                  ? NAPO_CUDA_CALL(napo_loss_forward_f32_cuda(data_of(&margins), layout, data_of(&q), q_stride, beta,
-                                                             data_of(&out), NAPO_CUDA_ARGS(margins)))
+                                                             data_of(&out), grad_data, NAPO_CUDA_ARGS(margins)))
                  : NAPO_CUDA_CALL(napo_loss_forward_f64_cuda(data_of(&margins), layout, data_of(&q), q_stride, beta,
-                                                             data_of(&out), NAPO_CUDA_ARGS(margins)));
+                                                             data_of(&out), grad_data, NAPO_CUDA_ARGS(margins)));
   } else {
     Py_BEGIN_ALLOW_THREADS;
-    status = dtype == DTYPE_F32
-                 ? napo_loss_forward_f32(data_of(&margins), layout, data_of(&q), q_stride, beta, data_of(&out))
-                 : napo_loss_forward_f64(data_of(&margins), layout, data_of(&q), q_stride, beta, data_of(&out));
+    status =
+        dtype == DTYPE_F32
+            ? napo_loss_forward_f32(data_of(&margins), layout, data_of(&q), q_stride, beta, data_of(&out), grad_data)
+            : napo_loss_forward_f64(data_of(&margins), layout, data_of(&q), q_stride, beta, data_of(&out), grad_data);
     Py_END_ALLOW_THREADS;
   }
   if (raise_status(status, cuda_error, &q) == 0) {
     result = Py_NewRef(Py_None);
   }
 cleanup:
+  release(&grad);
   release(&out);
   release(&q);
   release(&margins);
   return result;
 }
 
-PyDoc_STRVAR(loss_backward_doc, "loss_backward(grad_loss, margins, q, beta, out, stream=0)\n--\n\n"
-                                "out = grad_loss * dL/dmargins for the per-pair NaPO loss (shapes as loss_forward).");
+PyDoc_STRVAR(loss_backward_doc, "loss_backward(grad_loss, grad_factor, out, stream=0)\n--\n\n"
+                                "out = grad_loss * grad_factor (the dL/dmargins saved by loss_forward).");
 
 static PyObject *py_loss_backward(PyObject *self, PyObject *args, PyObject *kwargs) {
   (void)self;
-  static char *keywords[] = {"grad_loss", "margins", "q", "beta", "out", "stream", NULL};
-  PyObject *grad_obj, *margins_obj, *q_obj, *out_obj;
-  double beta;
+  static char *keywords[] = {"grad_loss", "grad_factor", "out", "stream", NULL};
+  PyObject *grad_obj, *factor_obj, *out_obj;
   unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOdO|K:loss_backward", keywords, &grad_obj, &margins_obj, &q_obj,
-                                   &beta, &out_obj, &stream)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|K:loss_backward", keywords, &grad_obj, &factor_obj, &out_obj,
+                                   &stream)) {
     return NULL;
   }
-  napo_arg grad = {0}, margins = {0}, q = {0}, out = {0};
+  napo_arg grad = {0}, factor = {0}, out = {0};
   PyObject *result = NULL;
   arg_dtype dtype;
-  napo_layout layout, grad_layout;
-  int64_t q_stride = 0;
+  napo_layout grad_layout;
   int cuda_error = 0;
   napo_status status = NAPO_OK;
-  if (acquire(grad_obj, "grad_loss", &grad) || acquire(margins_obj, "margins", &margins) || acquire(q_obj, "q", &q) ||
-      acquire(out_obj, "out", &out) || arg_dtype_of(&margins, &dtype) || check_device_supported(&margins) ||
-      layout_of(&margins, &layout) || check_same(&margins, &grad) || check_same_shape(&margins, &grad) ||
-      layout_of(&grad, &grad_layout) || check_same(&margins, &q) || row_q_of(&q, &margins, layout.rows, &q_stride) ||
-      check_same(&margins, &out) || check_output_like(&out, &margins) || check_beta(beta)) {
+  if (acquire(grad_obj, "grad_loss", &grad) || acquire(factor_obj, "grad_factor", &factor) ||
+      acquire(out_obj, "out", &out) || arg_dtype_of(&factor, &dtype) || check_device_supported(&factor) ||
+      layout_of(&factor, &grad_layout) || check_same(&factor, &grad) || check_same_shape(&factor, &grad) ||
+      layout_of(&grad, &grad_layout) || check_output_like(&factor, &factor) || check_same(&factor, &out) ||
+      check_output_like(&out, &factor)) {
     goto cleanup;
   }
-  if (is_cuda(&margins)) {
+  if (is_cuda(&factor)) {
     status = dtype == DTYPE_F32
-                 ? NAPO_CUDA_CALL(napo_loss_backward_f32_cuda(data_of(&grad), grad_layout, data_of(&margins), layout,
-                                                              data_of(&q), q_stride, beta, data_of(&out),
-                                                              NAPO_CUDA_ARGS(margins)))
-                 : NAPO_CUDA_CALL(napo_loss_backward_f64_cuda(data_of(&grad), grad_layout, data_of(&margins), layout,
-                                                              data_of(&q), q_stride, beta, data_of(&out),
-                                                              NAPO_CUDA_ARGS(margins)));
+                 ? NAPO_CUDA_CALL(napo_loss_backward_f32_cuda(data_of(&grad), grad_layout, data_of(&factor),
+                                                              data_of(&out), NAPO_CUDA_ARGS(factor)))
+                 : NAPO_CUDA_CALL(napo_loss_backward_f64_cuda(data_of(&grad), grad_layout, data_of(&factor),
+                                                              data_of(&out), NAPO_CUDA_ARGS(factor)));
   } else {
     Py_BEGIN_ALLOW_THREADS;
-    status = dtype == DTYPE_F32 ? napo_loss_backward_f32(data_of(&grad), grad_layout, data_of(&margins), layout,
-                                                         data_of(&q), q_stride, beta, data_of(&out))
-                                : napo_loss_backward_f64(data_of(&grad), grad_layout, data_of(&margins), layout,
-                                                         data_of(&q), q_stride, beta, data_of(&out));
+    status = dtype == DTYPE_F32 ? napo_loss_backward_f32(data_of(&grad), grad_layout, data_of(&factor), data_of(&out))
+                                : napo_loss_backward_f64(data_of(&grad), grad_layout, data_of(&factor), data_of(&out));
     Py_END_ALLOW_THREADS;
   }
-  if (raise_status(status, cuda_error, &q) == 0) {
+  if (raise_status(status, cuda_error, &factor) == 0) {
     result = Py_NewRef(Py_None);
   }
 cleanup:
   release(&out);
-  release(&q);
-  release(&margins);
+  release(&factor);
   release(&grad);
   return result;
 }

@@ -54,20 +54,21 @@ napo_status napo_check_weight_params(double w_min, double eps);
  * L_0(M) = -logsigmoid(beta M)                 (exactly DPO's sigmoid loss)
  * Row r of `margins` (one loss term) uses q[r * q_stride]; q is read from
  * memory so that an adaptive q computed on the device never visits the host.
- * Outputs are compact rows x cols. A NaN q or margin gives NaN.
+ * `grad_factor` (optional, may be NULL) receives dL/dM = -beta * sigmoid(z)^q
+ * * sigmoid(-z), computed with the loss at no extra transcendental cost, so
+ * the backward is one multiply. Outputs are compact rows x cols. A NaN q or
+ * margin gives NaN.
  */
 napo_status napo_loss_forward_f32(const float *margins, napo_layout layout, const float *q, int64_t q_stride,
-                                  double beta, float *loss);
+                                  double beta, float *loss, float *grad_factor);
 napo_status napo_loss_forward_f64(const double *margins, napo_layout layout, const double *q, int64_t q_stride,
-                                  double beta, double *loss);
+                                  double beta, double *loss, double *grad_factor);
 
-/* grad_margins = grad_loss * dL/dM,  dL/dM = -beta * sigmoid(z)^q * sigmoid(-z);
- * grad_layout must have the rows and cols of layout. */
-napo_status napo_loss_backward_f32(const float *grad_loss, napo_layout grad_layout, const float *margins,
-                                   napo_layout layout, const float *q, int64_t q_stride, double beta,
+/* grad_margins = grad_loss * grad_factor; grad_factor and grad_margins are compact
+ * grad_layout.rows x grad_layout.cols, grad_loss is read through grad_layout. */
+napo_status napo_loss_backward_f32(const float *grad_loss, napo_layout grad_layout, const float *grad_factor,
                                    float *grad_margins);
-napo_status napo_loss_backward_f64(const double *grad_loss, napo_layout grad_layout, const double *margins,
-                                   napo_layout layout, const double *q, int64_t q_stride, double beta,
+napo_status napo_loss_backward_f64(const double *grad_loss, napo_layout grad_layout, const double *grad_factor,
                                    double *grad_margins);
 
 /* ---- adaptive q (spec Eq. 12) ----
@@ -102,14 +103,14 @@ napo_status napo_dynamic_weights_f64(const double *reward_margins, int64_t strid
 int napo_cuda_available(void);
 const char *napo_cuda_error_string(int cuda_error);
 napo_status napo_loss_forward_f32_cuda(const float *margins, napo_layout layout, const float *q, int64_t q_stride,
-                                       double beta, float *loss, int device, void *stream, int *cuda_error);
+                                       double beta, float *loss, float *grad_factor, int device, void *stream,
+                                       int *cuda_error);
 napo_status napo_loss_forward_f64_cuda(const double *margins, napo_layout layout, const double *q, int64_t q_stride,
-                                       double beta, double *loss, int device, void *stream, int *cuda_error);
-napo_status napo_loss_backward_f32_cuda(const float *grad_loss, napo_layout grad_layout, const float *margins,
-                                        napo_layout layout, const float *q, int64_t q_stride, double beta,
+                                       double beta, double *loss, double *grad_factor, int device, void *stream,
+                                       int *cuda_error);
+napo_status napo_loss_backward_f32_cuda(const float *grad_loss, napo_layout grad_layout, const float *grad_factor,
                                         float *grad_margins, int device, void *stream, int *cuda_error);
-napo_status napo_loss_backward_f64_cuda(const double *grad_loss, napo_layout grad_layout, const double *margins,
-                                        napo_layout layout, const double *q, int64_t q_stride, double beta,
+napo_status napo_loss_backward_f64_cuda(const double *grad_loss, napo_layout grad_layout, const double *grad_factor,
                                         double *grad_margins, int device, void *stream, int *cuda_error);
 napo_status napo_adaptive_q_f32_cuda(const float *margins, int64_t stride, int64_t n, double gamma, double q_min,
                                      double q_max, float *q_out, int device, void *stream, int *cuda_error);

@@ -30,26 +30,27 @@ NAPO_HD double napo_sigmoid(double z) {
 NAPO_HD double napo_clip(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 /*
- * L_q(M) = (1 - sigmoid(z)^q) / q written as -expm1(q * logsigmoid(z)) / q:
+ * L_q(M) = (1 - sigmoid(z)^q) / q, written as -expm1(q * logsigmoid(z)) / q:
  * sigmoid(z)^q is never formed (it underflows for very negative z) and the
  * difference 1 - s^q is never taken (it cancels for small q). q == 0 is DPO.
+ * The derivative dL/dM = -beta * sigmoid(z)^q * sigmoid(-z) shares exp(-|z|),
+ * its log1p and the expm1 with the loss: three transcendentals for both.
+ * Returns the loss and stores the derivative in *grad.
  */
-NAPO_HD double napo_loss_value(double margin, double q, double beta) {
-  const double log_sig = napo_log_sigmoid(beta * margin);
+NAPO_HD double napo_loss_and_grad(double margin, double q, double beta, double *grad) {
+  const double z = beta * margin;
+  const double e = exp(-fabs(z));
+  const double log_sig = (z < 0.0 ? z : 0.0) - log1p(e);
+  const double sig_neg = z >= 0.0 ? e / (1.0 + e) : 1.0 / (1.0 + e); /* sigmoid(-z); NaN stays NaN */
   if (q == 0.0) {
+    *grad = -beta * sig_neg;
     return -log_sig;
   }
-  return -expm1(q * log_sig) / q;
-}
-
-/* dL_q/dM = -beta * sigmoid(z)^q * sigmoid(-z), the power taken in log space. */
-NAPO_HD double napo_loss_grad(double margin, double q, double beta) {
-  const double z = beta * margin;
-  const double sig_neg = napo_sigmoid(-z);
-  if (q == 0.0) {
-    return -beta * sig_neg;
-  }
-  return -beta * exp(q * napo_log_sigmoid(z)) * sig_neg;
+  const double t = expm1(q * log_sig);
+  /* sigmoid(z)^q = 1 + t, except where t is near -1 and 1 + t would cancel. */
+  const double sig_pow = t > -0.5 ? 1.0 + t : exp(q * log_sig);
+  *grad = -beta * sig_pow * sig_neg;
+  return -t / q;
 }
 
 /* q = clip(2 * (1 - sigmoid(gamma * mean)), q_min, q_max), as 2 * sigmoid(-x). */

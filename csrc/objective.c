@@ -134,7 +134,7 @@ static napo_status check_row_q(const void *q, int64_t q_stride, int64_t rows, na
 }
 
 static napo_status loss_forward(const void *margins, napo_layout layout, const void *q, int64_t q_stride, double beta,
-                                void *loss, napo_dtype dtype) {
+                                void *loss, void *grad_factor, napo_dtype dtype) {
   napo_status status = napo_check_layout(margins, layout);
   if (status != NAPO_OK || (status = napo_check_loss_params(beta)) != NAPO_OK) {
     return status;
@@ -152,38 +152,33 @@ static napo_status loss_forward(const void *margins, napo_layout layout, const v
     const double q_value = load(q, dtype, r * q_stride);
     for (int64_t c = 0; c < layout.cols; ++c) {
       const double margin = load(margins, dtype, r * layout.row_stride + c * layout.col_stride);
-      store(loss, dtype, r * layout.cols + c, napo_loss_value(margin, q_value, beta));
+      double grad = 0.0;
+      store(loss, dtype, r * layout.cols + c, napo_loss_and_grad(margin, q_value, beta, &grad));
+      if (grad_factor != NULL) {
+        store(grad_factor, dtype, r * layout.cols + c, grad);
+      }
     }
   }
   return NAPO_OK;
 }
 
-static napo_status loss_backward(const void *grad_loss, napo_layout grad_layout, const void *margins,
-                                 napo_layout layout, const void *q, int64_t q_stride, double beta, void *grad_margins,
-                                 napo_dtype dtype) {
-  napo_status status = napo_check_layout(margins, layout);
-  if (status != NAPO_OK || (status = napo_check_layout(grad_loss, grad_layout)) != NAPO_OK ||
-      (status = napo_check_loss_params(beta)) != NAPO_OK) {
+static napo_status loss_backward(const void *grad_loss, napo_layout grad_layout, const void *grad_factor,
+                                 void *grad_margins, napo_dtype dtype) {
+  const napo_status status = napo_check_layout(grad_loss, grad_layout);
+  if (status != NAPO_OK) {
     return status;
   }
-  if (grad_layout.rows != layout.rows || grad_layout.cols != layout.cols) {
-    return NAPO_ERR_SIZE;
-  }
-  if (layout.rows == 0 || layout.cols == 0) {
+  if (grad_layout.rows == 0 || grad_layout.cols == 0) {
     return NAPO_OK;
   }
-  if (grad_margins == NULL) {
+  if (grad_factor == NULL || grad_margins == NULL) {
     return NAPO_ERR_NULL_POINTER;
   }
-  if ((status = check_row_q(q, q_stride, layout.rows, dtype)) != NAPO_OK) {
-    return status;
-  }
-  for (int64_t r = 0; r < layout.rows; ++r) {
-    const double q_value = load(q, dtype, r * q_stride);
-    for (int64_t c = 0; c < layout.cols; ++c) {
-      const double margin = load(margins, dtype, r * layout.row_stride + c * layout.col_stride);
+  for (int64_t r = 0; r < grad_layout.rows; ++r) {
+    for (int64_t c = 0; c < grad_layout.cols; ++c) {
+      const int64_t i = r * grad_layout.cols + c;
       const double upstream = load(grad_loss, dtype, r * grad_layout.row_stride + c * grad_layout.col_stride);
-      store(grad_margins, dtype, r * layout.cols + c, upstream * napo_loss_grad(margin, q_value, beta));
+      store(grad_margins, dtype, i, upstream * load(grad_factor, dtype, i));
     }
   }
   return NAPO_OK;
@@ -258,25 +253,23 @@ static napo_status dynamic_weights(const void *reward_margins, int64_t stride, i
 /* ---- typed entry points ---- */
 
 napo_status napo_loss_forward_f32(const float *margins, napo_layout layout, const float *q, int64_t q_stride,
-                                  double beta, float *loss) {
-  return loss_forward(margins, layout, q, q_stride, beta, loss, NAPO_F32);
+                                  double beta, float *loss, float *grad_factor) {
+  return loss_forward(margins, layout, q, q_stride, beta, loss, grad_factor, NAPO_F32);
 }
 
 napo_status napo_loss_forward_f64(const double *margins, napo_layout layout, const double *q, int64_t q_stride,
-                                  double beta, double *loss) {
-  return loss_forward(margins, layout, q, q_stride, beta, loss, NAPO_F64);
+                                  double beta, double *loss, double *grad_factor) {
+  return loss_forward(margins, layout, q, q_stride, beta, loss, grad_factor, NAPO_F64);
 }
 
-napo_status napo_loss_backward_f32(const float *grad_loss, napo_layout grad_layout, const float *margins,
-                                   napo_layout layout, const float *q, int64_t q_stride, double beta,
+napo_status napo_loss_backward_f32(const float *grad_loss, napo_layout grad_layout, const float *grad_factor,
                                    float *grad_margins) {
-  return loss_backward(grad_loss, grad_layout, margins, layout, q, q_stride, beta, grad_margins, NAPO_F32);
+  return loss_backward(grad_loss, grad_layout, grad_factor, grad_margins, NAPO_F32);
 }
 
-napo_status napo_loss_backward_f64(const double *grad_loss, napo_layout grad_layout, const double *margins,
-                                   napo_layout layout, const double *q, int64_t q_stride, double beta,
+napo_status napo_loss_backward_f64(const double *grad_loss, napo_layout grad_layout, const double *grad_factor,
                                    double *grad_margins) {
-  return loss_backward(grad_loss, grad_layout, margins, layout, q, q_stride, beta, grad_margins, NAPO_F64);
+  return loss_backward(grad_loss, grad_layout, grad_factor, grad_margins, NAPO_F64);
 }
 
 napo_status napo_adaptive_q_f32(const float *margins, int64_t stride, int64_t n, double gamma, double q_min,

@@ -201,7 +201,8 @@ def napo_loss(
     }
     _check_batch(named)
     margins = reward_margin(*named.values())
-    return torch.ops.napo.napo_loss(margins, _q_tensor(q, margins), beta)
+    loss, _ = torch.ops.napo.napo_loss(margins, _q_tensor(q, margins), beta)
+    return loss
 
 
 def _margin_vector(name: str, margins: torch.Tensor, *, allow_empty: bool = False) -> torch.Tensor:

@@ -331,7 +331,7 @@ class NaPOObjective(nn.Module):
         else:
             weight_vector = torch.stack([torch.full((), w, dtype=dtype, device=device) for w in self.fixed_weights])
 
-        losses = torch.ops.napo.napo_loss(margins, q_values, self.beta)  # [K, B], one kernel for all terms
+        losses, _ = torch.ops.napo.napo_loss(margins, q_values, self.beta)  # [K, B], one kernel for all terms
         loss = torch.dot(weight_vector, losses.mean(dim=1))  # = mean_b sum_k w_k L_k (Eq. 14)
 
         rewards = dict(zip(answers, (self.beta * log_ratios.detach()).unbind(0), strict=True))

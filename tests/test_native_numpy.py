@@ -18,16 +18,22 @@ def test_loss_forward_and_backward_on_numpy(dtype):
     rng = np.random.default_rng()
     margins = (rng.standard_normal(33) * 20).astype(dtype)
     q = np.array(0.35, dtype=dtype)
-    loss = np.empty_like(margins)
-    C.loss_forward(margins, q, 0.1, loss)
-    expected = reference.napo_loss(torch.from_numpy(margins.copy()), torch.from_numpy(q.copy()), 0.1)
-    np.testing.assert_allclose(loss, expected.numpy(), rtol=1e-5 if dtype == np.float32 else 1e-12)
+    loss, factor = np.empty_like(margins), np.empty_like(margins)
+    C.loss_forward(margins, q, 0.1, loss, factor)
+    expected_loss, expected_factor = reference.napo_loss(
+        torch.from_numpy(margins.copy()), torch.from_numpy(q.copy()), 0.1
+    )
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(loss, expected_loss.numpy(), rtol=rtol)
+    np.testing.assert_allclose(factor, expected_factor.numpy(), rtol=rtol, atol=1e-12)
+    loss_only = np.empty_like(margins)
+    C.loss_forward(margins, q, 0.1, loss_only)  # the derivative is optional
+    np.testing.assert_array_equal(loss_only, loss)
 
     grad_loss = rng.standard_normal(33).astype(dtype)
     grad = np.empty_like(margins)
-    C.loss_backward(grad_loss, margins, q, 0.1, grad)
-    factor = reference.napo_loss_grad_factor(torch.from_numpy(margins.copy()), torch.from_numpy(q.copy()), 0.1).numpy()
-    np.testing.assert_allclose(grad, grad_loss * factor, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-12)
+    C.loss_backward(grad_loss, factor, grad)
+    np.testing.assert_array_equal(grad, grad_loss * factor)
 
 
 def test_strided_and_reversed_numpy_inputs():

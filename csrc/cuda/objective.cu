@@ -48,27 +48,30 @@ template <typename Launch> napo_status on_device(int device, int *cuda_error, La
 
 template <typename T>
 __global__ void loss_forward_kernel(const T *margins, napo_layout layout, const T *q, int64_t q_stride, double beta,
-                                    T *loss) {
+                                    T *loss, T *grad_factor) {
   const int64_t total = layout.rows * layout.cols;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = i / layout.cols, c = i % layout.cols;
     const double q_value = (double)q[r * q_stride];
-    /* q cannot be validated on the host without a sync: out of range gives NaN. */
     const double margin = (double)margins[r * layout.row_stride + c * layout.col_stride];
-    loss[i] = napo_q_in_range(q_value) ? (T)napo_loss_value(margin, q_value, beta) : (T)NAN;
+    double grad = 0.0;
+    const double value = napo_loss_and_grad(margin, q_value, beta, &grad);
+    /* q cannot be validated on the host without a sync: out of range gives NaN. */
+    const bool q_ok = napo_q_in_range(q_value);
+    loss[i] = q_ok ? (T)value : (T)NAN;
+    if (grad_factor != nullptr) {
+      grad_factor[i] = q_ok ? (T)grad : (T)NAN;
+    }
   }
 }
 
 template <typename T>
-__global__ void loss_backward_kernel(const T *grad_loss, napo_layout grad_layout, const T *margins, napo_layout layout,
-                                     const T *q, int64_t q_stride, double beta, T *grad_margins) {
-  const int64_t total = layout.rows * layout.cols;
+__global__ void loss_backward_kernel(const T *grad_loss, napo_layout grad_layout, const T *grad_factor,
+                                     T *grad_margins) {
+  const int64_t total = grad_layout.rows * grad_layout.cols;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = i / layout.cols, c = i % layout.cols;
-    const double q_value = (double)q[r * q_stride];
-    const double margin = (double)margins[r * layout.row_stride + c * layout.col_stride];
-    const double upstream = (double)grad_loss[r * grad_layout.row_stride + c * grad_layout.col_stride];
-    grad_margins[i] = napo_q_in_range(q_value) ? (T)(upstream * napo_loss_grad(margin, q_value, beta)) : (T)NAN;
+    const int64_t r = i / grad_layout.cols, c = i % grad_layout.cols;
+    grad_margins[i] = grad_loss[r * grad_layout.row_stride + c * grad_layout.col_stride] * grad_factor[i];
   }
 }
 
@@ -119,7 +122,7 @@ __global__ void dynamic_weights_kernel(const T *reward_margins, int64_t stride, 
 
 template <typename T>
 napo_status loss_forward(const T *margins, napo_layout layout, const T *q, int64_t q_stride, double beta, T *loss,
-                         int device, void *stream, int *cuda_error) {
+                         T *grad_factor, int device, void *stream, int *cuda_error) {
   napo_status status = napo_check_layout(margins, layout);
   if (status != NAPO_OK || (status = napo_check_loss_params(beta)) != NAPO_OK) {
     return status;
@@ -132,32 +135,28 @@ napo_status loss_forward(const T *margins, napo_layout layout, const T *q, int64
     return NAPO_ERR_NULL_POINTER;
   }
   return on_device(device, cuda_error, [&] {
-    loss_forward_kernel<T>
-        <<<blocks_for(total), kThreads, 0, (cudaStream_t)stream>>>(margins, layout, q, q_stride, beta, loss);
+    loss_forward_kernel<T><<<blocks_for(total), kThreads, 0, (cudaStream_t)stream>>>(margins, layout, q, q_stride, beta,
+                                                                                     loss, grad_factor);
   });
 }
 
 template <typename T>
-napo_status loss_backward(const T *grad_loss, napo_layout grad_layout, const T *margins, napo_layout layout, const T *q,
-                          int64_t q_stride, double beta, T *grad_margins, int device, void *stream, int *cuda_error) {
-  napo_status status = napo_check_layout(margins, layout);
-  if (status != NAPO_OK || (status = napo_check_layout(grad_loss, grad_layout)) != NAPO_OK ||
-      (status = napo_check_loss_params(beta)) != NAPO_OK) {
+napo_status loss_backward(const T *grad_loss, napo_layout grad_layout, const T *grad_factor, T *grad_margins,
+                          int device, void *stream, int *cuda_error) {
+  const napo_status status = napo_check_layout(grad_loss, grad_layout);
+  if (status != NAPO_OK) {
     return status;
   }
-  if (grad_layout.rows != layout.rows || grad_layout.cols != layout.cols) {
-    return NAPO_ERR_SIZE;
-  }
-  const int64_t total = layout.rows * layout.cols;
+  const int64_t total = grad_layout.rows * grad_layout.cols;
   if (total == 0) {
     return NAPO_OK;
   }
-  if (q == nullptr || grad_margins == nullptr) {
+  if (grad_factor == nullptr || grad_margins == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
   return on_device(device, cuda_error, [&] {
-    loss_backward_kernel<T><<<blocks_for(total), kThreads, 0, (cudaStream_t)stream>>>(
-        grad_loss, grad_layout, margins, layout, q, q_stride, beta, grad_margins);
+    loss_backward_kernel<T>
+        <<<blocks_for(total), kThreads, 0, (cudaStream_t)stream>>>(grad_loss, grad_layout, grad_factor, grad_margins);
   });
 }
 
@@ -222,27 +221,25 @@ int napo_cuda_available(void) {
 const char *napo_cuda_error_string(int cuda_error) { return cudaGetErrorString((cudaError_t)cuda_error); }
 
 napo_status napo_loss_forward_f32_cuda(const float *margins, napo_layout layout, const float *q, int64_t q_stride,
-                                       double beta, float *loss, int device, void *stream, int *cuda_error) {
-  return loss_forward(margins, layout, q, q_stride, beta, loss, device, stream, cuda_error);
+                                       double beta, float *loss, float *grad_factor, int device, void *stream,
+                                       int *cuda_error) {
+  return loss_forward(margins, layout, q, q_stride, beta, loss, grad_factor, device, stream, cuda_error);
 }
 
 napo_status napo_loss_forward_f64_cuda(const double *margins, napo_layout layout, const double *q, int64_t q_stride,
-                                       double beta, double *loss, int device, void *stream, int *cuda_error) {
-  return loss_forward(margins, layout, q, q_stride, beta, loss, device, stream, cuda_error);
+                                       double beta, double *loss, double *grad_factor, int device, void *stream,
+                                       int *cuda_error) {
+  return loss_forward(margins, layout, q, q_stride, beta, loss, grad_factor, device, stream, cuda_error);
 }
 
-napo_status napo_loss_backward_f32_cuda(const float *grad_loss, napo_layout grad_layout, const float *margins,
-                                        napo_layout layout, const float *q, int64_t q_stride, double beta,
+napo_status napo_loss_backward_f32_cuda(const float *grad_loss, napo_layout grad_layout, const float *grad_factor,
                                         float *grad_margins, int device, void *stream, int *cuda_error) {
-  return loss_backward(grad_loss, grad_layout, margins, layout, q, q_stride, beta, grad_margins, device, stream,
-                       cuda_error);
+  return loss_backward(grad_loss, grad_layout, grad_factor, grad_margins, device, stream, cuda_error);
 }
 
-napo_status napo_loss_backward_f64_cuda(const double *grad_loss, napo_layout grad_layout, const double *margins,
-                                        napo_layout layout, const double *q, int64_t q_stride, double beta,
+napo_status napo_loss_backward_f64_cuda(const double *grad_loss, napo_layout grad_layout, const double *grad_factor,
                                         double *grad_margins, int device, void *stream, int *cuda_error) {
-  return loss_backward(grad_loss, grad_layout, margins, layout, q, q_stride, beta, grad_margins, device, stream,
-                       cuda_error);
+  return loss_backward(grad_loss, grad_layout, grad_factor, grad_margins, device, stream, cuda_error);
 }
 
 napo_status napo_adaptive_q_f32_cuda(const float *margins, int64_t stride, int64_t n, double gamma, double q_min,

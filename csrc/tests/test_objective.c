@@ -37,19 +37,19 @@ static void test_loss_closed_forms(tally *t) {
   const double margins[] = {-3.0, -0.5, 0.0, 0.5, 3.0};
   double loss[5];
   const double q_dpo = 0.0, q_mae = 1.0;
-  CHECK(t, napo_loss_forward_f64(margins, vec(5, 1), &q_dpo, 0, 0.7, loss) == NAPO_OK);
+  CHECK(t, napo_loss_forward_f64(margins, vec(5, 1), &q_dpo, 0, 0.7, loss, NULL) == NAPO_OK);
   for (int i = 0; i < 5; ++i) {
     CHECK(t, close_rel(loss[i], log1p(exp(-0.7 * margins[i])), 1e-15)); /* -logsigmoid */
   }
   CHECK(t, close_rel(loss[2], log(2.0), 1e-15));
-  CHECK(t, napo_loss_forward_f64(margins, vec(5, 1), &q_mae, 0, 0.7, loss) == NAPO_OK);
+  CHECK(t, napo_loss_forward_f64(margins, vec(5, 1), &q_mae, 0, 0.7, loss, NULL) == NAPO_OK);
   for (int i = 0; i < 5; ++i) {
     CHECK(t, close_rel(loss[i], 1.0 / (1.0 + exp(0.7 * margins[i])), 1e-14)); /* 1 - sigmoid */
   }
   /* q = 1/2: (1 - sqrt(s)) / (1/2) at z = 0 is 2 - sqrt(2). */
   const double q_half = 0.5, zero = 0.0;
   double one_loss = 0.0;
-  CHECK(t, napo_loss_forward_f64(&zero, vec(1, 1), &q_half, 0, 0.1, &one_loss) == NAPO_OK);
+  CHECK(t, napo_loss_forward_f64(&zero, vec(1, 1), &q_half, 0, 0.1, &one_loss, NULL) == NAPO_OK);
   CHECK(t, close_rel(one_loss, 2.0 - sqrt(2.0), 1e-15));
 }
 
@@ -61,8 +61,9 @@ static void test_loss_extremes(tally *t) {
     ones[i] = 1.0;
   }
   for (int k = 0; k < 4; ++k) {
-    CHECK(t, napo_loss_forward_f64(margins, vec(8, 1), &qs[k], 0, 1.0, loss) == NAPO_OK);
-    CHECK(t, napo_loss_backward_f64(ones, vec(8, 1), margins, vec(8, 1), &qs[k], 0, 1.0, grad) == NAPO_OK);
+    double factor[8];
+    CHECK(t, napo_loss_forward_f64(margins, vec(8, 1), &qs[k], 0, 1.0, loss, factor) == NAPO_OK);
+    CHECK(t, napo_loss_backward_f64(ones, vec(8, 1), factor, grad) == NAPO_OK);
     for (int i = 0; i < 7; ++i) {
       CHECK(t, isfinite(loss[i]) && loss[i] >= 0.0);
       CHECK(t, isfinite(grad[i]) && grad[i] <= 0.0 && grad[i] >= -1.0);
@@ -75,18 +76,31 @@ static void test_loss_extremes(tally *t) {
   }
 }
 
+/* Where sigmoid(z)^q is tiny the derivative keeps full relative precision (no 1 + expm1 cancellation). */
+static void test_grad_relative_precision(tally *t) {
+  const double qs[] = {1.0, 0.5};
+  for (int k = 0; k < 2; ++k) {
+    for (double z = -60.0; z <= -2.0; z += 3.0) {
+      double loss = 0.0, grad = 0.0;
+      CHECK(t, napo_loss_forward_f64(&z, vec(1, 1), &qs[k], 0, 1.0, &loss, &grad) == NAPO_OK);
+      const double s = 1.0 / (1.0 + exp(-z)); /* sigmoid(z), accurate for z < 0 */
+      CHECK(t, close_rel(grad, -pow(s, qs[k]) * (1.0 - s), 1e-13));
+    }
+  }
+}
+
 static void test_loss_strided_float32_and_nan(tally *t) {
   const float margins[] = {1.0f, 99.0f, -2.0f, 99.0f, NAN, 99.0f};
   const float q = 0.25f;
   float loss[3];
-  CHECK(t, napo_loss_forward_f32(margins, vec(3, 2), &q, 0, 1.0, loss) == NAPO_OK);
+  CHECK(t, napo_loss_forward_f32(margins, vec(3, 2), &q, 0, 1.0, loss, NULL) == NAPO_OK);
   const double s0 = 1.0 / (1.0 + exp(-1.0)), s1 = 1.0 / (1.0 + exp(2.0));
   CHECK(t, close_rel(loss[0], (1.0 - pow(s0, 0.25)) / 0.25, 1e-6));
   CHECK(t, close_rel(loss[1], (1.0 - pow(s1, 0.25)) / 0.25, 1e-6));
   CHECK(t, isnan(loss[2]));
   /* A NaN q propagates; it is not an out-of-range error. */
   const float nan_q = NAN;
-  CHECK(t, napo_loss_forward_f32(margins, vec(3, 2), &nan_q, 0, 1.0, loss) == NAPO_OK && isnan(loss[0]));
+  CHECK(t, napo_loss_forward_f32(margins, vec(3, 2), &nan_q, 0, 1.0, loss, NULL) == NAPO_OK && isnan(loss[0]));
 }
 
 static void test_backward_matches_finite_differences(tally *t) {
@@ -96,9 +110,11 @@ static void test_backward_matches_finite_differences(tally *t) {
       const double h = 1e-6, one = 1.0;
       double lp = 0.0, lm = 0.0, g = 0.0;
       const double mp = m + h, mm = m - h;
-      CHECK(t, napo_loss_forward_f64(&mp, vec(1, 1), &qs[k], 0, 0.3, &lp) == NAPO_OK);
-      CHECK(t, napo_loss_forward_f64(&mm, vec(1, 1), &qs[k], 0, 0.3, &lm) == NAPO_OK);
-      CHECK(t, napo_loss_backward_f64(&one, vec(1, 1), &m, vec(1, 1), &qs[k], 0, 0.3, &g) == NAPO_OK);
+      CHECK(t, napo_loss_forward_f64(&mp, vec(1, 1), &qs[k], 0, 0.3, &lp, NULL) == NAPO_OK);
+      CHECK(t, napo_loss_forward_f64(&mm, vec(1, 1), &qs[k], 0, 0.3, &lm, NULL) == NAPO_OK);
+      double l0 = 0.0, factor = 0.0;
+      CHECK(t, napo_loss_forward_f64(&m, vec(1, 1), &qs[k], 0, 0.3, &l0, &factor) == NAPO_OK);
+      CHECK(t, napo_loss_backward_f64(&one, vec(1, 1), &factor, &g) == NAPO_OK);
       CHECK(t, fabs(g - (lp - lm) / (2 * h)) <= 1e-8);
     }
   }
@@ -113,8 +129,9 @@ static void test_loss_rows(tally *t) {
   double loss[12], grad[12];
   const double upstream[1] = {2.0}; /* broadcast gradient: zero strides */
   const napo_layout broadcast = {4, 3, 0, 0};
-  CHECK(t, napo_loss_forward_f64(storage, transposed, q, 2, 0.5, loss) == NAPO_OK);
-  CHECK(t, napo_loss_backward_f64(upstream, broadcast, storage, transposed, q, 2, 0.5, grad) == NAPO_OK);
+  double factor[12];
+  CHECK(t, napo_loss_forward_f64(storage, transposed, q, 2, 0.5, loss, factor) == NAPO_OK);
+  CHECK(t, napo_loss_backward_f64(upstream, broadcast, factor, grad) == NAPO_OK);
   for (int r = 0; r < 4; ++r) {
     for (int c = 0; c < 3; ++c) {
       const double m = storage[c * 4 + r], qr = q[2 * r], z = 0.5 * m;
@@ -129,19 +146,18 @@ static void test_loss_rows(tally *t) {
   const double two_rows[6] = {1.0, 2.0, 3.0, -1.0, -2.0, -3.0};
   const double q_rows[2] = {1.0, 1.0};
   double out[6];
-  CHECK(t, napo_loss_forward_f64(two_rows + 3, reversed, q_rows, 1, 1.0, out) == NAPO_OK);
+  CHECK(t, napo_loss_forward_f64(two_rows + 3, reversed, q_rows, 1, 1.0, out, NULL) == NAPO_OK);
   CHECK(t, close_rel(out[0], 1.0 / (1.0 + exp(-1.0)), 1e-15) && close_rel(out[3], 1.0 / (1.0 + exp(1.0)), 1e-15));
   /* One bad q in any row rejects the call before anything is written. */
   const double q_bad[2] = {0.5, 2.0};
   out[0] = 42.0;
-  CHECK(t, napo_loss_forward_f64(two_rows, (napo_layout){2, 3, 3, 1}, q_bad, 1, 1.0, out) == NAPO_ERR_Q_RANGE);
+  CHECK(t, napo_loss_forward_f64(two_rows, (napo_layout){2, 3, 3, 1}, q_bad, 1, 1.0, out, NULL) == NAPO_ERR_Q_RANGE);
   CHECK(t, out[0] == 42.0);
-  /* Mismatched gradient shape, overflowing layouts. */
-  CHECK(t, napo_loss_backward_f64(upstream, (napo_layout){4, 2, 0, 0}, storage, transposed, q, 2, 0.5, grad) ==
+  /* Overflowing and negative layouts. */
+  CHECK(t, napo_loss_backward_f64(upstream, (napo_layout){-4, 2, 0, 0}, factor, grad) == NAPO_ERR_SIZE);
+  CHECK(t, napo_loss_forward_f64(storage, (napo_layout){INT64_MAX / 4, INT64_MAX / 4, 1, 1}, q, 0, 0.5, loss, NULL) ==
                NAPO_ERR_SIZE);
-  CHECK(t, napo_loss_forward_f64(storage, (napo_layout){INT64_MAX / 4, INT64_MAX / 4, 1, 1}, q, 0, 0.5, loss) ==
-               NAPO_ERR_SIZE);
-  CHECK(t, napo_loss_forward_f64(storage, (napo_layout){3, -1, 1, 1}, q, 0, 0.5, loss) == NAPO_ERR_SIZE);
+  CHECK(t, napo_loss_forward_f64(storage, (napo_layout){3, -1, 1, 1}, q, 0, 0.5, loss, NULL) == NAPO_ERR_SIZE);
   /* Elementwise q from several means. */
   const double means[3] = {0.0, 2.0, -1.0};
   double qs[3];
@@ -205,17 +221,21 @@ static void test_bad_arguments(tally *t) {
   const double m[] = {0.0, 1.0};
   double out[2];
   const double q_ok = 0.5, q_high = 1.5, q_low = -0.1;
-  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_high, 0, 0.1, out) == NAPO_ERR_Q_RANGE);
-  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_low, 0, 0.1, out) == NAPO_ERR_Q_RANGE);
-  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_ok, 0, 0.0, out) == NAPO_ERR_PARAMETER);
-  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_ok, 0, NAN, out) == NAPO_ERR_PARAMETER);
-  CHECK(t, napo_loss_forward_f64(m, vec(-1, 1), &q_ok, 0, 0.1, out) == NAPO_ERR_SIZE);
-  CHECK(t, napo_loss_forward_f64(NULL, vec(2, 1), &q_ok, 0, 0.1, out) == NAPO_ERR_NULL_POINTER);
-  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), NULL, 0, 0.1, out) == NAPO_ERR_NULL_POINTER);
-  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_ok, 0, 0.1, NULL) == NAPO_ERR_NULL_POINTER);
-  CHECK(t, napo_loss_forward_f64(NULL, vec(0, 1), &q_ok, 0, 0.1, NULL) == NAPO_OK); /* empty is fine for the loss */
-  CHECK(t, napo_loss_forward_f64(m, vec(2, INT64_MAX / 2), &q_ok, 0, 0.1, out) == NAPO_ERR_SIZE); /* offset overflow */
-  CHECK(t, napo_loss_backward_f64(m, vec(2, 1), m, vec(2, 1), &q_ok, 0, -1.0, out) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_high, 0, 0.1, out, NULL) == NAPO_ERR_Q_RANGE);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_low, 0, 0.1, out, NULL) == NAPO_ERR_Q_RANGE);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_ok, 0, 0.0, out, NULL) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_ok, 0, NAN, out, NULL) == NAPO_ERR_PARAMETER);
+  CHECK(t, napo_loss_forward_f64(m, vec(-1, 1), &q_ok, 0, 0.1, out, NULL) == NAPO_ERR_SIZE);
+  CHECK(t, napo_loss_forward_f64(NULL, vec(2, 1), &q_ok, 0, 0.1, out, NULL) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), NULL, 0, 0.1, out, NULL) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_loss_forward_f64(m, vec(2, 1), &q_ok, 0, 0.1, NULL, NULL) == NAPO_ERR_NULL_POINTER);
+  CHECK(t,
+        napo_loss_forward_f64(NULL, vec(0, 1), &q_ok, 0, 0.1, NULL, NULL) == NAPO_OK); /* empty is fine for the loss */
+  CHECK(t, napo_loss_forward_f64(m, vec(2, INT64_MAX / 2), &q_ok, 0, 0.1, out, NULL) ==
+               NAPO_ERR_SIZE); /* offset overflow */
+  CHECK(t, napo_loss_backward_f64(m, vec(2, 1), NULL, out) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_loss_backward_f64(m, vec(2, 1), m, NULL) == NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_loss_backward_f64(NULL, vec(0, 1), NULL, NULL) == NAPO_OK);
   double q = 0.0;
   CHECK(t, napo_adaptive_q_f64(m, 1, 0, 0.5, 0.0, 1.0, &q) == NAPO_ERR_SIZE); /* mean of nothing */
   CHECK(t, napo_adaptive_q_f64(m, 1, 2, 0.0, 0.0, 1.0, &q) == NAPO_ERR_PARAMETER);
@@ -236,6 +256,7 @@ int main(void) {
   test_loss_closed_forms(&t);
   test_loss_extremes(&t);
   test_loss_strided_float32_and_nan(&t);
+  test_grad_relative_precision(&t);
   test_backward_matches_finite_differences(&t);
   test_loss_rows(&t);
   test_adaptive_q(&t);

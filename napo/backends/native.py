@@ -52,19 +52,21 @@ def _cuda_fallback(tensor: torch.Tensor) -> bool:
     return True
 
 
-def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     if _cuda_fallback(margins):
         return reference.napo_loss(margins, q, beta)
-    out = margins.new_empty(margins.shape)
-    native().loss_forward(_capsule(margins), _capsule(q), beta, _capsule(out), **_launch(margins))
-    return out
+    loss, grad_factor = margins.new_empty(margins.shape), margins.new_empty(margins.shape)
+    native().loss_forward(
+        _capsule(margins), _capsule(q), beta, _capsule(loss), _capsule(grad_factor), **_launch(margins)
+    )
+    return loss, grad_factor
 
 
-def napo_loss_backward(grad_loss: torch.Tensor, margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
-    if _cuda_fallback(margins):
-        return reference.napo_loss_backward(grad_loss, margins, q, beta)
-    out = margins.new_empty(margins.shape)
-    native().loss_backward(_capsule(grad_loss), _capsule(margins), _capsule(q), beta, _capsule(out), **_launch(margins))
+def napo_loss_backward(grad_loss: torch.Tensor, grad_factor: torch.Tensor) -> torch.Tensor:
+    if _cuda_fallback(grad_factor):
+        return reference.napo_loss_backward(grad_loss, grad_factor)
+    out = grad_factor.new_empty(grad_factor.shape)
+    native().loss_backward(_capsule(grad_loss), _capsule(grad_factor), _capsule(out), **_launch(grad_factor))
     return out
 
 

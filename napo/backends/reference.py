@@ -19,14 +19,16 @@ def _row_q(q: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
     return q.to(margins.dtype).reshape(q.shape + (1,) * (margins.dim() - q.dim()))
 
 
-def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
-    """L_q(M) = -expm1(q * logsigmoid(beta * M)) / q; q == 0 is -logsigmoid(beta * M)."""
+def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dL/dM): L_q(M) = -expm1(q * logsigmoid(beta * M)) / q; q == 0 is -logsigmoid(beta * M)."""
     log_sig = F.logsigmoid(beta * margins)
     q = _row_q(q, margins)
     is_dpo = q == 0
     safe_q = torch.where(is_dpo, torch.ones_like(q), q)
     loss = torch.where(is_dpo, -log_sig, -torch.expm1(safe_q * log_sig) / safe_q)
-    return torch.where((q < 0) | (q > 1), torch.full_like(loss, float("nan")), loss)
+    bad_q = (q < 0) | (q > 1)
+    nan = torch.full_like(loss, float("nan"))
+    return torch.where(bad_q, nan, loss), torch.where(bad_q, nan, napo_loss_grad_factor(margins, q, beta))
 
 
 def napo_loss_grad_factor(margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
@@ -35,12 +37,11 @@ def napo_loss_grad_factor(margins: torch.Tensor, q: torch.Tensor, beta: float) -
     q = _row_q(q, margins)
     # sigmoid^q as exp(q * logsigmoid): q == 0 must give exactly 1, also where logsigmoid = -inf.
     power = torch.where(q == 0, torch.ones_like(z), torch.exp(q * F.logsigmoid(z)))
-    factor = -beta * power * torch.sigmoid(-z)
-    return torch.where((q < 0) | (q > 1), torch.full_like(factor, float("nan")), factor)
+    return -beta * power * torch.sigmoid(-z)
 
 
-def napo_loss_backward(grad_loss: torch.Tensor, margins: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
-    return grad_loss * napo_loss_grad_factor(margins, q, beta)
+def napo_loss_backward(grad_loss: torch.Tensor, grad_factor: torch.Tensor) -> torch.Tensor:
+    return grad_loss * grad_factor
 
 
 def q_from_mean(means: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
