@@ -12,7 +12,7 @@ C_SOURCES := csrc/objective.c
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: demo test test-c test-py lint format cuda-check bench clean install
+.PHONY: demo test test-c test-py lint format cuda-check check-cpu-build bench clean install
 
 $(VENV)/.installed: pyproject.toml setup.py requirements/ci-constraints.txt $(wildcard csrc/*.c csrc/*.h csrc/cuda/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,3 +66,12 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(C_BUILD) build *.egg-info napo/_C*.so
+
+# The package must build and work without nvcc: a NAPO_CUDA=0 wheel, installed aside and smoke-tested.
+check-cpu-build: $(VENV)/.installed
+	rm -rf build/cpu-only && mkdir -p build/cpu-only
+	NAPO_CUDA=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/cpu-only .
+	$(PY) -m pip install -q --no-deps --target build/cpu-only/site build/cpu-only/napo-*.whl
+	cd build && PYTHONPATH=cpu-only/site ../$(PY) -c "import torch, napo; from napo import _C; \
+	  assert napo.__file__.startswith('$(CURDIR)/build/cpu-only'), napo.__file__; \
+	  assert not _C.built_with_cuda(); z = torch.zeros(2); print('CPU-only build OK:', napo.napo_loss(z, z, z, z).tolist())"

@@ -378,7 +378,11 @@ static int raise_status(napo_status status, int cuda_error, const napo_arg *q) {
     return raise_parameter("q", value, "in [0, 1]");
   }
   case NAPO_ERR_CUDA:
+#ifdef NAPO_WITH_CUDA
     PyErr_Format(PyExc_RuntimeError, "napo CUDA kernel failed: %s", napo_cuda_error_string(cuda_error));
+#else
+    PyErr_Format(PyExc_RuntimeError, "napo CUDA kernel failed (CUDA error %d)", cuda_error);
+#endif
     return -1;
   case NAPO_ERR_NO_CUDA:
     PyErr_SetString(PyExc_RuntimeError,
