@@ -47,13 +47,7 @@ def make_inputs(batch: int, device: str) -> dict[str, torch.Tensor]:
 
 
 def napo_step(objective, inputs):
-    out = objective(
-        inputs["policy_chosen_logps"], inputs["policy_rejected_logps"],
-        inputs["reference_chosen_logps"], inputs["reference_rejected_logps"],
-        inputs["policy_language_logps"], inputs["reference_language_logps"],
-        inputs["policy_vision_logps"], inputs["reference_vision_logps"],
-        **{k: v for k, v in inputs.items() if "_avg_" in k},
-    )  # fmt: skip
+    out = objective(**inputs)
     out.loss.backward()
     return out.loss
 

@@ -81,13 +81,7 @@ def run_demo(
             inputs[f"policy_{answer}_logps"], inputs[f"reference_{answer}_logps"] = policy, reference
             inputs[f"policy_{answer}_avg_logps"] = policy / length
             inputs[f"reference_{answer}_avg_logps"] = reference / length
-        out = objective(
-            inputs["policy_chosen_logps"], inputs["policy_rejected_logps"],
-            inputs["reference_chosen_logps"], inputs["reference_rejected_logps"],
-            inputs["policy_language_logps"], inputs["reference_language_logps"],
-            inputs["policy_vision_logps"], inputs["reference_vision_logps"],
-            **{k: v for k, v in inputs.items() if "_avg_" in k},
-        )  # fmt: skip
+        out = objective(**inputs)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

@@ -35,13 +35,7 @@ def _statistics(batch, rows):
         part["policy_chosen_logps"], part["policy_rejected_logps"],
         part["reference_chosen_logps"], part["reference_rejected_logps"],
     )  # fmt: skip
-    out = napo.NaPOObjective(weights="dynamic")(
-        part["policy_chosen_logps"], part["policy_rejected_logps"],
-        part["reference_chosen_logps"], part["reference_rejected_logps"],
-        part["policy_language_logps"], part["reference_language_logps"],
-        part["policy_vision_logps"], part["reference_vision_logps"],
-        **{k: v for k, v in part.items() if "_avg_" in k},
-    )  # fmt: skip
+    out = napo.NaPOObjective(weights="dynamic")(**part)
     return {
         "adaptive_q": napo.adaptive_q(margins, gamma=0.05),
         "q_language": out.q["language"],

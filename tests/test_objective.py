@@ -31,14 +31,8 @@ def make_batch(batch: int, dtype: torch.dtype, generator: torch.Generator, requi
 
 
 def call(objective: napo.NaPOObjective, batch: dict[str, torch.Tensor]) -> napo.NaPOOutput:
-    positional = [batch[f"{m}_{a}_logps"] for a in ("chosen", "rejected") for m in ("policy", "reference")]
-    positional = [positional[0], positional[2], positional[1], positional[3]]
-    return objective(
-        *positional,
-        batch["policy_language_logps"], batch["reference_language_logps"],
-        batch["policy_vision_logps"], batch["reference_vision_logps"],
-        **{k: v for k, v in batch.items() if "_avg_" in k},
-    )  # fmt: skip
+    """Every log-prob by keyword: the dict keys are the forward's argument names."""
+    return objective(**batch)
 
 
 def spec_objective(batch: dict[str, torch.Tensor], beta: float = 0.1) -> torch.Tensor:
