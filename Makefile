@@ -8,7 +8,7 @@ CC ?= cc
 C_WARNINGS := -std=c11 -Wall -Wextra -Werror -Wpedantic -Wshadow -Wconversion -Wno-sign-conversion
 SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1
 C_BUILD := csrc/tests/build
-C_SOURCES := csrc/objective.c
+C_SOURCES := csrc/objective.c csrc/logps.c
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
@@ -34,8 +34,10 @@ test-py: $(VENV)/.installed
 # The C core alone, under AddressSanitizer and UndefinedBehaviorSanitizer.
 test-c:
 	mkdir -p $(C_BUILD)
-	$(CC) $(C_WARNINGS) $(SANITIZE) -Icsrc csrc/tests/test_objective.c $(C_SOURCES) -lm -o $(C_BUILD)/test_objective
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $(C_BUILD)/test_objective
+	for test in test_objective test_logps; do \
+	  $(CC) $(C_WARNINGS) $(SANITIZE) -Icsrc csrc/tests/$$test.c $(C_SOURCES) -lm -lpthread -o $(C_BUILD)/$$test \
+	  && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $(C_BUILD)/$$test || exit 1; \
+	done
 
 # Compiles every CUDA source with warnings as errors when nvcc exists; a no-op otherwise.
 cuda-check:

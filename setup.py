@@ -91,10 +91,10 @@ setup(
     ext_modules=[
         Extension(
             "napo._C",
-            sources=["csrc/module.c", "csrc/objective.c"],
+            sources=["csrc/module.c", "csrc/objective.c", "csrc/logps.c"],
             include_dirs=["csrc"],
             extra_compile_args=C_FLAGS,
-            libraries=["m"],
+            libraries=["m", "pthread"],
         )
     ],
     cmdclass={"build_ext": BuildWithOptionalCuda},

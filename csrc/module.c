@@ -656,6 +656,268 @@ cleanup:
   return result;
 }
 
+/* ---- sequence log-probs ---- */
+
+static int logits_dtype_of(const napo_arg *arg, napo_logits_dtype *out) {
+  const DLDataType d = arg->tensor->dtype;
+  if (d.lanes == 1 && d.code == kDLFloat && (d.bits == 32 || d.bits == 64 || d.bits == 16)) {
+    *out = d.bits == 32 ? NAPO_LOGITS_F32 : d.bits == 64 ? NAPO_LOGITS_F64 : NAPO_LOGITS_F16;
+    return 0;
+  }
+  if (d.lanes == 1 && d.code == kDLBfloat && d.bits == 16) {
+    *out = NAPO_LOGITS_BF16;
+    return 0;
+  }
+  PyErr_Format(PyExc_TypeError, "argument '%s' must be float32, float64, bfloat16 or float16, got %s", arg->name,
+               dtype_name(d));
+  return -1;
+}
+
+static int logits_layout_of(const napo_arg *arg, napo_logits_layout *layout) {
+  const DLTensor *t = arg->tensor;
+  if (t->ndim != 3) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' must be 3-D [batch, time, vocab], got %d dimensions", arg->name,
+                 (int)t->ndim);
+    return -1;
+  }
+  layout->batch = t->shape[0];
+  layout->time = t->shape[1];
+  layout->vocab = t->shape[2];
+  layout->stride_b = t->strides != NULL ? t->strides[0] : t->shape[1] * t->shape[2];
+  layout->stride_t = t->strides != NULL ? t->strides[1] : t->shape[2];
+  layout->stride_v = t->strides != NULL ? t->strides[2] : 1;
+  if (layout->vocab < 1) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' has an empty vocabulary dimension", arg->name);
+    return -1;
+  }
+  return 0;
+}
+
+static int labels_of(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout, napo_labels *labels) {
+  const DLTensor *t = arg->tensor;
+  if (t->dtype.code != kDLInt || t->dtype.bits != 64 || t->dtype.lanes != 1) {
+    PyErr_Format(PyExc_TypeError, "argument '%s' must be int64, got %s with %d bits", arg->name, dtype_name(t->dtype),
+                 (int)t->dtype.bits);
+    return -1;
+  }
+  if (t->ndim != 2 || t->shape[0] != layout.batch || t->shape[1] != layout.time) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' must have shape [batch, time] = (%lld, %lld) like '%s'", arg->name,
+                 (long long)layout.batch, (long long)layout.time, logits->name);
+    return -1;
+  }
+  if (is_cuda(arg) != is_cuda(logits) || arg->tensor->device.device_id != logits->tensor->device.device_id) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' is not on the device of '%s'", arg->name, logits->name);
+    return -1;
+  }
+  labels->data = (const int64_t *)data_of(arg);
+  labels->stride_b = t->strides != NULL ? t->strides[0] : t->shape[1];
+  labels->stride_t = t->strides != NULL ? t->strides[1] : 1;
+  return 0;
+}
+
+/* A compact [batch, time] buffer in the accumulation dtype (float64 for float64 logits, else float32). */
+static int check_token_buffer(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout,
+                              napo_logits_dtype dtype) {
+  const DLTensor *t = arg->tensor;
+  const int bits = dtype == NAPO_LOGITS_F64 ? 64 : 32;
+  if (t->dtype.code != kDLFloat || t->dtype.bits != bits || t->dtype.lanes != 1) {
+    PyErr_Format(PyExc_LookupError, "argument '%s' must be float%d for %s logits, got %s", arg->name, bits,
+                 dtype_name(logits->tensor->dtype), dtype_name(t->dtype));
+    return -1;
+  }
+  if (t->ndim != 2 || t->shape[0] != layout.batch || t->shape[1] != layout.time) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' must have shape (%lld, %lld)", arg->name, (long long)layout.batch,
+                 (long long)layout.time);
+    return -1;
+  }
+  const int compact = layout.batch * layout.time == 0 || t->strides == NULL ||
+                      ((layout.time <= 1 || t->strides[1] == 1) && (layout.batch <= 1 || t->strides[0] == layout.time));
+  if (!compact) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' must be contiguous", arg->name);
+    return -1;
+  }
+  if (is_cuda(arg) != is_cuda(logits) || arg->tensor->device.device_id != logits->tensor->device.device_id) {
+    PyErr_Format(PyExc_ValueError, "argument '%s' is not on the device of '%s'", arg->name, logits->name);
+    return -1;
+  }
+  return 0;
+}
+
+static int raise_label_error(const napo_label_error *bad, int64_t ignore_index, int64_t vocab, long long time_offset) {
+  PyErr_Format(PyExc_ValueError,
+               "labels[%lld, %lld] = %lld is outside the vocabulary [0, %lld) and is not ignore_index (%lld)",
+               (long long)bad->batch, (long long)bad->time + time_offset, (long long)bad->value, (long long)vocab,
+               (long long)ignore_index);
+  return -1;
+}
+
+static int clamp_threads(long long requested) { return requested < 1 ? 1 : requested > 64 ? 64 : (int)requested; }
+
+PyDoc_STRVAR(token_logps_doc,
+             "token_logps(logits, labels, ignore_index, token_out, lse_out, num_threads=1, position_offset=0, "
+             "stream=0)\n--\n\n"
+             "Per-token log-probs of logits [B, T, V] (f32/f64/bf16/f16, any strides) at int64 labels [B, T]\n"
+             "(already aligned with the logits) into token_out, and the log-sum-exp into lse_out; both\n"
+             "compact [B, T] float32 (float64 for float64 logits). position_offset is added to the time\n"
+             "index in error messages (the caller's shift).");
+
+static PyObject *py_token_logps(PyObject *self, PyObject *args, PyObject *kwargs) {
+  (void)self;
+  static char *keywords[] = {"logits",      "labels",          "ignore_index", "token_out", "lse_out",
+                             "num_threads", "position_offset", "stream",       NULL};
+  PyObject *logits_obj, *labels_obj, *token_obj, *lse_obj;
+  long long ignore_index, num_threads = 1, position_offset = 0;
+  unsigned long long stream = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLOO|LLK:token_logps", keywords, &logits_obj, &labels_obj,
+                                   &ignore_index, &token_obj, &lse_obj, &num_threads, &position_offset, &stream)) {
+    return NULL;
+  }
+  napo_arg logits = {0}, labels_arg = {0}, token = {0}, lse = {0};
+  PyObject *result = NULL;
+  napo_logits_dtype dtype;
+  napo_logits_layout layout;
+  napo_labels labels;
+  napo_label_error bad = {0, 0, 0};
+  int cuda_error = 0;
+  napo_status status = NAPO_OK;
+  if (acquire(logits_obj, "logits", &logits) || acquire(labels_obj, "labels", &labels_arg) ||
+      acquire(token_obj, "token_out", &token) || acquire(lse_obj, "lse_out", &lse) ||
+      logits_dtype_of(&logits, &dtype) || check_device_supported(&logits) || logits_layout_of(&logits, &layout) ||
+      labels_of(&labels_arg, &logits, layout, &labels) || check_token_buffer(&token, &logits, layout, dtype) ||
+      check_token_buffer(&lse, &logits, layout, dtype)) {
+    goto cleanup;
+  }
+  if (is_cuda(&logits)) {
+    status = NAPO_CUDA_CALL(napo_token_logps_cuda(data_of(&logits), layout, dtype, labels, ignore_index,
+                                                  data_of(&token), data_of(&lse), NAPO_CUDA_ARGS(logits)));
+  } else {
+    const int threads = clamp_threads(num_threads);
+    Py_BEGIN_ALLOW_THREADS;
+    status = napo_token_logps(data_of(&logits), layout, dtype, labels, ignore_index, data_of(&token), data_of(&lse),
+                              threads, &bad);
+    Py_END_ALLOW_THREADS;
+  }
+  if (status == NAPO_ERR_LABEL) {
+    raise_label_error(&bad, ignore_index, layout.vocab, position_offset);
+  } else if (raise_status(status, cuda_error, &token) == 0) {
+    result = Py_NewRef(Py_None);
+  }
+cleanup:
+  release(&lse);
+  release(&token);
+  release(&labels_arg);
+  release(&logits);
+  return result;
+}
+
+PyDoc_STRVAR(token_logps_backward_doc,
+             "token_logps_backward(logits, labels, ignore_index, lse, grad_token, grad_out, num_threads=1, "
+             "stream=0)\n--\n\n"
+             "grad_out[b, t, v] = grad_token[b, t] * (1[v == label] - softmax(logits[b, t])[v]), 0 at ignored\n"
+             "positions. grad_out has the logits' shape and dtype, any strides; it may be the logits itself.");
+
+static PyObject *py_token_logps_backward(PyObject *self, PyObject *args, PyObject *kwargs) {
+  (void)self;
+  static char *keywords[] = {"logits",   "labels",      "ignore_index", "lse", "grad_token",
+                             "grad_out", "num_threads", "stream",       NULL};
+  PyObject *logits_obj, *labels_obj, *lse_obj, *grad_token_obj, *grad_obj;
+  long long ignore_index, num_threads = 1;
+  unsigned long long stream = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLOOO|LK:token_logps_backward", keywords, &logits_obj, &labels_obj,
+                                   &ignore_index, &lse_obj, &grad_token_obj, &grad_obj, &num_threads, &stream)) {
+    return NULL;
+  }
+  napo_arg logits = {0}, labels_arg = {0}, lse = {0}, grad_token = {0}, grad = {0};
+  PyObject *result = NULL;
+  napo_logits_dtype dtype, grad_dtype;
+  napo_logits_layout layout, grad_layout;
+  napo_labels labels;
+  napo_label_error bad = {0, 0, 0};
+  int cuda_error = 0;
+  napo_status status = NAPO_OK;
+  if (acquire(logits_obj, "logits", &logits) || acquire(labels_obj, "labels", &labels_arg) ||
+      acquire(lse_obj, "lse", &lse) || acquire(grad_token_obj, "grad_token", &grad_token) ||
+      acquire(grad_obj, "grad_out", &grad) || logits_dtype_of(&logits, &dtype) || check_device_supported(&logits) ||
+      logits_layout_of(&logits, &layout) || labels_of(&labels_arg, &logits, layout, &labels) ||
+      check_token_buffer(&lse, &logits, layout, dtype) || check_token_buffer(&grad_token, &logits, layout, dtype) ||
+      logits_dtype_of(&grad, &grad_dtype) || check_same(&logits, &grad) || check_same_shape(&logits, &grad) ||
+      logits_layout_of(&grad, &grad_layout)) {
+    goto cleanup;
+  }
+  if (is_cuda(&logits)) {
+    status = NAPO_CUDA_CALL(napo_token_logps_backward_cuda(data_of(&logits), layout, dtype, labels, ignore_index,
+                                                           data_of(&lse), data_of(&grad_token), data_of(&grad),
+                                                           grad_layout, NAPO_CUDA_ARGS(logits)));
+  } else {
+    const int threads = clamp_threads(num_threads);
+    Py_BEGIN_ALLOW_THREADS;
+    status = napo_token_logps_backward(data_of(&logits), layout, dtype, labels, ignore_index, data_of(&lse),
+                                       data_of(&grad_token), data_of(&grad), grad_layout, threads, &bad);
+    Py_END_ALLOW_THREADS;
+  }
+  if (status == NAPO_ERR_LABEL) {
+    raise_label_error(&bad, ignore_index, layout.vocab, 0);
+  } else if (raise_status(status, cuda_error, &lse) == 0) {
+    result = Py_NewRef(Py_None);
+  }
+cleanup:
+  release(&grad);
+  release(&grad_token);
+  release(&lse);
+  release(&labels_arg);
+  release(&logits);
+  return result;
+}
+
+PyDoc_STRVAR(check_labels_doc, "check_labels(labels, vocab, ignore_index, position_offset=0)\n--\n\n"
+                               "Raises ValueError naming the first int64 label of the CPU array labels [B, T]\n"
+                               "outside [0, vocab) that is not ignore_index.");
+
+static PyObject *py_check_labels(PyObject *self, PyObject *args, PyObject *kwargs) {
+  (void)self;
+  static char *keywords[] = {"labels", "vocab", "ignore_index", "position_offset", NULL};
+  PyObject *labels_obj;
+  long long vocab, ignore_index, position_offset = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLL|L:check_labels", keywords, &labels_obj, &vocab, &ignore_index,
+                                   &position_offset)) {
+    return NULL;
+  }
+  napo_arg labels_arg = {0};
+  PyObject *result = NULL;
+  napo_labels labels;
+  napo_label_error bad = {0, 0, 0};
+  if (acquire(labels_obj, "labels", &labels_arg)) {
+    goto cleanup;
+  }
+  const DLTensor *t = labels_arg.tensor;
+  if (t->ndim != 2) {
+    PyErr_Format(PyExc_ValueError, "argument 'labels' must be 2-D [batch, time], got %d dimensions", (int)t->ndim);
+    goto cleanup;
+  }
+  if (is_cuda(&labels_arg) || check_device_supported(&labels_arg)) {
+    if (!PyErr_Occurred()) {
+      PyErr_SetString(PyExc_ValueError, "argument 'labels' must be on the CPU for check_labels");
+    }
+    goto cleanup;
+  }
+  const napo_logits_layout shape = {t->shape[0], t->shape[1], vocab, 0, 0, 0};
+  napo_arg self_ref = labels_arg; /* labels_of compares devices with a reference array: itself */
+  if (labels_of(&labels_arg, &self_ref, shape, &labels)) {
+    goto cleanup;
+  }
+  const napo_status status = napo_check_labels(labels, shape.batch, shape.time, vocab, ignore_index, &bad);
+  if (status == NAPO_ERR_LABEL) {
+    raise_label_error(&bad, ignore_index, vocab, position_offset);
+  } else if (status != NAPO_OK) {
+    PyErr_Format(PyExc_ValueError, "napo: %s", napo_status_message(status));
+  } else {
+    result = Py_NewRef(Py_None);
+  }
+cleanup:
+  release(&labels_arg);
+  return result;
+}
+
 static PyObject *py_cuda_available(PyObject *self, PyObject *unused) {
   (void)self;
   (void)unused;
@@ -683,6 +945,10 @@ static PyMethodDef napo_methods[] = {
     {"q_from_mean", (PyCFunction)(void (*)(void))py_q_from_mean, METH_VARARGS | METH_KEYWORDS, q_from_mean_doc},
     {"dynamic_weights", (PyCFunction)(void (*)(void))py_dynamic_weights, METH_VARARGS | METH_KEYWORDS,
      dynamic_weights_doc},
+    {"token_logps", (PyCFunction)(void (*)(void))py_token_logps, METH_VARARGS | METH_KEYWORDS, token_logps_doc},
+    {"token_logps_backward", (PyCFunction)(void (*)(void))py_token_logps_backward, METH_VARARGS | METH_KEYWORDS,
+     token_logps_backward_doc},
+    {"check_labels", (PyCFunction)(void (*)(void))py_check_labels, METH_VARARGS | METH_KEYWORDS, check_labels_doc},
     {"built_with_cuda", py_built_with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {"cuda_available", py_cuda_available, METH_NOARGS, "True when compiled with CUDA and a device is visible."},
     {NULL, NULL, 0, NULL},
@@ -702,7 +968,7 @@ static struct PyModuleDef napo_module = {
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject *module = PyModule_Create(&napo_module);
-  if (module != NULL && PyModule_AddIntConstant(module, "ABI_VERSION", 1) != 0) {
+  if (module != NULL && PyModule_AddIntConstant(module, "ABI_VERSION", 2) != 0) {
     Py_CLEAR(module);
   }
   return module;

@@ -28,6 +28,9 @@ typedef enum {
   NAPO_ERR_PARAMETER = 4,    /* beta, gamma, clip bounds, w_min or eps out of range */
   NAPO_ERR_CUDA = 5,         /* a CUDA runtime call failed; see the cuda_error out-parameter */
   NAPO_ERR_NO_CUDA = 6,      /* this build has no CUDA kernels */
+  NAPO_ERR_LABEL = 7,        /* a label outside [0, vocab) that is not ignore_index; see napo_label_error */
+  NAPO_ERR_DTYPE = 8,        /* an unsupported dtype code */
+  NAPO_ERR_THREAD = 9,       /* a worker thread could not be joined */
 } napo_status;
 
 /* A static, human-readable description of a status. */
@@ -95,6 +98,65 @@ napo_status napo_dynamic_weights_f32(const float *reward_margins, int64_t stride
 napo_status napo_dynamic_weights_f64(const double *reward_margins, int64_t stride, int64_t k, double w_min, double eps,
                                      double *weights);
 
+/* ---- sequence log-probs (csrc/logps.c) ----
+ * For every position (b, t) of logits [batch, time, vocab] whose label is not
+ * ignore_index: lse[b, t] = logsumexp_v logits[b, t, v] and
+ * token_logps[b, t] = logits[b, t, label[b, t]] - lse[b, t]; at ignored
+ * positions both are 0 and the logits are not read (prompt tokens cost nothing). The caller aligns labels with
+ * logits (for causal LMs: logits[:, :-1] with labels[:, 1:]). Every label is
+ * checked before any logit is read. Outputs are compact [batch, time] in the
+ * accumulation dtype: float64 for float64 logits, float32 otherwise.
+ */
+typedef enum {
+  NAPO_LOGITS_F32 = 0,
+  NAPO_LOGITS_F64 = 1,
+  NAPO_LOGITS_BF16 = 2,
+  NAPO_LOGITS_F16 = 3,
+} napo_logits_dtype;
+
+typedef struct {
+  int64_t batch, time, vocab;
+  int64_t stride_b, stride_t, stride_v; /* in elements */
+} napo_logits_layout;
+
+typedef struct {
+  const int64_t *data;
+  int64_t stride_b, stride_t; /* in elements */
+} napo_labels;
+
+/* Filled on NAPO_ERR_LABEL: the first offending position and value. */
+typedef struct {
+  int64_t batch, time, value;
+} napo_label_error;
+
+napo_status napo_check_logits_layout(const void *data, napo_logits_layout layout);
+napo_status napo_check_labels(napo_labels labels, int64_t batch, int64_t time, int64_t vocab, int64_t ignore_index,
+                              napo_label_error *bad_label);
+
+/* The fast kernel: chunked online log-sum-exp in float32 with float64 running
+ * sums, one read of the logits, rows split over num_threads threads. Falls back
+ * to the serial kernel for float64 logits or a vocab stride other than 1. */
+napo_status napo_token_logps(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                             napo_labels labels, int64_t ignore_index, void *token_logps, void *lse,
+                             int num_threads, napo_label_error *bad_label);
+/* The reference kernel: two passes in float64, any dtype and strides, one thread. */
+napo_status napo_token_logps_serial(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                                    napo_labels labels, int64_t ignore_index, void *token_logps, void *lse,
+                                    napo_label_error *bad_label);
+
+/* grad_logits[b, t, v] = grad_token[b, t] * (1[v == label] - exp(logits[b, t, v] - lse[b, t])), and 0
+ * where the label is ignored. grad_token and lse are compact [batch, time] in the accumulation dtype;
+ * grad_logits has the logits' dtype and its own layout (the logits' own layout for in-place use: each
+ * row is read before it is written). */
+napo_status napo_token_logps_backward(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                                      napo_labels labels, int64_t ignore_index, const void *lse,
+                                      const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
+                                      int num_threads, napo_label_error *bad_label);
+napo_status napo_token_logps_backward_serial(const void *logits, napo_logits_layout layout,
+                                             napo_logits_dtype dtype, napo_labels labels, int64_t ignore_index,
+                                             const void *lse, const void *grad_token, void *grad_logits,
+                                             napo_logits_layout grad_layout, napo_label_error *bad_label);
+
 /* ---- CUDA entry points (csrc/cuda/objective.cu), same contracts ----
  * Pointers are device pointers; stream is a cudaStream_t (0 = legacy default);
  * device is the CUDA ordinal the tensors live on. On NAPO_ERR_CUDA,
@@ -124,6 +186,16 @@ napo_status napo_dynamic_weights_f32_cuda(const float *reward_margins, int64_t s
                                           double eps, float *weights, int device, void *stream, int *cuda_error);
 napo_status napo_dynamic_weights_f64_cuda(const double *reward_margins, int64_t stride, int64_t k, double w_min,
                                           double eps, double *weights, int device, void *stream, int *cuda_error);
+
+/* CUDA: one block per (b, t) row. Labels are bounds-checked on the device: an
+ * invalid label (the host validates first) yields NaN, never an out-of-bounds read. */
+napo_status napo_token_logps_cuda(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                                  napo_labels labels, int64_t ignore_index, void *token_logps, void *lse, int device,
+                                  void *stream, int *cuda_error);
+napo_status napo_token_logps_backward_cuda(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                                           napo_labels labels, int64_t ignore_index, const void *lse,
+                                           const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
+                                           int device, void *stream, int *cuda_error);
 
 #ifdef __cplusplus
 }

@@ -41,6 +41,12 @@ const char *napo_status_message(napo_status status) {
     return "a CUDA runtime call failed";
   case NAPO_ERR_NO_CUDA:
     return "napo was built without CUDA kernels";
+  case NAPO_ERR_LABEL:
+    return "a label is outside [0, vocab) and is not ignore_index";
+  case NAPO_ERR_DTYPE:
+    return "unsupported dtype";
+  case NAPO_ERR_THREAD:
+    return "a worker thread failed";
   }
   return "unknown napo status";
 }

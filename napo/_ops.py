@@ -23,7 +23,35 @@ _lib.define("adaptive_q(Tensor margins, float gamma, float q_min, float q_max) -
 _lib.define("q_from_mean(Tensor means, float gamma, float q_min, float q_max) -> Tensor")
 _lib.define("dynamic_weights(Tensor reward_margins, float w_min, float eps) -> Tensor")
 
+# Sequence log-probs: logits[b, t] is scored against labels[b, t + shift] for t < T - shift
+# (shift = 1 is the causal-LM convention). token_logps and lse are [B, T - shift] float32
+# (float64 for float64 logits), 0 at ignored positions.
+_lib.define(
+    "token_logps(Tensor logits, Tensor labels, int ignore_index, int shift, bool inplace_backward)"
+    " -> (Tensor token_logps, Tensor lse)"
+)
+_lib.define(
+    "token_logps_backward(Tensor grad_token, Tensor logits, Tensor labels, Tensor lse, int ignore_index, int shift)"
+    " -> Tensor"
+)
+_lib.define(
+    "token_logps_backward_inplace(Tensor grad_token, Tensor(a!) logits, Tensor labels, Tensor lse,"
+    " int ignore_index, int shift) -> ()"
+)
+# The LM head fused in: hidden [B, T, H] @ weight[V, H].T (+ bias) in token chunks, never [B, T, V] at once.
+_lib.define(
+    "fused_linear_token_logps(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index,"
+    " int shift, int chunk_size) -> (Tensor token_logps, Tensor lse)"
+)
+_lib.define(
+    "fused_linear_token_logps_backward(Tensor grad_token, Tensor hidden, Tensor weight, Tensor? bias,"
+    " Tensor labels, Tensor lse, int ignore_index, int shift, int chunk_size)"
+    " -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
+)
+
 OP_NAMES = ("napo_loss", "napo_loss_backward", "adaptive_q", "q_from_mean", "dynamic_weights")
+LOGPS_OP_NAMES = ("token_logps", "token_logps_backward", "token_logps_backward_inplace")
+COMPOSITE_OP_NAMES = ("fused_linear_token_logps", "fused_linear_token_logps_backward")
 
 
 @torch.library.register_fake("napo::napo_loss")
@@ -79,4 +107,84 @@ def _no_double_backward(ctx, grad_output: torch.Tensor):
 
 torch.library.register_autograd(
     "napo::napo_loss_backward", _no_double_backward, setup_context=_no_double_backward_setup_context
+)
+
+
+# ---- sequence log-probs ----
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of token log-probs and log-sum-exps for logits of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("napo::token_logps")
+def _token_logps_fake(logits, labels, ignore_index, shift, inplace_backward):
+    shape = (logits.shape[0], logits.shape[1] - shift)
+    acc = accumulation_dtype(logits.dtype)
+    return logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc)
+
+
+@torch.library.register_fake("napo::token_logps_backward")
+def _token_logps_backward_fake(grad_token, logits, labels, lse, ignore_index, shift):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("napo::token_logps_backward_inplace")
+def _token_logps_backward_inplace_fake(grad_token, logits, labels, lse, ignore_index, shift):
+    return None
+
+
+@torch.library.register_fake("napo::fused_linear_token_logps")
+def _fused_linear_fake(hidden, weight, bias, labels, ignore_index, shift, chunk_size):
+    shape = (hidden.shape[0], hidden.shape[1] - shift)
+    acc = accumulation_dtype(hidden.dtype)
+    return hidden.new_empty(shape, dtype=acc), hidden.new_empty(shape, dtype=acc)
+
+
+@torch.library.register_fake("napo::fused_linear_token_logps_backward")
+def _fused_linear_backward_fake(grad_token, hidden, weight, bias, labels, lse, ignore_index, shift, chunk_size):
+    grad_bias = bias.new_empty(bias.shape) if bias is not None else weight.new_empty((0,))
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+
+
+def _token_logps_setup_context(ctx, inputs, output) -> None:
+    logits, labels, ignore_index, shift, inplace_backward = inputs
+    _, lse = output
+    ctx.save_for_backward(logits, labels, lse)
+    ctx.ignore_index, ctx.shift, ctx.inplace_backward = ignore_index, shift, inplace_backward
+
+
+def _token_logps_backward(ctx, grad_token, _grad_lse):
+    logits, labels, lse = ctx.saved_tensors
+    grad_token = grad_token.contiguous()
+    if ctx.inplace_backward:
+        # The caller gave up the logits: their buffer becomes their own gradient (no [B, T, V] allocation).
+        torch.ops.napo.token_logps_backward_inplace(grad_token, logits, labels, lse, ctx.ignore_index, ctx.shift)
+        return logits, None, None, None, None
+    grad = torch.ops.napo.token_logps_backward(grad_token, logits, labels, lse, ctx.ignore_index, ctx.shift)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd("napo::token_logps", _token_logps_backward, setup_context=_token_logps_setup_context)
+
+
+def _fused_linear_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, bias, labels, ignore_index, shift, chunk_size = inputs
+    _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    ctx.ignore_index, ctx.shift, ctx.chunk_size = ignore_index, shift, chunk_size
+    ctx.has_bias = bias is not None
+
+
+def _fused_linear_backward(ctx, grad_token, _grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = torch.ops.napo.fused_linear_token_logps_backward(
+        grad_token.contiguous(), hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.shift, ctx.chunk_size
+    )
+    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "napo::fused_linear_token_logps", _fused_linear_backward, setup_context=_fused_linear_setup_context
 )

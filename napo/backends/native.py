@@ -92,3 +92,70 @@ def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> t
     out = reward_margins.new_empty(reward_margins.shape)
     native().dynamic_weights(_capsule(reward_margins), w_min, eps, _capsule(out), **_launch(reward_margins))
     return out
+
+
+# ---- sequence log-probs ----
+
+
+def _accumulation(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: int, inplace_backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _cuda_fallback(logits):
+        return reference.token_logps(logits, labels, ignore_index, shift, inplace_backward)
+    scored = logits.shape[1] - shift
+    token = logits.new_empty((logits.shape[0], scored), dtype=_accumulation(logits))
+    lse = torch.empty_like(token)
+    aligned = labels[:, shift:]
+    if logits.device.type == "cuda":
+        # The CUDA kernel never reads out of bounds (a bad label gives NaN), but the ValueError that
+        # names the label needs the host: one device-wide check and sync per call.
+        reference.check_labels(aligned, logits.shape[-1], ignore_index, shift)
+    native().token_logps(
+        _capsule(logits[:, :scored]), _capsule(aligned), ignore_index, _capsule(token), _capsule(lse),
+        num_threads=torch.get_num_threads(), position_offset=shift, **_launch(logits),
+    )  # fmt: skip
+    return token, lse
+
+
+def _token_backward_into(out: torch.Tensor, grad_token, logits, labels, lse, ignore_index: int, shift: int) -> None:
+    scored = logits.shape[1] - shift
+    native().token_logps_backward(
+        _capsule(logits[:, :scored]), _capsule(labels[:, shift:]), ignore_index, _capsule(lse),
+        _capsule(grad_token.contiguous()), _capsule(out[:, :scored]), num_threads=torch.get_num_threads(),
+        **_launch(logits),
+    )  # fmt: skip
+    if shift:
+        out[:, scored:].zero_()  # positions with no label to score (the last one, causally)
+
+
+def token_logps_backward(
+    grad_token: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    shift: int,
+) -> torch.Tensor:
+    if _cuda_fallback(logits):
+        return reference.token_logps_backward(grad_token, logits, labels, lse, ignore_index, shift)
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _token_backward_into(out, grad_token, logits, labels, lse, ignore_index, shift)
+    return out
+
+
+def token_logps_backward_inplace(
+    grad_token: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    shift: int,
+) -> None:
+    if _cuda_fallback(logits):
+        return reference.token_logps_backward_inplace(grad_token, logits, labels, lse, ignore_index, shift)
+    _token_backward_into(logits, grad_token, logits, labels, lse, ignore_index, shift)
+    return None

@@ -61,3 +61,65 @@ def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> t
     uniform = torch.full_like(r, 1.0 / r.numel())
     weights = torch.where(total <= eps, uniform, (r / total).clamp(w_min, 1.0))
     return weights.to(reward_margins.dtype)
+
+
+# ---- sequence log-probs (TRL's log_softmax + gather recipe, with the same conventions) ----
+
+
+def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, position_offset: int = 0) -> None:
+    """ValueError naming the first label outside [0, vocab) that is not ignore_index (one host sync)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        b, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"labels[{b}, {t + position_offset}] = {int(labels[b, t])} is outside the vocabulary [0, {vocab}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+
+
+def _aligned(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: int):
+    scored = logits.shape[1] - shift
+    x = logits[:, :scored].to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    aligned = labels[:, shift:]
+    mask = aligned != ignore_index
+    return x, aligned, mask, torch.where(mask, aligned, torch.zeros_like(aligned))
+
+
+def token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: int, inplace_backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_labels(labels[:, shift:], logits.shape[-1], ignore_index, shift)
+    x, _, mask, safe = _aligned(logits, labels, ignore_index, shift)
+    lse = torch.logsumexp(x, dim=-1)
+    token = torch.log_softmax(x, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros_like(lse)
+    return torch.where(mask, token, zero), torch.where(mask, lse, zero)
+
+
+def token_logps_backward(
+    grad_token: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    shift: int,
+) -> torch.Tensor:
+    x, _, mask, safe = _aligned(logits, labels, ignore_index, shift)
+    g = torch.where(mask, grad_token, torch.zeros_like(grad_token)).unsqueeze(-1)
+    grad = -g * torch.exp(x - lse.unsqueeze(-1))
+    grad = grad.scatter_add(-1, safe.unsqueeze(-1), g)
+    grad = torch.where(mask.unsqueeze(-1), grad, torch.zeros_like(grad))  # exp(x - 0) may be inf where ignored
+    out = torch.zeros_like(logits)
+    out[:, : x.shape[1]] = grad.to(logits.dtype)
+    return out
+
+
+def token_logps_backward_inplace(
+    grad_token: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    shift: int,
+) -> None:
+    logits.copy_(token_logps_backward(grad_token, logits, labels, lse, ignore_index, shift))

@@ -1,0 +1,567 @@
+/*
+ * Per-token log-probs of labelled sequences from LM logits, on the CPU.
+ *
+ * The fast kernel reads each row of logits once: a chunk of it is converted to
+ * float32 into a small buffer that stays in L1, its maximum and its sum of
+ * exponentials are folded into a running (max, float64 sum) pair, the online
+ * log-sum-exp. The exponential is a branch-free polynomial on 4-lane vectors
+ * (GCC/Clang vector extensions, 4 lanes), so it vectorises without -ffast-math. Rows
+ * are split over plain pthreads; nothing here touches Python or global state.
+ * The serial kernel is the straightforward two-pass float64 version: the C
+ * tests compare the two, and it serves float64 logits and unusual strides.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "napo.h"
+#include "napo_dtype.h"
+
+enum { CHUNK = 1024, LANES = 4, MAX_THREADS = 64 };
+
+/* Rows whose total size is below this many logits run on the calling thread. */
+#define NAPO_PARALLEL_MIN_ELEMENTS ((int64_t)1 << 16)
+
+/* 4 lanes: one SSE register, the x86-64 baseline (and one NEON register on arm64). */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+static inline v4f splat(float x) { return (v4f){x, x, x, x}; }
+
+static inline v4f blend(v4i mask, v4f if_true, v4f if_false) {
+  return (v4f)((mask & (v4i)if_true) | (~mask & (v4i)if_false));
+}
+
+/* exp(x) to about 1 ulp for x in [-87.3, 88.3] (Cephes' minimax polynomial after
+ * a Cody-Waite reduction by ln 2); 0 below, NaN stays NaN. */
+static inline v4f exp4(v4f x) {
+  const v4i underflow = x < splat(-87.3365448f);
+  x = blend(underflow, splat(-87.3365448f), x);
+  v4f n = x * splat(1.44269504088896341f) + splat(12582912.0f); /* round to nearest integer */
+  n = n - splat(12582912.0f);
+  n = blend(n != n, splat(0.0f), n); /* NaN input: keep the integer conversion defined */
+  const v4f r = (x - n * splat(0.693359375f)) + n * splat(2.12194440e-4f);
+  v4f p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  const v4i exponent = (__builtin_convertvector(n, v4i) + 127) << 23;
+  const v4f result = p * (v4f)exponent;
+  return (v4f)((v4i)result & ~underflow);
+}
+
+static inline v4f load4(const float *p) {
+  v4f v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline void store4(float *p, v4f v) { memcpy(p, &v, sizeof v); }
+
+/* ---- element access in any dtype ---- */
+
+static int accumulates_in_double(napo_logits_dtype dtype) { return dtype == NAPO_LOGITS_F64; }
+
+static double load_logit(const void *base, napo_logits_dtype dtype, int64_t index) {
+  switch (dtype) {
+  case NAPO_LOGITS_F32:
+    return ((const float *)base)[index];
+  case NAPO_LOGITS_F64:
+    return ((const double *)base)[index];
+  case NAPO_LOGITS_BF16:
+    return napo_bf16_to_float(((const uint16_t *)base)[index]);
+  case NAPO_LOGITS_F16:
+    return napo_f16_to_float(((const uint16_t *)base)[index]);
+  }
+  return NAN;
+}
+
+static void store_logit(void *base, napo_logits_dtype dtype, int64_t index, double value) {
+  switch (dtype) {
+  case NAPO_LOGITS_F32:
+    ((float *)base)[index] = (float)value;
+    break;
+  case NAPO_LOGITS_F64:
+    ((double *)base)[index] = value;
+    break;
+  case NAPO_LOGITS_BF16:
+    ((uint16_t *)base)[index] = napo_float_to_bf16((float)value);
+    break;
+  case NAPO_LOGITS_F16:
+    ((uint16_t *)base)[index] = napo_float_to_f16((float)value);
+    break;
+  }
+}
+
+static double load_acc(const void *base, napo_logits_dtype dtype, int64_t index) {
+  return accumulates_in_double(dtype) ? ((const double *)base)[index] : (double)((const float *)base)[index];
+}
+
+static void store_acc(void *base, napo_logits_dtype dtype, int64_t index, double value) {
+  if (accumulates_in_double(dtype)) {
+    ((double *)base)[index] = value;
+  } else {
+    ((float *)base)[index] = (float)value;
+  }
+}
+
+/* n contiguous logits from `row` (any 32/16-bit dtype) into buf as float32, padded with -inf to a multiple of LANES. */
+static int64_t load_chunk(const void *row, napo_logits_dtype dtype, int64_t start, int64_t n, float *buf) {
+  switch (dtype) {
+  case NAPO_LOGITS_F32:
+    memcpy(buf, (const float *)row + start, (size_t)n * sizeof(float));
+    break;
+  case NAPO_LOGITS_BF16: {
+    const uint16_t *src = (const uint16_t *)row + start;
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = napo_bf16_to_float(src[i]);
+    }
+    break;
+  }
+  case NAPO_LOGITS_F16: {
+    const uint16_t *src = (const uint16_t *)row + start;
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = napo_f16_to_float(src[i]);
+    }
+    break;
+  }
+  case NAPO_LOGITS_F64:
+    break; /* never on the fast path */
+  }
+  const int64_t padded = (n + LANES - 1) / LANES * LANES;
+  for (int64_t i = n; i < padded; ++i) {
+    buf[i] = -INFINITY;
+  }
+  return padded;
+}
+
+static void store_chunk(void *row, napo_logits_dtype dtype, int64_t start, int64_t n, const float *buf) {
+  switch (dtype) {
+  case NAPO_LOGITS_F32:
+    memcpy((float *)row + start, buf, (size_t)n * sizeof(float));
+    break;
+  case NAPO_LOGITS_BF16: {
+    uint16_t *dst = (uint16_t *)row + start;
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = napo_float_to_bf16(buf[i]);
+    }
+    break;
+  }
+  case NAPO_LOGITS_F16: {
+    uint16_t *dst = (uint16_t *)row + start;
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = napo_float_to_f16(buf[i]);
+    }
+    break;
+  }
+  case NAPO_LOGITS_F64:
+    break;
+  }
+}
+
+/* ---- checks ---- */
+
+static int64_t abs64(int64_t x) { return x < 0 ? -x : x; }
+
+/* Sum of |stride| * (extent - 1) over the dimensions, or -1 if it could overflow. */
+static int64_t max_offset(const int64_t *extents, const int64_t *strides, int dims) {
+  const int64_t limit = INT64_MAX / 8 / 4;
+  int64_t total = 0;
+  for (int d = 0; d < dims; ++d) {
+    if (extents[d] <= 1) {
+      continue;
+    }
+    const int64_t stride = abs64(strides[d]);
+    if (strides[d] < -limit || strides[d] > limit || (stride != 0 && extents[d] - 1 > limit / stride)) {
+      return -1;
+    }
+    total += stride * (extents[d] - 1);
+    if (total > limit) {
+      return -1;
+    }
+  }
+  return total;
+}
+
+napo_status napo_check_logits_layout(const void *data, napo_logits_layout layout) {
+  if (layout.batch < 0 || layout.time < 0 || layout.vocab < 1) {
+    return NAPO_ERR_SIZE;
+  }
+  const int64_t extents[3] = {layout.batch, layout.time, layout.vocab};
+  const int64_t strides[3] = {layout.stride_b, layout.stride_t, layout.stride_v};
+  if (max_offset(extents, strides, 3) < 0 || layout.batch > INT64_MAX / 8 / (layout.time > 0 ? layout.time : 1)) {
+    return NAPO_ERR_SIZE;
+  }
+  if (layout.batch * layout.time > 0 && data == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  return NAPO_OK;
+}
+
+static int dtype_known(napo_logits_dtype dtype) {
+  return dtype == NAPO_LOGITS_F32 || dtype == NAPO_LOGITS_F64 || dtype == NAPO_LOGITS_BF16 || dtype == NAPO_LOGITS_F16;
+}
+
+napo_status napo_check_labels(napo_labels labels, int64_t batch, int64_t time, int64_t vocab, int64_t ignore_index,
+                              napo_label_error *bad_label) {
+  if (batch < 0 || time < 0) {
+    return NAPO_ERR_SIZE;
+  }
+  if (batch == 0 || time == 0) {
+    return NAPO_OK;
+  }
+  const int64_t extents[2] = {batch, time};
+  const int64_t strides[2] = {labels.stride_b, labels.stride_t};
+  if (max_offset(extents, strides, 2) < 0) {
+    return NAPO_ERR_SIZE;
+  }
+  if (labels.data == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t t = 0; t < time; ++t) {
+      const int64_t value = labels.data[b * labels.stride_b + t * labels.stride_t];
+      if (value != ignore_index && (value < 0 || value >= vocab)) {
+        if (bad_label != NULL) {
+          bad_label->batch = b;
+          bad_label->time = t;
+          bad_label->value = value;
+        }
+        return NAPO_ERR_LABEL;
+      }
+    }
+  }
+  return NAPO_OK;
+}
+
+/* ---- one job over all rows, split across threads ---- */
+
+typedef struct job job;
+typedef void (*row_fn)(const job *work, int64_t row, float *buf);
+
+struct job {
+  const void *logits;
+  napo_logits_layout layout;
+  napo_logits_dtype dtype;
+  napo_labels labels;
+  int64_t ignore_index;
+  void *token_logps;      /* forward */
+  void *lse;              /* forward: written; backward: read */
+  const void *grad_token; /* backward */
+  void *grad_logits;      /* backward */
+  napo_logits_layout grad_layout;
+  row_fn process;
+};
+
+typedef struct {
+  const job *work;
+  int64_t begin, end;
+} range;
+
+static void run_range(const job *work, int64_t begin, int64_t end) {
+  float buf[CHUNK + LANES];
+  for (int64_t row = begin; row < end; ++row) {
+    work->process(work, row, buf);
+  }
+}
+
+static void *range_thread(void *arg) {
+  const range *r = (const range *)arg;
+  run_range(r->work, r->begin, r->end);
+  return NULL;
+}
+
+static napo_status run_rows(const job *work, int num_threads) {
+  const int64_t rows = work->layout.batch * work->layout.time;
+  int64_t threads = num_threads < 1 ? 1 : (num_threads > MAX_THREADS ? MAX_THREADS : num_threads);
+  if (rows * work->layout.vocab < NAPO_PARALLEL_MIN_ELEMENTS || rows < threads) {
+    threads = rows < 1 ? 1 : (rows < threads && rows * work->layout.vocab >= NAPO_PARALLEL_MIN_ELEMENTS ? rows : 1);
+  }
+  pthread_t ids[MAX_THREADS];
+  range ranges[MAX_THREADS];
+  int started[MAX_THREADS] = {0};
+  for (int64_t i = 0; i < threads; ++i) {
+    ranges[i].work = work;
+    ranges[i].begin = rows * i / threads;
+    ranges[i].end = rows * (i + 1) / threads;
+  }
+  /* Workers take ranges 1.., the calling thread range 0; a worker that cannot be
+   * started has its range run here instead, so the result never depends on it. */
+  for (int64_t i = 1; i < threads; ++i) {
+    started[i] = pthread_create(&ids[i], NULL, range_thread, &ranges[i]) == 0;
+  }
+  run_range(work, ranges[0].begin, ranges[0].end);
+  napo_status status = NAPO_OK;
+  for (int64_t i = 1; i < threads; ++i) {
+    if (!started[i]) {
+      run_range(work, ranges[i].begin, ranges[i].end);
+    } else if (pthread_join(ids[i], NULL) != 0) {
+      status = NAPO_ERR_THREAD;
+    }
+  }
+  return status;
+}
+
+static const void *row_pointer(const job *work, int64_t row, int64_t *b, int64_t *t) {
+  *b = row / work->layout.time;
+  *t = row % work->layout.time;
+  const int64_t offset = *b * work->layout.stride_b + *t * work->layout.stride_t;
+  switch (work->dtype) {
+  case NAPO_LOGITS_F32:
+    return (const float *)work->logits + offset;
+  case NAPO_LOGITS_F64:
+    return (const double *)work->logits + offset;
+  default:
+    return (const uint16_t *)work->logits + offset;
+  }
+}
+
+static void *grad_row_pointer(const job *work, int64_t b, int64_t t) {
+  const int64_t offset = b * work->grad_layout.stride_b + t * work->grad_layout.stride_t;
+  switch (work->dtype) {
+  case NAPO_LOGITS_F32:
+    return (float *)work->grad_logits + offset;
+  case NAPO_LOGITS_F64:
+    return (double *)work->grad_logits + offset;
+  default:
+    return (uint16_t *)work->grad_logits + offset;
+  }
+}
+
+static int64_t label_at(const job *work, int64_t b, int64_t t) {
+  return work->labels.data[b * work->labels.stride_b + t * work->labels.stride_t];
+}
+
+/* ---- fast rows ---- */
+
+/* log-sum-exp of a row as (max, log of the shifted sum): kept apart so that a
+ * token's log-prob, (x - max) - log_sum, keeps its precision for huge logits. */
+static double row_lse_fast(const void *row, napo_logits_dtype dtype, int64_t vocab, float *buf, double *max_out) {
+  float running_max = -INFINITY;
+  double running_sum = 0.0;
+  for (int64_t start = 0; start < vocab; start += CHUNK) {
+    const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
+    const int64_t padded = load_chunk(row, dtype, start, n, buf);
+    v4f lanes_max = splat(-INFINITY);
+    for (int64_t i = 0; i < padded; i += LANES) {
+      const v4f x = load4(buf + i);
+      lanes_max = blend(x > lanes_max, x, lanes_max);
+    }
+    float chunk_max = lanes_max[0];
+    for (int lane = 1; lane < LANES; ++lane) {
+      chunk_max = lanes_max[lane] > chunk_max ? lanes_max[lane] : chunk_max;
+    }
+    if (chunk_max > running_max) {
+      running_sum = running_sum == 0.0 ? 0.0 : running_sum * exp((double)running_max - (double)chunk_max);
+      running_max = chunk_max;
+    }
+    if (running_max == -INFINITY) {
+      continue; /* everything so far is -inf: nothing to add */
+    }
+    v4f lanes_sum = splat(0.0f);
+    const v4f shift = splat(running_max);
+    for (int64_t i = 0; i < padded; i += LANES) {
+      lanes_sum += exp4(load4(buf + i) - shift);
+    }
+    for (int lane = 0; lane < LANES; ++lane) {
+      running_sum += (double)lanes_sum[lane];
+    }
+  }
+  *max_out = running_max;
+  return log(running_sum);
+}
+
+static void forward_row_fast(const job *work, int64_t row, float *buf) {
+  int64_t b, t;
+  const void *logits_row = row_pointer(work, row, &b, &t);
+  const int64_t label = label_at(work, b, t);
+  if (label == work->ignore_index) { /* prompt and padding tokens: their logits are never read */
+    store_acc(work->lse, work->dtype, row, 0.0);
+    store_acc(work->token_logps, work->dtype, row, 0.0);
+    return;
+  }
+  double max = 0.0;
+  const double log_sum = row_lse_fast(logits_row, work->dtype, work->layout.vocab, buf, &max);
+  const double token = (load_logit(logits_row, work->dtype, label) - max) - log_sum;
+  store_acc(work->lse, work->dtype, row, max + log_sum);
+  store_acc(work->token_logps, work->dtype, row, token);
+}
+
+static void backward_row_fast(const job *work, int64_t row, float *buf) {
+  int64_t b, t;
+  const void *logits_row = row_pointer(work, row, &b, &t);
+  void *grad_row = grad_row_pointer(work, b, t);
+  const int64_t vocab = work->layout.vocab;
+  const int64_t label = label_at(work, b, t);
+  if (label == work->ignore_index) {
+    for (int64_t start = 0; start < vocab; start += CHUNK) {
+      const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
+      memset(buf, 0, (size_t)n * sizeof(float));
+      store_chunk(grad_row, work->dtype, start, n, buf);
+    }
+    return;
+  }
+  const double grad = load_acc(work->grad_token, work->dtype, row);
+  const double lse = load_acc(work->lse, work->dtype, row);
+  /* Read before the row is overwritten (in-place use). */
+  const double label_logit = load_logit(logits_row, work->dtype, label);
+  const v4f neg_grad = splat((float)-grad), shift = splat((float)lse);
+  for (int64_t start = 0; start < vocab; start += CHUNK) {
+    const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
+    const int64_t padded = load_chunk(logits_row, work->dtype, start, n, buf);
+    for (int64_t i = 0; i < padded; i += LANES) {
+      store4(buf + i, neg_grad * exp4(load4(buf + i) - shift));
+    }
+    store_chunk(grad_row, work->dtype, start, n, buf);
+  }
+  store_logit(grad_row, work->dtype, label, grad * -expm1(label_logit - lse));
+}
+
+/* ---- serial rows (float64, any strides) ---- */
+
+static void forward_row_serial(const job *work, int64_t row, float *buf) {
+  (void)buf;
+  int64_t b, t;
+  const void *logits_row = row_pointer(work, row, &b, &t);
+  const int64_t vocab = work->layout.vocab, stride = work->layout.stride_v;
+  const int64_t label = label_at(work, b, t);
+  if (label == work->ignore_index) {
+    store_acc(work->lse, work->dtype, row, 0.0);
+    store_acc(work->token_logps, work->dtype, row, 0.0);
+    return;
+  }
+  double max = -INFINITY;
+  for (int64_t v = 0; v < vocab; ++v) {
+    const double x = load_logit(logits_row, work->dtype, v * stride);
+    max = x > max ? x : max;
+  }
+  double sum = 0.0;
+  for (int64_t v = 0; v < vocab && max != -INFINITY; ++v) {
+    sum += exp(load_logit(logits_row, work->dtype, v * stride) - max);
+  }
+  const double log_sum = log(sum);
+  const double token = (load_logit(logits_row, work->dtype, label * stride) - max) - log_sum;
+  store_acc(work->lse, work->dtype, row, max + log_sum);
+  store_acc(work->token_logps, work->dtype, row, token);
+}
+
+static void backward_row_serial(const job *work, int64_t row, float *buf) {
+  (void)buf;
+  int64_t b, t;
+  const void *logits_row = row_pointer(work, row, &b, &t);
+  void *grad_row = grad_row_pointer(work, b, t);
+  const int64_t vocab = work->layout.vocab, stride = work->layout.stride_v, grad_stride = work->grad_layout.stride_v;
+  const int64_t label = label_at(work, b, t);
+  const int counted = label != work->ignore_index;
+  const double grad = counted ? load_acc(work->grad_token, work->dtype, row) : 0.0;
+  const double lse = load_acc(work->lse, work->dtype, row);
+  for (int64_t v = 0; v < vocab; ++v) {
+    const double x = load_logit(logits_row, work->dtype, v * stride);
+    const double value = !counted ? 0.0 : (v == label ? grad * -expm1(x - lse) : -grad * exp(x - lse));
+    store_logit(grad_row, work->dtype, v * grad_stride, value);
+  }
+}
+
+/* ---- entry points ---- */
+
+static napo_status prepare(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
+                           int64_t ignore_index, napo_label_error *bad_label) {
+  if (!dtype_known(dtype)) {
+    return NAPO_ERR_DTYPE;
+  }
+  napo_status status = napo_check_logits_layout(logits, layout);
+  if (status != NAPO_OK) {
+    return status;
+  }
+  return napo_check_labels(labels, layout.batch, layout.time, layout.vocab, ignore_index, bad_label);
+}
+
+static napo_status forward(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
+                           int64_t ignore_index, void *token_logps, void *lse, int num_threads,
+                           napo_label_error *bad_label, int serial) {
+  const napo_status status = prepare(logits, layout, dtype, labels, ignore_index, bad_label);
+  if (status != NAPO_OK || layout.batch * layout.time == 0) {
+    return status;
+  }
+  if (token_logps == NULL || lse == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  const int fast = !serial && dtype != NAPO_LOGITS_F64 && layout.stride_v == 1;
+  const job work = {logits,
+                    layout,
+                    dtype,
+                    labels,
+                    ignore_index,
+                    token_logps,
+                    lse,
+                    NULL,
+                    NULL,
+                    layout,
+                    fast ? forward_row_fast : forward_row_serial};
+  return run_rows(&work, serial ? 1 : num_threads);
+}
+
+static napo_status backward(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
+                            int64_t ignore_index, const void *lse, const void *grad_token, void *grad_logits,
+                            napo_logits_layout grad_layout, int num_threads, napo_label_error *bad_label, int serial) {
+  napo_status status = prepare(logits, layout, dtype, labels, ignore_index, bad_label);
+  if (status != NAPO_OK) {
+    return status;
+  }
+  if (grad_layout.batch != layout.batch || grad_layout.time != layout.time || grad_layout.vocab != layout.vocab) {
+    return NAPO_ERR_SIZE;
+  }
+  if ((status = napo_check_logits_layout(grad_logits, grad_layout)) != NAPO_OK || layout.batch * layout.time == 0) {
+    return status;
+  }
+  if (lse == NULL || grad_token == NULL) {
+    return NAPO_ERR_NULL_POINTER;
+  }
+  const int fast = !serial && dtype != NAPO_LOGITS_F64 && layout.stride_v == 1 && grad_layout.stride_v == 1;
+  const job work = {logits,
+                    layout,
+                    dtype,
+                    labels,
+                    ignore_index,
+                    NULL,
+                    (void *)lse,
+                    grad_token,
+                    grad_logits,
+                    grad_layout,
+                    fast ? backward_row_fast : backward_row_serial};
+  return run_rows(&work, serial ? 1 : num_threads);
+}
+
+napo_status napo_token_logps(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
+                             int64_t ignore_index, void *token_logps, void *lse, int num_threads,
+                             napo_label_error *bad_label) {
+  return forward(logits, layout, dtype, labels, ignore_index, token_logps, lse, num_threads, bad_label, 0);
+}
+
+napo_status napo_token_logps_serial(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                                    napo_labels labels, int64_t ignore_index, void *token_logps, void *lse,
+                                    napo_label_error *bad_label) {
+  return forward(logits, layout, dtype, labels, ignore_index, token_logps, lse, 1, bad_label, 1);
+}
+
+napo_status napo_token_logps_backward(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                                      napo_labels labels, int64_t ignore_index, const void *lse, const void *grad_token,
+                                      void *grad_logits, napo_logits_layout grad_layout, int num_threads,
+                                      napo_label_error *bad_label) {
+  return backward(logits, layout, dtype, labels, ignore_index, lse, grad_token, grad_logits, grad_layout, num_threads,
+                  bad_label, 0);
+}
+
+napo_status napo_token_logps_backward_serial(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                                             napo_labels labels, int64_t ignore_index, const void *lse,
+                                             const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
+                                             napo_label_error *bad_label) {
+  return backward(logits, layout, dtype, labels, ignore_index, lse, grad_token, grad_logits, grad_layout, 1, bad_label,
+                  1);
+}

@@ -1,0 +1,250 @@
+/*
+ * C unit tests of the sequence log-prob kernels, run under ASan/UBSan by
+ * `make test-c`. The fast kernel is compared with the float64 serial kernel,
+ * and both with closed forms (uniform logits: lse = log V).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "napo.h"
+#include "napo_dtype.h"
+
+typedef struct {
+  int passed;
+  int failed;
+} tally;
+
+#define CHECK(t, cond)                                                                                                 \
+  do {                                                                                                                 \
+    if (cond) {                                                                                                        \
+      (t)->passed++;                                                                                                   \
+    } else {                                                                                                           \
+      (t)->failed++;                                                                                                   \
+      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);                                         \
+    }                                                                                                                  \
+  } while (0)
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+static double uniform(void) { /* xorshift64*, in [0, 1) */
+  rng_state ^= rng_state >> 12;
+  rng_state ^= rng_state << 25;
+  rng_state ^= rng_state >> 27;
+  return (double)((rng_state * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0;
+}
+
+static size_t item_size(napo_logits_dtype dtype) {
+  return dtype == NAPO_LOGITS_F64 ? 8 : dtype == NAPO_LOGITS_F32 ? 4 : 2;
+}
+
+static void put(void *base, napo_logits_dtype dtype, int64_t i, double value) {
+  switch (dtype) {
+  case NAPO_LOGITS_F32:
+    ((float *)base)[i] = (float)value;
+    break;
+  case NAPO_LOGITS_F64:
+    ((double *)base)[i] = value;
+    break;
+  case NAPO_LOGITS_BF16:
+    ((uint16_t *)base)[i] = napo_float_to_bf16((float)value);
+    break;
+  case NAPO_LOGITS_F16:
+    ((uint16_t *)base)[i] = napo_float_to_f16((float)value);
+    break;
+  }
+}
+
+static double get(const void *base, napo_logits_dtype dtype, int64_t i) {
+  switch (dtype) {
+  case NAPO_LOGITS_F32:
+    return ((const float *)base)[i];
+  case NAPO_LOGITS_F64:
+    return ((const double *)base)[i];
+  case NAPO_LOGITS_BF16:
+    return napo_bf16_to_float(((const uint16_t *)base)[i]);
+  case NAPO_LOGITS_F16:
+    return napo_f16_to_float(((const uint16_t *)base)[i]);
+  }
+  return NAN;
+}
+
+static double acc(const void *base, napo_logits_dtype dtype, int64_t i) {
+  return dtype == NAPO_LOGITS_F64 ? ((const double *)base)[i] : ((const float *)base)[i];
+}
+
+/* Fast vs serial on one shape: forward values, then backward (out of place and in place). */
+static void compare_kernels(tally *t, napo_logits_dtype dtype, int64_t batch, int64_t time, int64_t vocab,
+                            int threads) {
+  /* Logits stored [time, batch, vocab + 3]: strided rows, padded vocab. */
+  const int64_t row = vocab + 3, total = time * batch * row;
+  void *logits = malloc((size_t)total * item_size(dtype));
+  void *grad_fast = malloc((size_t)(batch * time * vocab) * item_size(dtype));
+  void *grad_serial = malloc((size_t)(batch * time * vocab) * item_size(dtype));
+  int64_t *labels = malloc(sizeof(int64_t) * (size_t)(batch * time));
+  double *buffers = malloc(sizeof(double) * (size_t)(batch * time) * 5);
+  if (!logits || !grad_fast || !grad_serial || !labels || !buffers) {
+    CHECK(t, 0);
+    goto done;
+  }
+  for (int64_t i = 0; i < total; ++i) {
+    put(logits, dtype, i, 6.0 * uniform() - 3.0);
+  }
+  for (int64_t i = 0; i < batch * time; ++i) {
+    labels[i] = uniform() < 0.25 ? -100 : (int64_t)(uniform() * (double)vocab);
+  }
+  const napo_logits_layout layout = {batch, time, vocab, row, batch * row, 1};
+  const napo_labels lab = {labels, time, 1};
+  void *tok_fast = buffers, *lse_fast = buffers + batch * time, *tok_serial = buffers + 2 * batch * time,
+       *lse_serial = buffers + 3 * batch * time, *grad_token = buffers + 4 * batch * time;
+  napo_label_error bad;
+  CHECK(t, napo_token_logps(logits, layout, dtype, lab, -100, tok_fast, lse_fast, threads, &bad) == NAPO_OK);
+  CHECK(t, napo_token_logps_serial(logits, layout, dtype, lab, -100, tok_serial, lse_serial, &bad) == NAPO_OK);
+  const double tol = dtype == NAPO_LOGITS_F64 ? 1e-12 : 2e-5;
+  int close = 1;
+  for (int64_t i = 0; i < batch * time; ++i) {
+    close &= fabs(acc(lse_fast, dtype, i) - acc(lse_serial, dtype, i)) <= tol * fabs(acc(lse_serial, dtype, i)) + tol;
+    close &= fabs(acc(tok_fast, dtype, i) - acc(tok_serial, dtype, i)) <= tol * fabs(acc(tok_serial, dtype, i)) + tol;
+    close &= labels[i] != -100 || acc(tok_fast, dtype, i) == 0.0;
+    if (dtype == NAPO_LOGITS_F64) {
+      ((double *)grad_token)[i] = uniform() - 0.5;
+    } else {
+      ((float *)grad_token)[i] = (float)(uniform() - 0.5);
+    }
+  }
+  CHECK(t, close);
+
+  const napo_logits_layout compact = {batch, time, vocab, time * vocab, vocab, 1};
+  CHECK(t, napo_token_logps_backward(logits, layout, dtype, lab, -100, lse_serial, grad_token, grad_fast, compact,
+                                     threads, &bad) == NAPO_OK);
+  CHECK(t, napo_token_logps_backward_serial(logits, layout, dtype, lab, -100, lse_serial, grad_token, grad_serial,
+                                            compact, &bad) == NAPO_OK);
+  /* Gradients are stored in the logits' dtype: compare at its resolution. */
+  const double grad_tol = dtype == NAPO_LOGITS_F64 ? 1e-14 : dtype == NAPO_LOGITS_F32 ? 1e-6 : 4e-3;
+  int grads_close = 1;
+  double row_sum_max = 0.0;
+  for (int64_t r = 0; r < batch * time; ++r) {
+    double row_sum = 0.0;
+    for (int64_t v = 0; v < vocab; ++v) {
+      const double a = get(grad_fast, dtype, r * vocab + v), e = get(grad_serial, dtype, r * vocab + v);
+      grads_close &= fabs(a - e) <= grad_tol * fabs(e) + grad_tol * 1e-3;
+      row_sum += a;
+    }
+    row_sum_max = fmax(row_sum_max, fabs(row_sum)); /* softmax gradients sum to zero per row */
+  }
+  CHECK(t, grads_close);
+  CHECK(t, row_sum_max <= (dtype == NAPO_LOGITS_F64 ? 1e-12 : dtype == NAPO_LOGITS_F32 ? 1e-5 : 2e-2));
+
+  /* In place: the logits buffer receives its own gradient, equal to the out-of-place one. */
+  CHECK(t, napo_token_logps_backward(logits, layout, dtype, lab, -100, lse_serial, grad_token, logits, layout, threads,
+                                     &bad) == NAPO_OK);
+  int in_place_equal = 1;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t tt = 0; tt < time; ++tt) {
+      for (int64_t v = 0; v < vocab; ++v) {
+        const double a = get(logits, dtype, tt * batch * row + b * row + v);
+        in_place_equal &= a == get(grad_fast, dtype, (b * time + tt) * vocab + v);
+      }
+    }
+  }
+  CHECK(t, in_place_equal);
+done:
+  free(logits);
+  free(grad_fast);
+  free(grad_serial);
+  free(labels);
+  free(buffers);
+}
+
+static void test_uniform_logits(tally *t) {
+  enum { V = 5000 };
+  float *logits = malloc(sizeof(float) * V * 2);
+  if (logits == NULL) {
+    CHECK(t, 0);
+    return;
+  }
+  for (int i = 0; i < V * 2; ++i) {
+    logits[i] = 1.5f;
+  }
+  const int64_t labels[2] = {7, V - 1};
+  float token[2], lse[2];
+  napo_label_error bad;
+  CHECK(t, napo_token_logps(logits, (napo_logits_layout){1, 2, V, 2 * V, V, 1}, NAPO_LOGITS_F32,
+                            (napo_labels){labels, 2, 1}, -100, token, lse, 2, &bad) == NAPO_OK);
+  CHECK(t, fabs(lse[0] - (1.5 + log((double)V))) < 1e-5 && fabs(token[1] + log((double)V)) < 1e-5);
+  free(logits);
+}
+
+static void test_extremes(tally *t) {
+  /* -inf entries (masked vocabulary) contribute nothing; a NaN poisons only its row. */
+  const float logits[2][6] = {{-INFINITY, 0.0f, -INFINITY, 0.0f, -INFINITY, -INFINITY},
+                              {1.0f, NAN, 1.0f, 1.0f, 1.0f, 1.0f}};
+  const int64_t labels[2] = {1, 0};
+  float token[2], lse[2];
+  napo_label_error bad;
+  CHECK(t, napo_token_logps(logits, (napo_logits_layout){2, 1, 6, 6, 6, 1}, NAPO_LOGITS_F32,
+                            (napo_labels){labels, 1, 1}, -100, token, lse, 1, &bad) == NAPO_OK);
+  CHECK(t, fabs(token[0] + log(2.0)) < 1e-6 && isnan(token[1]) && isnan(lse[1]));
+  /* Large logits do not overflow. */
+  const float big[4] = {1e30f, 1e30f, -1e30f, 0.0f};
+  const int64_t label0[1] = {0};
+  CHECK(t, napo_token_logps(big, (napo_logits_layout){1, 1, 4, 4, 4, 1}, NAPO_LOGITS_F32, (napo_labels){label0, 1, 1},
+                            -100, token, lse, 1, &bad) == NAPO_OK);
+  CHECK(t, fabs(token[0] + log(2.0)) < 1e-6);
+}
+
+static void test_bad_input(tally *t) {
+  const float logits[8] = {0};
+  int64_t labels[4] = {0, 3, -100, 1};
+  float token[4], lse[4];
+  napo_label_error bad = {0, 0, 0};
+  const napo_logits_layout layout = {2, 2, 2, 4, 2, 1};
+  CHECK(t, napo_token_logps(logits, layout, NAPO_LOGITS_F32, (napo_labels){labels, 2, 1}, -100, token, lse, 1, &bad) ==
+               NAPO_ERR_LABEL);
+  CHECK(t, bad.batch == 0 && bad.time == 1 && bad.value == 3);
+  labels[1] = -5;
+  CHECK(t, napo_token_logps(logits, layout, NAPO_LOGITS_F32, (napo_labels){labels, 2, 1}, -100, token, lse, 1, &bad) ==
+               NAPO_ERR_LABEL);
+  CHECK(t, bad.value == -5);
+  labels[1] = -100;
+  CHECK(t, napo_token_logps(logits, layout, NAPO_LOGITS_F32, (napo_labels){labels, 2, 1}, -100, token, lse, 1, &bad) ==
+               NAPO_OK);
+  CHECK(t, token[1] == 0.0f && token[2] == 0.0f);
+  CHECK(t, napo_token_logps(logits, layout, (napo_logits_dtype)9, (napo_labels){labels, 2, 1}, -100, token, lse, 1,
+                            &bad) == NAPO_ERR_DTYPE);
+  CHECK(t, napo_token_logps(logits, (napo_logits_layout){2, 2, 0, 4, 2, 1}, NAPO_LOGITS_F32,
+                            (napo_labels){labels, 2, 1}, -100, token, lse, 1, &bad) == NAPO_ERR_SIZE);
+  CHECK(t, napo_token_logps(logits, (napo_logits_layout){2, 2, 2, INT64_MAX / 2, 2, 1}, NAPO_LOGITS_F32,
+                            (napo_labels){labels, 2, 1}, -100, token, lse, 1, &bad) == NAPO_ERR_SIZE);
+  CHECK(t, napo_token_logps(NULL, layout, NAPO_LOGITS_F32, (napo_labels){labels, 2, 1}, -100, token, lse, 1, &bad) ==
+               NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_token_logps(logits, layout, NAPO_LOGITS_F32, (napo_labels){NULL, 2, 1}, -100, token, lse, 1, &bad) ==
+               NAPO_ERR_NULL_POINTER);
+  CHECK(t, napo_token_logps(logits, layout, NAPO_LOGITS_F32, (napo_labels){labels, 2, 1}, -100, NULL, lse, 1, &bad) ==
+               NAPO_ERR_NULL_POINTER);
+  float grad[8];
+  CHECK(t, napo_token_logps_backward(logits, layout, NAPO_LOGITS_F32, (napo_labels){labels, 2, 1}, -100, lse, token,
+                                     grad, (napo_logits_layout){2, 2, 3, 6, 3, 1}, 1, &bad) == NAPO_ERR_SIZE);
+  /* Empty batches are fine and write nothing. */
+  CHECK(t, napo_token_logps(NULL, (napo_logits_layout){0, 5, 7, 35, 7, 1}, NAPO_LOGITS_F32, (napo_labels){NULL, 5, 1},
+                            -100, NULL, NULL, 4, &bad) == NAPO_OK);
+}
+
+int main(void) {
+  tally t = {0, 0};
+  const napo_logits_dtype dtypes[4] = {NAPO_LOGITS_F32, NAPO_LOGITS_BF16, NAPO_LOGITS_F16, NAPO_LOGITS_F64};
+  const int64_t shapes[][3] = {{3, 47, 123}, {2, 5, 4097}, {1, 1, 1}, {4, 3, 8}, {2, 9, 2049}};
+  for (int d = 0; d < 4; ++d) {
+    for (int s = 0; s < 5; ++s) {
+      for (int threads = 1; threads <= 3; threads += 2) {
+        compare_kernels(&t, dtypes[d], shapes[s][0], shapes[s][1], shapes[s][2], threads);
+      }
+    }
+  }
+  test_uniform_logits(&t);
+  test_extremes(&t);
+  test_bad_input(&t);
+  printf("C logps: %d passed, %d failed\n", t.passed, t.failed);
+  return t.failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}

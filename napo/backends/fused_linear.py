@@ -1,0 +1,124 @@
+"""The LM head fused with the sequence log-probs, in token chunks (all devices).
+
+Only the positions whose label counts are scored (prompt and padding tokens
+never reach the matmul). For each chunk of them the logits [chunk, V] come from
+one matmul (torch/BLAS, cuBLAS on GPU), the log-sum-exp and the label's
+log-prob from napo's token kernel (C or CUDA); the backward recomputes the
+chunk's logits, turns them in place into their gradient with the same kernel
+and accumulates the hidden, weight and bias gradients. At most one
+[chunk, V] block of logits exists at a time, never [B, T, V]. Chunks are over
+tokens, not sequences, so nothing batch-level is needed inside a chunk: q and
+the weights are computed afterwards from the returned log-probs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from napo._ops import accumulation_dtype
+
+
+def _counted_rows(
+    labels: torch.Tensor, ignore_index: int, shift: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The counted positions as flat indices into [B * (T - shift)] (the outputs) and into [B * T]
+    (the hidden rows), and their labels."""
+    time = labels.shape[1]
+    scored = time - shift
+    aligned = labels[:, shift:].reshape(-1)
+    rows = (aligned != ignore_index).nonzero().squeeze(-1)
+    hidden_rows = rows // scored * time + rows % scored if scored > 0 else rows
+    return rows, hidden_rows, aligned.index_select(0, rows)
+
+
+def _chunk_logits(hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = hidden_rows @ weight.t()
+    if bias is not None:
+        logits += bias
+    return logits
+
+
+def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, shift: int) -> None:
+    if labels.device.type == "cpu":
+        from napo._native import native
+
+        native().check_labels(labels[:, shift:], vocab, ignore_index, shift)
+    else:
+        from napo.backends.reference import check_labels
+
+        check_labels(labels[:, shift:], vocab, ignore_index, shift)
+
+
+def fused_linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    shift: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, time, width = hidden.shape
+    scored = time - shift
+    _check_labels(labels, weight.shape[0], ignore_index, shift)
+    token = torch.zeros(batch * scored, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
+    lse = torch.zeros_like(token)
+    rows, hidden_index, row_labels = _counted_rows(labels, ignore_index, shift)
+    flat_hidden = hidden.reshape(-1, width)
+    with torch.no_grad():
+        for start in range(0, rows.numel(), chunk_size):
+            index = rows[start : start + chunk_size]
+            logits = _chunk_logits(flat_hidden.index_select(0, hidden_index[start : start + chunk_size]), weight, bias)
+            chunk_token, chunk_lse = torch.ops.napo.token_logps(
+                logits.unsqueeze(0), row_labels[start : start + chunk_size].unsqueeze(0), ignore_index, 0, False
+            )
+            token[index] = chunk_token.squeeze(0)
+            lse[index] = chunk_lse.squeeze(0)
+    return token.view(batch, scored), lse.view(batch, scored)
+
+
+def fused_linear_token_logps_backward(
+    grad_token: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    shift: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, time, width = hidden.shape
+    rows, hidden_index, row_labels = _counted_rows(labels, ignore_index, shift)
+    flat_hidden = hidden.reshape(-1, width)
+    flat_grad, flat_lse = grad_token.reshape(-1), lse.reshape(-1)
+    grad_hidden = torch.zeros(batch, time, width, dtype=hidden.dtype, device=hidden.device)
+    grad_rows = grad_hidden.view(-1, width)
+    # Accumulated over chunks in float32 (or float64), cast once at the end.
+    acc = accumulation_dtype(weight.dtype)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    grad_bias = torch.zeros(bias.shape, dtype=acc, device=weight.device) if bias is not None else None
+    with torch.no_grad():
+        for start in range(0, rows.numel(), chunk_size):
+            index = rows[start : start + chunk_size]
+            chunk_rows = hidden_index[start : start + chunk_size]
+            chunk_hidden = flat_hidden.index_select(0, chunk_rows)
+            logits = _chunk_logits(chunk_hidden, weight, bias)
+            torch.ops.napo.token_logps_backward_inplace(
+                flat_grad.index_select(0, index).unsqueeze(0).contiguous(),
+                logits.unsqueeze(0),
+                row_labels[start : start + chunk_size].unsqueeze(0),
+                flat_lse.index_select(0, index).unsqueeze(0).contiguous(),
+                ignore_index,
+                0,
+            )  # logits now hold d logps / d logits
+            grad_rows.index_copy_(0, chunk_rows, (logits @ weight).to(hidden.dtype))
+            grad_weight.addmm_(logits.t().to(acc), chunk_hidden.to(acc))
+            if grad_bias is not None:
+                grad_bias += logits.sum(0, dtype=acc)
+    empty = weight.new_empty((0,))
+    return (
+        grad_hidden,
+        grad_weight.to(weight.dtype),
+        grad_bias.to(bias.dtype) if grad_bias is not None and bias is not None else empty,
+    )
