@@ -38,6 +38,8 @@ test-c:
 	  $(CC) $(C_WARNINGS) $(SANITIZE) -Icsrc csrc/tests/$$test.c $(C_SOURCES) -lm -lpthread -o $(C_BUILD)/$$test \
 	  && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $(C_BUILD)/$$test || exit 1; \
 	done
+	@echo "again with the 4-lane baseline kernels:"
+	NAPO_SIMD_WIDTH=4 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 $(C_BUILD)/test_logps
 
 # Compiles every CUDA source with warnings as errors when nvcc exists; a no-op otherwise.
 cuda-check:

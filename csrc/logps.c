@@ -4,8 +4,8 @@
  * The fast kernel reads each row of logits once: a chunk of it is converted to
  * float32 into a small buffer that stays in L1, its maximum and its sum of
  * exponentials are folded into a running (max, float64 sum) pair, the online
- * log-sum-exp. The exponential is a branch-free polynomial on 4-lane vectors
- * (GCC/Clang vector extensions, 4 lanes), so it vectorises without -ffast-math. Rows
+ * log-sum-exp. The exponential is a branch-free polynomial on GCC/Clang
+ * vector extensions (logps_simd.h), so it vectorises without -ffast-math. Rows
  * are split over plain pthreads; nothing here touches Python or global state.
  * The serial kernel is the straightforward two-pass float64 version: the C
  * tests compare the two, and it serves float64 logits and unusual strides.
@@ -15,54 +15,62 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "napo.h"
 #include "napo_dtype.h"
 
-enum { CHUNK = 1024, LANES = 4, MAX_THREADS = 64 };
+enum { CHUNK = 1024, MAX_LANES = 8, MAX_THREADS = 64 };
 
 /* Rows whose total size is below this many logits run on the calling thread. */
 #define NAPO_PARALLEL_MIN_ELEMENTS ((int64_t)1 << 16)
 
-/* 4 lanes: one SSE register, the x86-64 baseline (and one NEON register on arm64). */
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v4i __attribute__((vector_size(16)));
+/* The vector kernels, instantiated for 4 lanes (SSE2/NEON, the baseline) and,
+ * on x86-64, for 8 lanes in an AVX2 region chosen at run time. */
+#define NAPO_SIMD_LANES 4
+#define NAPO_SIMD(name) name##_w4
+#include "logps_simd.h"
+#undef NAPO_SIMD_LANES
+#undef NAPO_SIMD
 
-static inline v4f splat(float x) { return (v4f){x, x, x, x}; }
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NAPO_HAVE_W8 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define NAPO_SIMD_LANES 8
+#define NAPO_SIMD(name) name##_w8
+#include "logps_simd.h"
+#undef NAPO_SIMD_LANES
+#undef NAPO_SIMD
+#pragma GCC pop_options
+#elif defined(__x86_64__) && defined(__clang__)
+#define NAPO_HAVE_W8 1
+#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#define NAPO_SIMD_LANES 8
+#define NAPO_SIMD(name) name##_w8
+#include "logps_simd.h"
+#undef NAPO_SIMD_LANES
+#undef NAPO_SIMD
+#pragma clang attribute pop
+#endif
 
-static inline v4f blend(v4i mask, v4f if_true, v4f if_false) {
-  return (v4f)((mask & (v4i)if_true) | (~mask & (v4i)if_false));
+typedef struct {
+  double (*row_lse)(const void *row, napo_logits_dtype dtype, int64_t vocab, float *buf, double *max_out);
+  void (*row_grad)(const void *logits_row, void *grad_row, napo_logits_dtype dtype, int64_t vocab, double grad,
+                   double lse, float *buf);
+} simd_kernels;
+
+/* 8 lanes where the CPU has AVX2, unless NAPO_SIMD_WIDTH=4 asks for the baseline (tests use it). */
+static simd_kernels pick_kernels(void) {
+#ifdef NAPO_HAVE_W8
+  const char *forced = getenv("NAPO_SIMD_WIDTH");
+  if ((forced == NULL || strcmp(forced, "4") != 0) && __builtin_cpu_supports("avx2")) {
+    return (simd_kernels){row_lse_w8, row_grad_w8};
+  }
+#endif
+  return (simd_kernels){row_lse_w4, row_grad_w4};
 }
-
-/* exp(x) to about 1 ulp for x in [-87.3, 88.3] (Cephes' minimax polynomial after
- * a Cody-Waite reduction by ln 2); 0 below, NaN stays NaN. */
-static inline v4f exp4(v4f x) {
-  const v4i underflow = x < splat(-87.3365448f);
-  x = blend(underflow, splat(-87.3365448f), x);
-  v4f n = x * splat(1.44269504088896341f) + splat(12582912.0f); /* round to nearest integer */
-  n = n - splat(12582912.0f);
-  n = blend(n != n, splat(0.0f), n); /* NaN input: keep the integer conversion defined */
-  const v4f r = (x - n * splat(0.693359375f)) + n * splat(2.12194440e-4f);
-  v4f p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  const v4i exponent = (__builtin_convertvector(n, v4i) + 127) << 23;
-  const v4f result = p * (v4f)exponent;
-  return (v4f)((v4i)result & ~underflow);
-}
-
-static inline v4f load4(const float *p) {
-  v4f v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline void store4(float *p, v4f v) { memcpy(p, &v, sizeof v); }
 
 /* ---- element access in any dtype ---- */
 
@@ -108,60 +116,6 @@ static void store_acc(void *base, napo_logits_dtype dtype, int64_t index, double
     ((double *)base)[index] = value;
   } else {
     ((float *)base)[index] = (float)value;
-  }
-}
-
-/* n contiguous logits from `row` (any 32/16-bit dtype) into buf as float32, padded with -inf to a multiple of LANES. */
-static int64_t load_chunk(const void *row, napo_logits_dtype dtype, int64_t start, int64_t n, float *buf) {
-  switch (dtype) {
-  case NAPO_LOGITS_F32:
-    memcpy(buf, (const float *)row + start, (size_t)n * sizeof(float));
-    break;
-  case NAPO_LOGITS_BF16: {
-    const uint16_t *src = (const uint16_t *)row + start;
-    for (int64_t i = 0; i < n; ++i) {
-      buf[i] = napo_bf16_to_float(src[i]);
-    }
-    break;
-  }
-  case NAPO_LOGITS_F16: {
-    const uint16_t *src = (const uint16_t *)row + start;
-    for (int64_t i = 0; i < n; ++i) {
-      buf[i] = napo_f16_to_float(src[i]);
-    }
-    break;
-  }
-  case NAPO_LOGITS_F64:
-    break; /* never on the fast path */
-  }
-  const int64_t padded = (n + LANES - 1) / LANES * LANES;
-  for (int64_t i = n; i < padded; ++i) {
-    buf[i] = -INFINITY;
-  }
-  return padded;
-}
-
-static void store_chunk(void *row, napo_logits_dtype dtype, int64_t start, int64_t n, const float *buf) {
-  switch (dtype) {
-  case NAPO_LOGITS_F32:
-    memcpy((float *)row + start, buf, (size_t)n * sizeof(float));
-    break;
-  case NAPO_LOGITS_BF16: {
-    uint16_t *dst = (uint16_t *)row + start;
-    for (int64_t i = 0; i < n; ++i) {
-      dst[i] = napo_float_to_bf16(buf[i]);
-    }
-    break;
-  }
-  case NAPO_LOGITS_F16: {
-    uint16_t *dst = (uint16_t *)row + start;
-    for (int64_t i = 0; i < n; ++i) {
-      dst[i] = napo_float_to_f16(buf[i]);
-    }
-    break;
-  }
-  case NAPO_LOGITS_F64:
-    break;
   }
 }
 
@@ -252,11 +206,13 @@ struct job {
   napo_labels labels;
   int64_t ignore_index;
   void *token_logps;      /* forward */
-  void *lse;              /* forward: written; backward: read */
+  void *lse;              /* forward */
+  const void *lse_in;     /* backward */
   const void *grad_token; /* backward */
   void *grad_logits;      /* backward */
   napo_logits_layout grad_layout;
   row_fn process;
+  simd_kernels kernels;
 };
 
 typedef struct {
@@ -265,7 +221,7 @@ typedef struct {
 } range;
 
 static void run_range(const job *work, int64_t begin, int64_t end) {
-  float buf[CHUNK + LANES];
+  float buf[CHUNK + MAX_LANES];
   for (int64_t row = begin; row < end; ++row) {
     work->process(work, row, buf);
   }
@@ -340,43 +296,6 @@ static int64_t label_at(const job *work, int64_t b, int64_t t) {
 
 /* ---- fast rows ---- */
 
-/* log-sum-exp of a row as (max, log of the shifted sum): kept apart so that a
- * token's log-prob, (x - max) - log_sum, keeps its precision for huge logits. */
-static double row_lse_fast(const void *row, napo_logits_dtype dtype, int64_t vocab, float *buf, double *max_out) {
-  float running_max = -INFINITY;
-  double running_sum = 0.0;
-  for (int64_t start = 0; start < vocab; start += CHUNK) {
-    const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
-    const int64_t padded = load_chunk(row, dtype, start, n, buf);
-    v4f lanes_max = splat(-INFINITY);
-    for (int64_t i = 0; i < padded; i += LANES) {
-      const v4f x = load4(buf + i);
-      lanes_max = blend(x > lanes_max, x, lanes_max);
-    }
-    float chunk_max = lanes_max[0];
-    for (int lane = 1; lane < LANES; ++lane) {
-      chunk_max = lanes_max[lane] > chunk_max ? lanes_max[lane] : chunk_max;
-    }
-    if (chunk_max > running_max) {
-      running_sum = running_sum == 0.0 ? 0.0 : running_sum * exp((double)running_max - (double)chunk_max);
-      running_max = chunk_max;
-    }
-    if (running_max == -INFINITY) {
-      continue; /* everything so far is -inf: nothing to add */
-    }
-    v4f lanes_sum = splat(0.0f);
-    const v4f shift = splat(running_max);
-    for (int64_t i = 0; i < padded; i += LANES) {
-      lanes_sum += exp4(load4(buf + i) - shift);
-    }
-    for (int lane = 0; lane < LANES; ++lane) {
-      running_sum += (double)lanes_sum[lane];
-    }
-  }
-  *max_out = running_max;
-  return log(running_sum);
-}
-
 static void forward_row_fast(const job *work, int64_t row, float *buf) {
   int64_t b, t;
   const void *logits_row = row_pointer(work, row, &b, &t);
@@ -387,7 +306,7 @@ static void forward_row_fast(const job *work, int64_t row, float *buf) {
     return;
   }
   double max = 0.0;
-  const double log_sum = row_lse_fast(logits_row, work->dtype, work->layout.vocab, buf, &max);
+  const double log_sum = work->kernels.row_lse(logits_row, work->dtype, work->layout.vocab, buf, &max);
   const double token = (load_logit(logits_row, work->dtype, label) - max) - log_sum;
   store_acc(work->lse, work->dtype, row, max + log_sum);
   store_acc(work->token_logps, work->dtype, row, token);
@@ -397,29 +316,16 @@ static void backward_row_fast(const job *work, int64_t row, float *buf) {
   int64_t b, t;
   const void *logits_row = row_pointer(work, row, &b, &t);
   void *grad_row = grad_row_pointer(work, b, t);
-  const int64_t vocab = work->layout.vocab;
   const int64_t label = label_at(work, b, t);
   if (label == work->ignore_index) {
-    for (int64_t start = 0; start < vocab; start += CHUNK) {
-      const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
-      memset(buf, 0, (size_t)n * sizeof(float));
-      store_chunk(grad_row, work->dtype, start, n, buf);
-    }
+    work->kernels.row_grad(logits_row, grad_row, work->dtype, work->layout.vocab, 0.0, 0.0, buf);
     return;
   }
   const double grad = load_acc(work->grad_token, work->dtype, row);
-  const double lse = load_acc(work->lse, work->dtype, row);
+  const double lse = load_acc(work->lse_in, work->dtype, row);
   /* Read before the row is overwritten (in-place use). */
   const double label_logit = load_logit(logits_row, work->dtype, label);
-  const v4f neg_grad = splat((float)-grad), shift = splat((float)lse);
-  for (int64_t start = 0; start < vocab; start += CHUNK) {
-    const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
-    const int64_t padded = load_chunk(logits_row, work->dtype, start, n, buf);
-    for (int64_t i = 0; i < padded; i += LANES) {
-      store4(buf + i, neg_grad * exp4(load4(buf + i) - shift));
-    }
-    store_chunk(grad_row, work->dtype, start, n, buf);
-  }
+  work->kernels.row_grad(logits_row, grad_row, work->dtype, work->layout.vocab, grad, lse, buf);
   store_logit(grad_row, work->dtype, label, grad * -expm1(label_logit - lse));
 }
 
@@ -460,7 +366,7 @@ static void backward_row_serial(const job *work, int64_t row, float *buf) {
   const int64_t label = label_at(work, b, t);
   const int counted = label != work->ignore_index;
   const double grad = counted ? load_acc(work->grad_token, work->dtype, row) : 0.0;
-  const double lse = load_acc(work->lse, work->dtype, row);
+  const double lse = load_acc(work->lse_in, work->dtype, row);
   for (int64_t v = 0; v < vocab; ++v) {
     const double x = load_logit(logits_row, work->dtype, v * stride);
     const double value = !counted ? 0.0 : (v == label ? grad * -expm1(x - lse) : -grad * exp(x - lse));
@@ -493,17 +399,16 @@ static napo_status forward(const void *logits, napo_logits_layout layout, napo_l
     return NAPO_ERR_NULL_POINTER;
   }
   const int fast = !serial && dtype != NAPO_LOGITS_F64 && layout.stride_v == 1;
-  const job work = {logits,
-                    layout,
-                    dtype,
-                    labels,
-                    ignore_index,
-                    token_logps,
-                    lse,
-                    NULL,
-                    NULL,
-                    layout,
-                    fast ? forward_row_fast : forward_row_serial};
+  const job work = {.logits = logits,
+                    .layout = layout,
+                    .dtype = dtype,
+                    .labels = labels,
+                    .ignore_index = ignore_index,
+                    .token_logps = token_logps,
+                    .lse = lse,
+                    .grad_layout = layout,
+                    .process = fast ? forward_row_fast : forward_row_serial,
+                    .kernels = pick_kernels()};
   return run_rows(&work, serial ? 1 : num_threads);
 }
 
@@ -524,17 +429,17 @@ static napo_status backward(const void *logits, napo_logits_layout layout, napo_
     return NAPO_ERR_NULL_POINTER;
   }
   const int fast = !serial && dtype != NAPO_LOGITS_F64 && layout.stride_v == 1 && grad_layout.stride_v == 1;
-  const job work = {logits,
-                    layout,
-                    dtype,
-                    labels,
-                    ignore_index,
-                    NULL,
-                    (void *)lse,
-                    grad_token,
-                    grad_logits,
-                    grad_layout,
-                    fast ? backward_row_fast : backward_row_serial};
+  const job work = {.logits = logits,
+                    .layout = layout,
+                    .dtype = dtype,
+                    .labels = labels,
+                    .ignore_index = ignore_index,
+                    .lse_in = lse,
+                    .grad_token = grad_token,
+                    .grad_logits = grad_logits,
+                    .grad_layout = grad_layout,
+                    .process = fast ? backward_row_fast : backward_row_serial,
+                    .kernels = pick_kernels()};
   return run_rows(&work, serial ? 1 : num_threads);
 }
 

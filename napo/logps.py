@@ -98,7 +98,7 @@ def fused_linear_sequence_logps(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs straight from the last hidden states and the LM head, never holding [B, T, V].
 
@@ -115,7 +115,8 @@ def fused_linear_sequence_logps(
         labels: ``[B, T]`` int64, as for :func:`sequence_logps`.
         bias: optional ``[V]``.
         ignore_index: the label of positions that do not count.
-        chunk_size: tokens per chunk, >= 1.
+        chunk_size: tokens per chunk, >= 1. The default keeps a chunk's logits at 256 * V values
+            (31 MiB in float32 for V = 32000) while each matmul stays large enough for BLAS.
     Returns:
         ``(logps, avg_logps)``, each ``[B]`` float32 (float64 for float64 inputs), differentiable
         w.r.t. hidden, weight and bias.

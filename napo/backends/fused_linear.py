@@ -31,11 +31,19 @@ def _counted_rows(
     return rows, hidden_rows, aligned.index_select(0, rows)
 
 
-def _chunk_logits(hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    logits = hidden_rows @ weight.t()
+def _chunk_logits(
+    hidden_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor
+) -> torch.Tensor:
+    """hidden_rows @ weight.T (+ bias) written into the front of one reused [chunk, V] buffer: one
+    allocation per call instead of one per chunk (which allocators tend to keep around)."""
+    logits = buffer[: hidden_rows.shape[0]]
     if bias is not None:
-        logits += bias
-    return logits
+        return torch.addmm(bias, hidden_rows, weight.t(), out=logits)
+    return torch.mm(hidden_rows, weight.t(), out=logits)
+
+
+def _logits_buffer(rows: int, chunk_size: int, weight: torch.Tensor) -> torch.Tensor:
+    return weight.new_empty((min(rows, chunk_size), weight.shape[0]))
 
 
 def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, shift: int) -> None:
@@ -65,10 +73,12 @@ def fused_linear_token_logps(
     lse = torch.zeros_like(token)
     rows, hidden_index, row_labels = _counted_rows(labels, ignore_index, shift)
     flat_hidden = hidden.reshape(-1, width)
+    buffer = _logits_buffer(rows.numel(), chunk_size, weight)
     with torch.no_grad():
         for start in range(0, rows.numel(), chunk_size):
             index = rows[start : start + chunk_size]
-            logits = _chunk_logits(flat_hidden.index_select(0, hidden_index[start : start + chunk_size]), weight, bias)
+            chunk_hidden = flat_hidden.index_select(0, hidden_index[start : start + chunk_size])
+            logits = _chunk_logits(chunk_hidden, weight, bias, buffer)
             chunk_token, chunk_lse = torch.ops.napo.token_logps(
                 logits.unsqueeze(0), row_labels[start : start + chunk_size].unsqueeze(0), ignore_index, 0, False
             )
@@ -98,12 +108,13 @@ def fused_linear_token_logps_backward(
     acc = accumulation_dtype(weight.dtype)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     grad_bias = torch.zeros(bias.shape, dtype=acc, device=weight.device) if bias is not None else None
+    buffer = _logits_buffer(rows.numel(), chunk_size, weight)
     with torch.no_grad():
         for start in range(0, rows.numel(), chunk_size):
             index = rows[start : start + chunk_size]
             chunk_rows = hidden_index[start : start + chunk_size]
             chunk_hidden = flat_hidden.index_select(0, chunk_rows)
-            logits = _chunk_logits(chunk_hidden, weight, bias)
+            logits = _chunk_logits(chunk_hidden, weight, bias, buffer)
             torch.ops.napo.token_logps_backward_inplace(
                 flat_grad.index_select(0, index).unsqueeze(0).contiguous(),
                 logits.unsqueeze(0),

@@ -1,0 +1,160 @@
+/*
+ * The vector inner loops of the sequence log-prob kernels, written once and
+ * instantiated by logps.c for each vector width: it defines NAPO_SIMD_LANES
+ * (4 or 8) and NAPO_SIMD(name) (a width suffix) before each inclusion, so this
+ * file deliberately has no include guard. GCC/Clang vector extensions keep it
+ * portable C: no intrinsics, and no -ffast-math, so NaN still propagates.
+ */
+#define VF NAPO_SIMD(vf)
+#define VI NAPO_SIMD(vi)
+
+typedef float VF __attribute__((vector_size(NAPO_SIMD_LANES * 4)));
+typedef int32_t VI __attribute__((vector_size(NAPO_SIMD_LANES * 4)));
+
+static inline VF NAPO_SIMD(splat)(float x) { return (VF){0} + x; }
+
+static inline VF NAPO_SIMD(blend)(VI mask, VF if_true, VF if_false) {
+  return (VF)((mask & (VI)if_true) | (~mask & (VI)if_false));
+}
+
+/* exp(x) to about 1 ulp for x in [-87.3, 88.3] (Cephes' minimax polynomial after
+ * a Cody-Waite reduction by ln 2); 0 below, NaN stays NaN. */
+static inline VF NAPO_SIMD(exp)(VF x) {
+  const VI underflow = x < NAPO_SIMD(splat)(-87.3365448f);
+  x = NAPO_SIMD(blend)(underflow, NAPO_SIMD(splat)(-87.3365448f), x);
+  VF n = x * 1.44269504088896341f + 12582912.0f; /* round to the nearest integer */
+  n = n - 12582912.0f;
+  n = NAPO_SIMD(blend)(n != n, NAPO_SIMD(splat)(0.0f), n); /* NaN input: keep the integer conversion defined */
+  const VF r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  VF p = NAPO_SIMD(splat)(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const VI exponent = (__builtin_convertvector(n, VI) + 127) << 23;
+  const VF result = p * (VF)exponent;
+  return (VF)((VI)result & ~underflow);
+}
+
+static inline VF NAPO_SIMD(load)(const float *p) {
+  VF v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline void NAPO_SIMD(store)(float *p, VF v) { memcpy(p, &v, sizeof v); }
+
+/* n contiguous logits of a 32/16-bit dtype into buf as float32, padded with -inf to whole vectors. */
+static int64_t NAPO_SIMD(load_chunk)(const void *row, napo_logits_dtype dtype, int64_t start, int64_t n, float *buf) {
+  switch (dtype) {
+  case NAPO_LOGITS_F32:
+    memcpy(buf, (const float *)row + start, (size_t)n * sizeof(float));
+    break;
+  case NAPO_LOGITS_BF16: {
+    const uint16_t *src = (const uint16_t *)row + start;
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = napo_bf16_to_float(src[i]);
+    }
+    break;
+  }
+  case NAPO_LOGITS_F16: {
+    const uint16_t *src = (const uint16_t *)row + start;
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = napo_f16_to_float(src[i]);
+    }
+    break;
+  }
+  case NAPO_LOGITS_F64:
+    break; /* never on the fast path */
+  }
+  const int64_t padded = (n + NAPO_SIMD_LANES - 1) / NAPO_SIMD_LANES * NAPO_SIMD_LANES;
+  for (int64_t i = n; i < padded; ++i) {
+    buf[i] = -INFINITY;
+  }
+  return padded;
+}
+
+static void NAPO_SIMD(store_chunk)(void *row, napo_logits_dtype dtype, int64_t start, int64_t n, const float *buf) {
+  switch (dtype) {
+  case NAPO_LOGITS_F32:
+    memcpy((float *)row + start, buf, (size_t)n * sizeof(float));
+    break;
+  case NAPO_LOGITS_BF16: {
+    uint16_t *dst = (uint16_t *)row + start;
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = napo_float_to_bf16(buf[i]);
+    }
+    break;
+  }
+  case NAPO_LOGITS_F16: {
+    uint16_t *dst = (uint16_t *)row + start;
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = napo_float_to_f16(buf[i]);
+    }
+    break;
+  }
+  case NAPO_LOGITS_F64:
+    break;
+  }
+}
+
+/* log-sum-exp of a row as (max, log of the shifted sum): kept apart so that a
+ * token's log-prob, (x - max) - log_sum, keeps its precision for huge logits.
+ * Online over chunks: the logits are read once. */
+static double NAPO_SIMD(row_lse)(const void *row, napo_logits_dtype dtype, int64_t vocab, float *buf, double *max_out) {
+  float running_max = -INFINITY;
+  double running_sum = 0.0;
+  for (int64_t start = 0; start < vocab; start += CHUNK) {
+    const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
+    const int64_t padded = NAPO_SIMD(load_chunk)(row, dtype, start, n, buf);
+    VF lanes_max = NAPO_SIMD(splat)(-INFINITY);
+    for (int64_t i = 0; i < padded; i += NAPO_SIMD_LANES) {
+      const VF x = NAPO_SIMD(load)(buf + i);
+      lanes_max = NAPO_SIMD(blend)(x > lanes_max, x, lanes_max);
+    }
+    float chunk_max = lanes_max[0];
+    for (int lane = 1; lane < NAPO_SIMD_LANES; ++lane) {
+      chunk_max = lanes_max[lane] > chunk_max ? lanes_max[lane] : chunk_max;
+    }
+    if (chunk_max > running_max) {
+      running_sum = running_sum == 0.0 ? 0.0 : running_sum * exp((double)running_max - (double)chunk_max);
+      running_max = chunk_max;
+    }
+    if (running_max == -INFINITY) {
+      continue; /* everything so far is -inf: nothing to add */
+    }
+    VF lanes_sum = NAPO_SIMD(splat)(0.0f);
+    for (int64_t i = 0; i < padded; i += NAPO_SIMD_LANES) {
+      lanes_sum += NAPO_SIMD(exp)(NAPO_SIMD(load)(buf + i) - running_max);
+    }
+    for (int lane = 0; lane < NAPO_SIMD_LANES; ++lane) {
+      running_sum += (double)lanes_sum[lane];
+    }
+  }
+  *max_out = running_max;
+  return log(running_sum);
+}
+
+/* grad_row = -grad * exp(logits_row - lse) for the whole row (0 when grad is 0: ignored rows).
+ * Each chunk is read into buf before it is written back, so grad_row may be logits_row. */
+static void NAPO_SIMD(row_grad)(const void *logits_row, void *grad_row, napo_logits_dtype dtype, int64_t vocab,
+                                double grad, double lse, float *buf) {
+  const float neg_grad = (float)-grad, shift = (float)lse;
+  for (int64_t start = 0; start < vocab; start += CHUNK) {
+    const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
+    if (grad == 0.0) {
+      memset(buf, 0, (size_t)n * sizeof(float));
+    } else {
+      const int64_t padded = NAPO_SIMD(load_chunk)(logits_row, dtype, start, n, buf);
+      for (int64_t i = 0; i < padded; i += NAPO_SIMD_LANES) {
+        NAPO_SIMD(store)(buf + i, neg_grad * NAPO_SIMD(exp)(NAPO_SIMD(load)(buf + i) - shift));
+      }
+    }
+    NAPO_SIMD(store_chunk)(grad_row, dtype, start, n, buf);
+  }
+}
+
+#undef VF
+#undef VI
