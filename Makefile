@@ -67,6 +67,7 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_objective.py
+	$(PY) benchmarks/bench_logps.py
 
 clean:
 	rm -rf $(C_BUILD) build *.egg-info napo/_C*.so

@@ -143,3 +143,49 @@ def test_objective_step_cuda_graph_capture_and_replay(objective):
     for key, value in eager_inputs.items():
         if value.grad is not None:
             assert_close(static[key].grad, value.grad, rtol=1e-5, atol=1e-6, what=key)
+
+
+# ---- sequence log-probs on the GPU ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 47, 123), (2, 64, 32000), (1, 1, 7)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_sequence_logps_cuda_matches_trl_recipe(dtype, shape, inplace):
+    from test_logps import GRAD_TOL, make_inputs, trl_recipe
+
+    logits, labels = make_inputs(shape, dtype, torch.Generator().manual_seed(1))
+    logits, labels = logits.cuda(), labels.cuda()
+    hidden = torch.ones(1, device="cuda", dtype=dtype, requires_grad=True)
+    got_leaf, want_leaf = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    logps, avg = napo.sequence_logps(got_leaf * hidden, labels, inplace_backward=inplace)  # non-leaf logits
+    (logps.sum() + avg.sum()).backward()
+    expected_logps, expected_avg = trl_recipe(want_leaf * hidden.detach(), labels)
+    (expected_logps.sum() + expected_avg.sum()).backward()
+    assert_close(logps, expected_logps, rtol=2e-5, atol=2e-4, what="logps")
+    assert_close(avg, expected_avg, rtol=2e-5, atol=2e-4, what="avg")
+    assert_close(got_leaf.grad, want_leaf.grad, **GRAD_TOL[dtype], what="grad")
+
+
+def test_fused_linear_cuda_matches_unfused():
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 33, 64, generator=generator).cuda().requires_grad_(True)
+    weight = (torch.randn(1000, 64, generator=generator) / 8).cuda().requires_grad_(True)
+    labels = torch.randint(0, 1000, (2, 33), generator=generator).cuda()
+    labels[:, :5] = -100
+    logps, _ = napo.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=16)
+    logps.sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    from test_logps import trl_recipe
+
+    trl_recipe(hidden @ weight.t(), labels)[0].sum().backward()
+    assert_close(grads[0], hidden.grad, rtol=1e-4, atol=1e-5, what="grad hidden")
+    assert_close(grads[1], weight.grad, rtol=1e-4, atol=1e-5, what="grad weight")
+
+
+def test_bad_label_on_cuda_raises_value_error():
+    logits = torch.zeros(1, 4, 5, device="cuda")
+    labels = torch.tensor([[0, 1, 9, 2]], device="cuda")
+    with pytest.raises(ValueError, match=r"labels\[0, 2\] = 9"):
+        napo.sequence_logps(logits, labels)
