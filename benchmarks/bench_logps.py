@@ -17,6 +17,8 @@ forward + backward after a warm-up.
 Labels: 25% prompt tokens (ignore_index), then answer tokens, then 0-64 padding tokens.
 Rows are appended to benchmarks/results.csv; a Markdown table is printed for RESULTS.md.
 
+On a GPU it also prints the forward's achieved read bandwidth against the device's copy bandwidth.
+
 Run: python benchmarks/bench_logps.py [--device cpu|cuda] [--quick]
 """
 
@@ -163,8 +165,25 @@ def run_variant(variant: str, case: dict, device: str) -> dict:
         )
         return median * 1e3, (q3 - q1) * 1e3
 
+    # What the forward must read: the logits of the counted positions (the others are never touched).
+    counted = int((labels[:, 1:] != IGNORE).sum())
+    bytes_read = counted * vocab * torch.tensor([], dtype=dtype).element_size()
     return {"variant": variant, **case, "fwd_ms": summary(fwd), "bwd_ms": summary(bwd), "total_ms": summary(total),
-            "extra_peak_mib": extra / 2**20}  # fmt: skip
+            "extra_peak_mib": extra / 2**20, "forward_bytes": bytes_read}  # fmt: skip
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    source = torch.empty(2**28, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * source.numel() * 4 / (start.elapsed_time(end) / 1e3)
 
 
 def device_name(device: str) -> str:
@@ -249,6 +268,21 @@ def main() -> None:
             print(f"| {label} | {r['variant']} | {r['fwd_ms'][0]:.1f} | {r['bwd_ms'][0]:.1f} | "
                   f"{r['total_ms'][0]:.1f} ({r['total_ms'][1]:.1f}) | {time_ratio:.2f} | "
                   f"{r['extra_peak_mib']:.0f} | {memory_ratio:.2f} |")  # fmt: skip
+    print_bandwidth(rows, args.device)
+
+
+def print_bandwidth(rows: list[dict], device: str) -> None:
+    """On a GPU: the forward's achieved read bandwidth against the device's copy bandwidth."""
+    if not device.startswith("cuda"):
+        return
+    copy = copy_bandwidth(device)
+    print(f"\nDevice copy bandwidth: {copy / 1e9:.0f} GB/s (read + write).")
+    for r in rows:
+        if r["variant"] == "napo" and "hidden" not in r:
+            achieved = r["forward_bytes"] / (r["fwd_ms"][0] / 1e3)
+            print(
+                f"napo forward, V={r['vocab']} {r['dtype']}: {achieved / 1e9:.0f} GB/s = {achieved / copy:.0%} of copy"
+            )
 
 
 if __name__ == "__main__":
