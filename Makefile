@@ -14,7 +14,7 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
 .PHONY: demo test test-c test-py lint format cuda-check check-cpu-build bench clean install
 
-$(VENV)/.installed: pyproject.toml setup.py requirements/ci-constraints.txt $(wildcard csrc/*.c csrc/*.h csrc/cuda/*.cu)
+$(VENV)/.installed: pyproject.toml setup.py requirements/ci-constraints.txt $(wildcard csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/ci-constraints.txt torch
@@ -58,12 +58,12 @@ endif
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/tests/*.c
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/tests/*.c csrc/tests/*.h
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
-	$(VENV)/bin/clang-format -i csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/tests/*.c
+	$(VENV)/bin/clang-format -i csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/tests/*.c csrc/tests/*.h
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_objective.py

@@ -158,6 +158,18 @@ napo_status napo_check_logits_layout(const void *data, napo_logits_layout layout
   return NAPO_OK;
 }
 
+napo_status napo_check_logps_backward_args(napo_logits_layout layout, const void *lse, const void *grad_token,
+                                           const void *grad_logits, napo_logits_layout grad_layout) {
+  if (grad_layout.batch != layout.batch || grad_layout.time != layout.time || grad_layout.vocab != layout.vocab) {
+    return NAPO_ERR_SIZE;
+  }
+  const napo_status status = napo_check_logits_layout(grad_logits, grad_layout);
+  if (status != NAPO_OK || layout.batch * layout.time == 0) {
+    return status;
+  }
+  return lse == NULL || grad_token == NULL ? NAPO_ERR_NULL_POINTER : NAPO_OK;
+}
+
 static int dtype_known(napo_logits_dtype dtype) {
   return dtype == NAPO_LOGITS_F32 || dtype == NAPO_LOGITS_F64 || dtype == NAPO_LOGITS_BF16 || dtype == NAPO_LOGITS_F16;
 }
@@ -416,17 +428,10 @@ static napo_status backward(const void *logits, napo_logits_layout layout, napo_
                             int64_t ignore_index, const void *lse, const void *grad_token, void *grad_logits,
                             napo_logits_layout grad_layout, int num_threads, napo_label_error *bad_label, int serial) {
   napo_status status = prepare(logits, layout, dtype, labels, ignore_index, bad_label);
-  if (status != NAPO_OK) {
+  if (status != NAPO_OK ||
+      (status = napo_check_logps_backward_args(layout, lse, grad_token, grad_logits, grad_layout)) != NAPO_OK ||
+      layout.batch * layout.time == 0) {
     return status;
-  }
-  if (grad_layout.batch != layout.batch || grad_layout.time != layout.time || grad_layout.vocab != layout.vocab) {
-    return NAPO_ERR_SIZE;
-  }
-  if ((status = napo_check_logits_layout(grad_logits, grad_layout)) != NAPO_OK || layout.batch * layout.time == 0) {
-    return status;
-  }
-  if (lse == NULL || grad_token == NULL) {
-    return NAPO_ERR_NULL_POINTER;
   }
   const int fast = !serial && dtype != NAPO_LOGITS_F64 && layout.stride_v == 1 && grad_layout.stride_v == 1;
   const job work = {.logits = logits,

@@ -130,15 +130,18 @@ typedef struct {
 } napo_label_error;
 
 napo_status napo_check_logits_layout(const void *data, napo_logits_layout layout);
+/* The backward's own arguments: a gradient layout of the logits' shape, lse and grad_token present. */
+napo_status napo_check_logps_backward_args(napo_logits_layout layout, const void *lse, const void *grad_token,
+                                           const void *grad_logits, napo_logits_layout grad_layout);
 napo_status napo_check_labels(napo_labels labels, int64_t batch, int64_t time, int64_t vocab, int64_t ignore_index,
                               napo_label_error *bad_label);
 
 /* The fast kernel: chunked online log-sum-exp in float32 with float64 running
  * sums, one read of the logits, rows split over num_threads threads. Falls back
  * to the serial kernel for float64 logits or a vocab stride other than 1. */
-napo_status napo_token_logps(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                             napo_labels labels, int64_t ignore_index, void *token_logps, void *lse,
-                             int num_threads, napo_label_error *bad_label);
+napo_status napo_token_logps(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
+                             int64_t ignore_index, void *token_logps, void *lse, int num_threads,
+                             napo_label_error *bad_label);
 /* The reference kernel: two passes in float64, any dtype and strides, one thread. */
 napo_status napo_token_logps_serial(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
                                     napo_labels labels, int64_t ignore_index, void *token_logps, void *lse,
@@ -149,13 +152,13 @@ napo_status napo_token_logps_serial(const void *logits, napo_logits_layout layou
  * grad_logits has the logits' dtype and its own layout (the logits' own layout for in-place use: each
  * row is read before it is written). */
 napo_status napo_token_logps_backward(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                      napo_labels labels, int64_t ignore_index, const void *lse,
-                                      const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
-                                      int num_threads, napo_label_error *bad_label);
-napo_status napo_token_logps_backward_serial(const void *logits, napo_logits_layout layout,
-                                             napo_logits_dtype dtype, napo_labels labels, int64_t ignore_index,
-                                             const void *lse, const void *grad_token, void *grad_logits,
-                                             napo_logits_layout grad_layout, napo_label_error *bad_label);
+                                      napo_labels labels, int64_t ignore_index, const void *lse, const void *grad_token,
+                                      void *grad_logits, napo_logits_layout grad_layout, int num_threads,
+                                      napo_label_error *bad_label);
+napo_status napo_token_logps_backward_serial(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                                             napo_labels labels, int64_t ignore_index, const void *lse,
+                                             const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
+                                             napo_label_error *bad_label);
 
 /* ---- CUDA entry points (csrc/cuda/objective.cu), same contracts ----
  * Pointers are device pointers; stream is a cudaStream_t (0 = legacy default);

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "../napo.h"
+#include "launch.cuh"
 
 namespace {
 
@@ -104,31 +105,6 @@ __global__ void backward_kernel(const T *logits, napo_logits_layout layout, napo
   }
 }
 
-template <typename Launch> napo_status on_device(int device, int *cuda_error, Launch launch) {
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err == cudaSuccess && previous != device) {
-    err = cudaSetDevice(device);
-  }
-  if (err == cudaSuccess) {
-    launch();
-    err = cudaGetLastError();
-  }
-  if (previous >= 0 && previous != device) {
-    const cudaError_t restore = cudaSetDevice(previous);
-    if (err == cudaSuccess) {
-      err = restore;
-    }
-  }
-  if (err != cudaSuccess) {
-    if (cuda_error != nullptr) {
-      *cuda_error = (int)err;
-    }
-    return NAPO_ERR_CUDA;
-  }
-  return NAPO_OK;
-}
-
 template <typename T>
 void launch_forward(const void *logits, napo_logits_layout layout, napo_labels labels, int64_t ignore_index,
                     void *token_logps, void *lse, cudaStream_t stream) {
@@ -179,7 +155,7 @@ napo_status napo_token_logps_cuda(const void *logits, napo_logits_layout layout,
     return NAPO_ERR_NULL_POINTER;
   }
   const cudaStream_t s = (cudaStream_t)stream;
-  return on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, cuda_error, [&] {
     switch (dtype) {
     case NAPO_LOGITS_F32:
       launch_forward<float>(logits, layout, labels, ignore_index, token_logps, lse, s);
@@ -202,20 +178,13 @@ napo_status napo_token_logps_backward_cuda(const void *logits, napo_logits_layou
                                            const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
                                            int device, void *stream, int *cuda_error) {
   napo_status status = check_launch(logits, layout, dtype, labels);
-  if (status != NAPO_OK) {
+  if (status != NAPO_OK ||
+      (status = napo_check_logps_backward_args(layout, lse, grad_token, grad_logits, grad_layout)) != NAPO_OK ||
+      layout.batch * layout.time == 0) {
     return status;
-  }
-  if (grad_layout.batch != layout.batch || grad_layout.time != layout.time || grad_layout.vocab != layout.vocab) {
-    return NAPO_ERR_SIZE;
-  }
-  if ((status = napo_check_logits_layout(grad_logits, grad_layout)) != NAPO_OK || layout.batch * layout.time == 0) {
-    return status;
-  }
-  if (lse == nullptr || grad_token == nullptr) {
-    return NAPO_ERR_NULL_POINTER;
   }
   const cudaStream_t s = (cudaStream_t)stream;
-  return on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, cuda_error, [&] {
     switch (dtype) {
     case NAPO_LOGITS_F32:
       launch_backward<float>(logits, layout, labels, ignore_index, lse, grad_token, grad_logits, grad_layout, s);

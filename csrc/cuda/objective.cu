@@ -9,6 +9,7 @@
 
 #include "../napo.h"
 #include "../napo_math.h"
+#include "launch.cuh"
 
 namespace {
 
@@ -18,32 +19,6 @@ constexpr int64_t kMaxBlocks = 4096;
 int blocks_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return (int)(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-}
-
-/* Runs `launch` on `device`, restores the caller's device, reports errors. */
-template <typename Launch> napo_status on_device(int device, int *cuda_error, Launch launch) {
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err == cudaSuccess && previous != device) {
-    err = cudaSetDevice(device);
-  }
-  if (err == cudaSuccess) {
-    launch();
-    err = cudaGetLastError();
-  }
-  if (previous >= 0 && previous != device) {
-    const cudaError_t restore = cudaSetDevice(previous);
-    if (err == cudaSuccess) {
-      err = restore;
-    }
-  }
-  if (err != cudaSuccess) {
-    if (cuda_error != nullptr) {
-      *cuda_error = (int)err;
-    }
-    return NAPO_ERR_CUDA;
-  }
-  return NAPO_OK;
 }
 
 template <typename T>
@@ -134,7 +109,7 @@ napo_status loss_forward(const T *margins, napo_layout layout, const T *q, int64
   if (q == nullptr || loss == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, cuda_error, [&] {
     loss_forward_kernel<T><<<blocks_for(total), kThreads, 0, (cudaStream_t)stream>>>(margins, layout, q, q_stride, beta,
                                                                                      loss, grad_factor);
   });
@@ -154,7 +129,7 @@ napo_status loss_backward(const T *grad_loss, napo_layout grad_layout, const T *
   if (grad_factor == nullptr || grad_margins == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, cuda_error, [&] {
     loss_backward_kernel<T>
         <<<blocks_for(total), kThreads, 0, (cudaStream_t)stream>>>(grad_loss, grad_layout, grad_factor, grad_margins);
   });
@@ -170,7 +145,7 @@ napo_status adaptive_q(const T *margins, int64_t stride, int64_t n, double gamma
   if (q_out == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, cuda_error, [&] {
     adaptive_q_kernel<T><<<1, kThreads, 0, (cudaStream_t)stream>>>(margins, stride, n, gamma, q_min, q_max, q_out);
   });
 }
@@ -188,7 +163,7 @@ napo_status q_from_mean(const T *means, int64_t n, int64_t stride, double gamma,
   if (q_out == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, cuda_error, [&] {
     q_from_mean_kernel<T>
         <<<blocks_for(n), kThreads, 0, (cudaStream_t)stream>>>(means, n, stride, gamma, q_min, q_max, q_out);
   });
@@ -204,7 +179,7 @@ napo_status dynamic_weights(const T *reward_margins, int64_t stride, int64_t k, 
   if (weights == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, cuda_error, [&] {
     dynamic_weights_kernel<T><<<1, kThreads, 0, (cudaStream_t)stream>>>(reward_margins, stride, k, w_min, eps, weights);
   });
 }

@@ -8,23 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "napo.h"
 #include "napo_dtype.h"
-
-typedef struct {
-  int passed;
-  int failed;
-} tally;
-
-#define CHECK(t, cond)                                                                                                 \
-  do {                                                                                                                 \
-    if (cond) {                                                                                                        \
-      (t)->passed++;                                                                                                   \
-    } else {                                                                                                           \
-      (t)->failed++;                                                                                                   \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);                                         \
-    }                                                                                                                  \
-  } while (0)
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 

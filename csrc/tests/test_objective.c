@@ -9,25 +9,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "napo.h"
 #include "napo_math.h"
 
 static napo_layout vec(int64_t n, int64_t stride) { return (napo_layout){1, n, 0, stride}; }
-
-typedef struct {
-  int passed;
-  int failed;
-} tally;
-
-#define CHECK(t, cond)                                                                                                 \
-  do {                                                                                                                 \
-    if (cond) {                                                                                                        \
-      (t)->passed++;                                                                                                   \
-    } else {                                                                                                           \
-      (t)->failed++;                                                                                                   \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);                                         \
-    }                                                                                                                  \
-  } while (0)
 
 static int close_rel(double actual, double expected, double rtol) {
   return fabs(actual - expected) <= rtol * fabs(expected) + 1e-300;
