@@ -68,6 +68,7 @@ format: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_objective.py
 	$(PY) benchmarks/bench_logps.py
+	$(PY) benchmarks/bench_generate.py
 
 clean:
 	rm -rf $(C_BUILD) build *.egg-info napo/_C*.so

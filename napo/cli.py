@@ -37,6 +37,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--beta", type=_positive_float, default=0.1)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    demo.add_argument("--workdir", default="napo-demo", help="where the tiny model, sample set and answers go")
+    demo.add_argument("--skip-data", action="store_true", help="only the objective step")
+
+    generate = commands.add_parser(
+        "generate",
+        help="write language-biased (question_only) and vision-biased (image_only) answers for an RLAIF-V-style set",
+    )
+    generate.add_argument("--model", required=True, help="LLaVA checkpoint directory (or hub id where reachable)")
+    generate.add_argument("--data", required=True, help="Parquet file, directory of Parquet files, or saved dataset")
+    generate.add_argument("--output", required=True, help="output directory (rerunning resumes)")
+    generate.add_argument("--batch-size", type=_positive_int, default=8)
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=1024)
+    generate.add_argument("--num-beams", type=_positive_int, default=3)
+    generate.add_argument("--limit", type=_positive_int, default=None, help="only the first N input rows")
+    generate.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
+    generate.add_argument("--shard-index", type=int, default=None, help="default: RANK or 0")
+    generate.add_argument("--blank-images", action="store_true", help="also question_only_white / _black")
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    generate.add_argument("--rows-per-part", type=_positive_int, default=256, help="rows per Parquet part file")
+    generate.add_argument("--overwrite", action="store_true", help="discard an earlier run with other settings")
+    generate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    tiny = commands.add_parser("make-tiny-model", help="write the tiny random LLaVA (offline) to a directory")
+    tiny.add_argument("path")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    sample = commands.add_parser("make-sample-data", help="write the embedded RLAIF-V-schema sample set as Parquet")
+    sample.add_argument("path")
+    sample.add_argument("--rows", type=_positive_int, default=32)
+    sample.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -46,13 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         from napo import _native
-        from napo.demo import run_demo
+        from napo.demo import run_data_demo, run_demo
 
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             print(f"napo demo: --device {args.device} asked for CUDA, but torch sees no CUDA device", file=sys.stderr)
             return 2
+        if not args.skip_data:
+            run_data_demo(args.workdir)
         backend = "reference (NAPO_BACKEND)" if _native.use_reference_backend() else "C core (napo._C)"
-        print(f"napo demo: paper objective (DPO original, adaptive NaPO language/vision), backend: {backend}\n")
+        print(f"Step 2: the paper objective (DPO original, adaptive NaPO language/vision), backend: {backend}\n")
         run_demo(
             steps=args.steps,
             batch_size=args.batch_size,
@@ -62,4 +95,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
         )
         return 0
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "make-tiny-model":
+        from napo.data import make_tiny_model
+
+        print(f"tiny LLaVA written to {make_tiny_model(args.path, seed=args.seed)}")
+        return 0
+    if args.command == "make-sample-data":
+        from napo.data import make_sample_data
+
+        print(f"{args.rows} sample rows written to {make_sample_data(args.path, rows=args.rows, seed=args.seed)}")
+        return 0
     raise AssertionError(f"unhandled command {args.command}")  # argparse rejects unknown commands first
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from napo.data import generate_biased
+
+    try:
+        summary = generate_biased(
+            args.model,
+            args.data,
+            args.output,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+            blank_images=args.blank_images,
+            limit=args.limit,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+            device=args.device,
+            dtype=args.dtype,
+            rows_per_part=args.rows_per_part,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"napo generate: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"napo generate: shard {summary.shard_index}/{summary.num_shards}: {summary.written} rows written, "
+        f"{summary.failed} skipped with errors, {summary.already_done} already done, "
+        f"{summary.seconds:.1f} s ({summary.rows_per_second:.2f} rows/s) -> {summary.output_dir}"
+    )
+    if summary.failed:
+        print(f"napo generate: the skipped rows and why are in {summary.output_dir / '_errors.jsonl'}")
+    nothing_succeeded = summary.written == 0 and summary.already_done == 0 and summary.failed > 0
+    return 1 if nothing_succeeded else 0

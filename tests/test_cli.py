@@ -11,9 +11,14 @@ from napo.cli import main
 from napo.demo import run_demo
 
 
-def test_demo_prints_a_table_starting_at_q_one_and_uniform_weights(capsys):
-    assert main(["demo", "--steps", "9", "--batch-size", "16"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+def test_demo_prints_a_table_starting_at_q_one_and_uniform_weights(capsys, tmp_path):
+    assert main(["demo", "--steps", "9", "--batch-size", "16", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    if (tmp_path / "rlaif-v-bias").exists():  # the data step ran (napo[data] installed)
+        assert out.startswith("Step 1: 16 rows answered") and "question_only:" in out
+    else:
+        assert "skipping the data step" in out
     header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["step", "loss", "q_lang"])
     first = lines[header + 2].split()
     assert first[0] == "0" and first[2:4] == ["1.0000", "1.0000"] and first[4:7] == ["0.333"] * 3
@@ -27,7 +32,11 @@ def test_demo_learns_and_q_falls_below_one():
     assert rows[-1]["margin_original"] > 0
 
 
-@pytest.mark.parametrize("argv", [["demo", "--steps", "0"], ["demo", "--beta", "-1"], ["frobnicate"], []])
+@pytest.mark.parametrize(
+    "argv",
+    [["demo", "--steps", "0"], ["demo", "--beta", "-1"], ["frobnicate"], [], ["generate", "--model", "m"],
+     ["make-sample-data", "x.parquet", "--rows", "0"]],
+)  # fmt: skip
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -46,3 +55,14 @@ def test_objective_quickstart_example_runs():
     script = Path(__file__).parent.parent / "examples" / "objective_quickstart.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("loss ") and "napo/q_language" in result.stdout
+
+
+def test_make_commands_write_loadable_artifacts(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert main(["make-tiny-model", str(tmp_path / "m")]) == 0
+    assert main(["make-sample-data", str(tmp_path / "s.parquet"), "--rows", "5"]) == 0
+    assert "5 sample rows written" in capsys.readouterr().out
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
+    AutoProcessor.from_pretrained(tmp_path / "m")

@@ -1,0 +1,490 @@
+"""Writing the biased answers (RLAIF-V -> RLAIF-V-Bias) with a HuggingFace LLaVA model.
+
+For every row of an RLAIF-V-style preference set the model writes a language-biased answer
+(``question_only``: the question, no image) and a vision-biased answer (``image_only``: the
+image, no question), through its own chat template; optionally the question with an all-white or
+all-black image (``question_only_white`` / ``question_only_black``). Paper defaults: greedy beam
+search with ``num_beams=3`` and ``max_new_tokens=1024``.
+
+Runs are batched (left padding, rows grouped by question length inside a window so that padding
+stays small), sharded (``num_shards`` / ``shard_index``, or the ``WORLD_SIZE`` / ``RANK`` that
+torchrun and accelerate set), and resumable: finished rows go to Parquet part files written
+atomically (temporary file, fsync, rename), so a run killed at any moment and rerun ends with
+every row exactly once. Rows that cannot be processed (undecodable image, empty question, a
+generation error) are logged to ``_errors.jsonl`` (the underscore keeps Parquet readers off it)
+and skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REQUIRED_COLUMNS = ("image", "question", "chosen", "rejected", "idx")
+# Leading underscores: Parquet readers (pyarrow, pandas.read_parquet(output_dir)) skip such files.
+MANIFEST = "_napo_generate.json"
+ERRORS = "_errors.jsonl"
+PART_PATTERN = re.compile(r"^part-s(\d{4})-(\d{6})\.parquet$")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What decides the answers; a rerun into the same output must use the same settings."""
+
+    max_new_tokens: int = 1024
+    num_beams: int = 3
+    blank_images: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        extra = ("question_only_white", "question_only_black") if self.blank_images else ()
+        return ("question_only", "image_only", *extra)
+
+
+@dataclass
+class GenerationSummary:
+    output_dir: Path
+    written: int = 0
+    failed: int = 0
+    already_done: int = 0
+    seconds: float = 0.0
+    shard_index: int = 0
+    num_shards: int = 1
+    errors: list[dict] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+class RowError(Exception):
+    """A row that cannot be processed; it is logged and skipped."""
+
+
+# ---------------------------------------------------------------- input
+
+
+def _open_input(data: str | Path) -> tuple[Any, int]:
+    """(a pyarrow dataset or table to stream RecordBatches from, row count) for a Parquet file, a
+    directory of Parquet files, a saved `datasets` directory or (where a hub is reachable) a hub id."""
+    import pyarrow.dataset as pads
+
+    path = Path(data)
+    if path.is_file():
+        dataset = pads.dataset(str(path), format="parquet")
+        return dataset, dataset.count_rows()
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            import datasets
+
+            table = datasets.load_from_disk(str(path)).data.table
+            return table, table.num_rows
+        files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith("."))
+        if not files:
+            raise FileNotFoundError(f"no Parquet files under {path}")
+        dataset = pads.dataset(files, format="parquet")
+        return dataset, dataset.count_rows()
+    if "/" in str(data) and not str(data).startswith((".", "/")):
+        import datasets
+
+        try:
+            table = datasets.load_dataset(str(data), split="train").data.table
+        except Exception as error:
+            raise FileNotFoundError(
+                f"{data} is not a local path and could not be loaded from a hub: {error}"
+            ) from error
+        return table, table.num_rows
+    raise FileNotFoundError(f"no such file or directory: {data}")
+
+
+def _batches(source: Any, size: int) -> Iterator[Any]:
+    yield from (
+        source.to_batches(max_chunksize=size) if hasattr(source, "num_rows") else source.to_batches(batch_size=size)
+    )
+
+
+def check_columns(names: list[str]) -> None:
+    missing = [column for column in REQUIRED_COLUMNS if column not in names]
+    if missing:
+        raise ValueError(
+            f"the input lacks the RLAIF-V column(s) {', '.join(missing)} (has: {', '.join(names)}); "
+            f"napo generate needs {', '.join(REQUIRED_COLUMNS)}"
+        )
+
+
+def decode_image(value: Any, data_root: Path | None = None):
+    """A PIL RGB image from {"bytes", "path"}, raw bytes, or a path; RowError if it cannot be decoded."""
+    from PIL import Image
+
+    raw, path = None, None
+    if isinstance(value, dict):
+        raw, path = value.get("bytes"), value.get("path")
+    elif isinstance(value, (bytes, bytearray)):
+        raw = value
+    elif isinstance(value, str):
+        path = value
+    try:
+        if raw:
+            image = Image.open(io.BytesIO(raw))
+        elif path and data_root is not None and (data_root / path).is_file():
+            image = Image.open(data_root / path)
+        else:
+            raise RowError("no image bytes (and no readable image path)")
+        return image.convert("RGB")
+    except RowError:
+        raise
+    except Exception as error:
+        raise RowError(f"undecodable image: {type(error).__name__}: {error}") from error
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, write, owner: str = "") -> None:
+    """write(tmp_path), fsync, then rename over path: readers see the whole file or nothing.
+    The dot-prefixed temporary name is invisible to Parquet readers; ``owner`` tags it so that a
+    rerun can remove what a killed run of the same shard left behind."""
+    tmp = path.parent / f".tmp-{owner}-{uuid.uuid4().hex}-{path.name}"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _existing_parts(output: Path) -> list[Path]:
+    return sorted(p for p in output.iterdir() if PART_PATTERN.match(p.name))
+
+
+def _done_indices(output: Path) -> set:
+    import pyarrow.parquet as pq
+
+    done: set = set()
+    for part in _existing_parts(output):
+        done.update(pq.read_table(part, columns=["idx"]).column("idx").to_pylist())
+    errors = output / ERRORS
+    if errors.exists():
+        for line in errors.read_text().splitlines():
+            try:
+                done.add(json.loads(line)["idx"])
+            except (ValueError, KeyError):
+                continue  # a line cut short by a crash
+    return done
+
+
+def _prepare_output(output: Path, manifest: dict, overwrite: bool) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / MANIFEST
+    if overwrite:
+        for part in _existing_parts(output):
+            part.unlink()
+        (output / ERRORS).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    if path.exists():
+        previous = json.loads(path.read_text())
+        keys = ("model", "data", "settings")
+        if any(previous.get(k) != manifest[k] for k in keys):
+            differences = {k: (previous.get(k), manifest[k]) for k in keys if previous.get(k) != manifest[k]}
+            raise ValueError(
+                f"{output} holds a run with other settings {differences}; use another output directory "
+                "or overwrite=True (--overwrite) to start again"
+            )
+        return
+    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+
+
+# ---------------------------------------------------------------- the model
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return "cpu"
+    if device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for CUDA, but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return choices[dtype]
+
+
+def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
+    """(model, processor) for a LLaVA-family checkpoint directory or hub id, ready to generate."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    device = resolve_device(device)
+    processor = AutoProcessor.from_pretrained(str(model))
+    processor.tokenizer.padding_side = "left"  # decoder-only generation: pad before the prompt
+    loaded = LlavaForConditionalGeneration.from_pretrained(str(model), dtype=resolve_dtype(dtype, device))
+    loaded.to(device).eval()
+    return loaded, processor
+
+
+def _prompt(processor, *, question: str | None, with_image: bool) -> str:
+    content: list[dict] = [{"type": "image"}] if with_image else []
+    if question is not None:
+        content.append({"type": "text", "text": question})
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def generate_answers(
+    model, processor, prompts: list[str], images: list | None, settings: GenerationSettings
+) -> list[str]:
+    """One batched greedy beam search; the new tokens of each prompt, decoded and stripped."""
+    import torch
+
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=settings.max_new_tokens,
+            num_beams=settings.num_beams,
+            do_sample=False,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _requests(column: str, rows: list[dict], processor) -> tuple[list[str], list | None]:
+    from PIL import Image
+
+    if column == "question_only":
+        return [_prompt(processor, question=r["question"], with_image=False) for r in rows], None
+    if column == "image_only":
+        return [_prompt(processor, question=None, with_image=True) for r in rows], [r["_image"] for r in rows]
+    color = (255, 255, 255) if column == "question_only_white" else (0, 0, 0)
+    blanks = [Image.new("RGB", r["_image"].size, color) for r in rows]
+    return [_prompt(processor, question=r["question"], with_image=True) for r in rows], blanks
+
+
+def _answer_rows(model, processor, rows: list[dict], settings: GenerationSettings) -> list[dict]:
+    for column in settings.columns:
+        prompts, images = _requests(column, rows, processor)
+        for row, answer in zip(rows, generate_answers(model, processor, prompts, images, settings), strict=True):
+            row[column] = answer
+    return rows
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
+    if num_shards is None:
+        num_shards = int(os.environ.get("WORLD_SIZE", 1))
+        if shard_index is None:
+            shard_index = int(os.environ.get("RANK", 0))
+    shard_index = 0 if shard_index is None else shard_index
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {shard_index} of {num_shards}")
+    return num_shards, shard_index
+
+
+def generate_biased(
+    model: str | Path,
+    data: str | Path,
+    output: str | Path,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 1024,
+    num_beams: int = 3,
+    blank_images: bool = False,
+    limit: int | None = None,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    rows_per_part: int = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+    loaded: tuple | None = None,
+) -> GenerationSummary:
+    """Adds ``question_only`` and ``image_only`` (and, with ``blank_images``, ``question_only_white``
+    and ``question_only_black``) to every row of ``data`` and writes Parquet parts under ``output``.
+
+    Args:
+        model: a LLaVA-family checkpoint directory (or hub id where a hub is reachable).
+        data: a Parquet file, a directory of Parquet files or a saved `datasets` directory with the
+            RLAIF-V columns (image, question, chosen, rejected, idx, provenance kept as is).
+        output: the output directory (created); rerunning the same command resumes.
+        batch_size: rows per generate call (left padding, rows grouped by question length).
+        limit: process only the first ``limit`` rows of the input (before sharding).
+        num_shards, shard_index: this process's share of the input (row position modulo num_shards);
+            default from WORLD_SIZE / RANK.
+        rows_per_part: rows per Parquet part: what a crash can lose (it is regenerated on rerun).
+        overwrite: start again in an output directory that holds a run with other settings.
+        loaded: an already loaded ``(model, processor)`` pair (``model`` is then only recorded).
+    Returns:
+        A :class:`GenerationSummary`.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from napo import __version__
+
+    if batch_size < 1 or rows_per_part < 1:
+        raise ValueError(f"batch_size and rows_per_part must be >= 1, got {batch_size} and {rows_per_part}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, blank_images=blank_images)
+    num_shards, shard_index = _shard_from_env(num_shards, shard_index)
+    source, total_rows = _open_input(data)
+    check_columns(list(source.schema.names))
+    output = Path(output)
+    manifest = {
+        "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
+        "data": str(Path(data).resolve()) if Path(data).exists() else str(data),
+        "settings": asdict(settings),
+        "napo_version": __version__,
+    }
+    _prepare_output(output, manifest, overwrite)
+    for stale in output.glob(f".tmp-s{shard_index:04d}-*"):
+        stale.unlink(missing_ok=True)  # a part this shard was writing when it was killed
+    done = _done_indices(output)
+    data_root = Path(data).parent if Path(data).is_file() else Path(data) if Path(data).is_dir() else None
+
+    if loaded is None:
+        loaded = load_model(model, device=device, dtype=dtype)
+    llava, processor = loaded
+
+    rows_total = total_rows if limit is None else min(total_rows, limit)
+    shard_total = len(range(shard_index, rows_total, num_shards))
+    summary = GenerationSummary(output_dir=output, shard_index=shard_index, num_shards=num_shards)
+    existing = [int(PART_PATTERN.match(p.name).group(2)) for p in _existing_parts(output)
+                if int(PART_PATTERN.match(p.name).group(1)) == shard_index]  # fmt: skip
+    next_part = max(existing, default=-1) + 1
+    schema_metadata = {b"napo": json.dumps({**manifest, "columns": list(settings.columns)}).encode()}
+    pending: list[dict] = []
+    seen: set = set()
+    start = time.perf_counter()
+    bar = _progress(shard_total, progress, f"napo generate (shard {shard_index}/{num_shards})")
+
+    def flush() -> None:
+        nonlocal next_part, pending
+        if not pending:
+            return
+        table = pa.Table.from_pylist(pending)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **schema_metadata})
+        part = output / f"part-s{shard_index:04d}-{next_part:06d}.parquet"
+        _write_atomically(part, lambda tmp: pq.write_table(table, tmp), owner=f"s{shard_index:04d}")
+        next_part += 1
+        pending = []
+
+    def record_error(row: dict, reason: str) -> None:
+        entry = {"idx": row["idx"], "reason": reason, "shard": shard_index}
+        with open(output / ERRORS, "a") as handle:  # O_APPEND: whole lines even with several shards
+            handle.write(json.dumps(entry, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        summary.failed += 1
+        summary.errors.append(entry)
+
+    position = 0
+    window = batch_size * 32
+    for record_batch in _batches(source, window):
+        rows = record_batch.to_pylist()
+        mine = []
+        for row in rows:
+            if limit is not None and position >= limit:
+                break
+            if position % num_shards == shard_index:
+                if row["idx"] in seen:
+                    raise ValueError(f"idx {row['idx']!r} appears more than once in the input; idx must be unique")
+                seen.add(row["idx"])
+                mine.append(row)
+            position += 1
+        todo = [r for r in mine if r["idx"] not in done]
+        summary.already_done += len(mine) - len(todo)
+        bar.update(len(mine) - len(todo))
+        # Group by question length inside the window: little padding, bounded memory.
+        todo.sort(key=lambda r: len(processor.tokenizer(r["question"] or "").input_ids))
+        for offset in range(0, len(todo), batch_size):
+            batch = []
+            for row in todo[offset : offset + batch_size]:
+                try:
+                    if not isinstance(row["question"], str) or not row["question"].strip():
+                        raise RowError("empty question")
+                    row["_image"] = decode_image(row["image"], data_root)
+                    batch.append(row)
+                except RowError as error:
+                    record_error(row, str(error))
+                    bar.update(1)
+            for row in _answer_batch(llava, processor, batch, settings, record_error):
+                row.pop("_image", None)
+                pending.append(row)
+                summary.written += 1
+                bar.update(1)
+                if len(pending) >= rows_per_part:
+                    flush()
+            bar.set_postfix(errors=summary.failed)
+        if limit is not None and position >= limit:
+            break
+    flush()
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _answer_batch(model, processor, batch: list[dict], settings: GenerationSettings, record_error) -> list[dict]:
+    """Answers a batch; if the batch fails, each row alone, so one bad row cannot sink the others."""
+    if not batch:
+        return []
+    try:
+        return _answer_rows(model, processor, batch, settings)
+    except Exception:
+        if len(batch) == 1:
+            error = sys.exc_info()[1]
+            record_error(batch[0], f"generation failed: {type(error).__name__}: {error}")
+            return []
+    answered = []
+    for row in batch:
+        answered.extend(_answer_batch(model, processor, [row], settings, record_error))
+    return answered
+
+
+def _progress(total: int, enabled: bool, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=description, unit="row", dynamic_ncols=True)

@@ -1,0 +1,227 @@
+"""napo generate on the tiny offline LLaVA and the embedded sample set."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+pd = pytest.importorskip("pandas")
+
+from napo.data import generate_biased, load_model, make_sample_data, make_tiny_model  # noqa: E402
+from napo.data.generate import _shard_from_env  # noqa: E402
+
+QUIET = {"progress": False}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llava")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    return make_sample_data(tmp_path_factory.mktemp("data") / "sample.parquet", rows=12)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    return load_model(tiny, device="cpu")
+
+
+def read_output(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path).sort_values("idx").reset_index(drop=True)
+
+
+def test_tiny_model_and_processor_round_trip(tiny):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny)
+    processor = AutoProcessor.from_pretrained(tiny)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}],
+        add_generation_prompt=True,
+    )
+    assert prompt == "USER: <image>\nWhat color is it? ASSISTANT:"
+    assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert processor.tokenizer.decode(
+        processor.tokenizer("The circle is red.").input_ids, skip_special_tokens=True
+    ) == ("The circle is red.")
+    again = make_tiny_model(tiny.parent / "again")
+    assert (again / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()  # deterministic
+
+
+def test_sample_data_round_trip(sample, tmp_path):
+    from PIL import Image
+
+    table = pq.read_table(sample)
+    assert table.column_names == [
+        "ds_name", "image", "question", "chosen", "rejected", "origin_dataset", "origin_split", "idx", "image_path",
+    ]  # fmt: skip
+    formats = {Image.open(io.BytesIO(row["bytes"])).format for row in table.column("image").to_pylist()}
+    assert formats == {"PNG", "JPEG"}
+    rows = table.to_pylist()
+    assert all(row["chosen"] != row["rejected"] for row in rows)
+    again = make_sample_data(tmp_path / "again.parquet", rows=12)
+    assert pq.read_table(again).equals(table)
+
+
+def test_end_to_end(tiny, sample, loaded, tmp_path):
+    out = tmp_path / "out"
+    summary = generate_biased(tiny, sample, out, max_new_tokens=4, batch_size=4, loaded=loaded, **QUIET)
+    assert (summary.written, summary.failed, summary.already_done) == (12, 0, 0)
+    frame = read_output(out)
+    source = pd.read_parquet(sample).sort_values("idx").reset_index(drop=True)
+    assert list(frame.columns) == [*source.columns, "question_only", "image_only"]
+    pd.testing.assert_frame_equal(frame[source.columns], source)  # every input column kept as it was
+    assert frame["question_only"].map(len).gt(0).all() and frame["image_only"].map(len).gt(0).all()
+    metadata = json.loads(pq.read_schema(next(out.glob("part-*.parquet"))).metadata[b"napo"])
+    assert metadata["settings"] == {"max_new_tokens": 4, "num_beams": 3, "blank_images": False}
+    assert metadata["model"] == str(tiny.resolve()) and metadata["napo_version"]
+    datasets = pytest.importorskip("datasets")
+    assert len(datasets.load_dataset(str(out), split="train")) == 12
+    # A rerun finds everything done and writes nothing.
+    again = generate_biased(tiny, sample, out, max_new_tokens=4, batch_size=4, loaded=loaded, **QUIET)
+    assert (again.written, again.already_done) == (0, 12)
+    assert len(read_output(out)) == 12
+
+
+def test_batched_answers_equal_unbatched(tiny, sample, loaded, tmp_path):
+    one = generate_biased(tiny, sample, tmp_path / "one", batch_size=1, max_new_tokens=6, loaded=loaded, **QUIET)
+    many = generate_biased(tiny, sample, tmp_path / "many", batch_size=5, max_new_tokens=6, loaded=loaded, **QUIET)
+    assert one.written == many.written == 12
+    a, b = read_output(tmp_path / "one"), read_output(tmp_path / "many")
+    assert a["question_only"].tolist() == b["question_only"].tolist()
+    assert a["image_only"].tolist() == b["image_only"].tolist()
+    # Questions of different lengths were batched together, so left padding really was exercised.
+    assert pd.read_parquet(sample)["question"].nunique() > 1
+
+
+def test_blank_image_columns(tiny, sample, loaded, tmp_path):
+    generate_biased(tiny, sample, tmp_path / "o", max_new_tokens=3, blank_images=True, limit=4, loaded=loaded, **QUIET)
+    frame = read_output(tmp_path / "o")
+    assert len(frame) == 4
+    assert {"question_only_white", "question_only_black"} <= set(frame.columns)
+
+
+def test_bad_rows_are_logged_and_skipped(tiny, sample, loaded, tmp_path):
+    rows = pq.read_table(sample).to_pylist()[:6]
+    rows[1]["image"] = {"bytes": b"not an image at all", "path": "broken.png"}
+    rows[4]["question"] = "   "
+    data = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    summary = generate_biased(tiny, data, tmp_path / "o", max_new_tokens=3, loaded=loaded, **QUIET)
+    assert (summary.written, summary.failed) == (4, 2)
+    errors = [json.loads(line) for line in (tmp_path / "o" / "_errors.jsonl").read_text().splitlines()]
+    reasons = {entry["idx"]: entry["reason"] for entry in errors}
+    assert set(reasons) == {rows[1]["idx"], rows[4]["idx"]}
+    assert reasons[rows[1]["idx"]].startswith("undecodable image") and reasons[rows[4]["idx"]] == "empty question"
+    assert sorted(read_output(tmp_path / "o")["idx"]) == sorted(r["idx"] for i, r in enumerate(rows) if i not in (1, 4))
+
+
+def test_missing_columns_are_one_clear_error(tiny, sample, loaded, tmp_path):
+    data = tmp_path / "partial.parquet"
+    pq.write_table(pq.read_table(sample).drop(["chosen", "idx"]), data)
+    with pytest.raises(ValueError, match=r"lacks the RLAIF-V column\(s\) chosen, idx"):
+        generate_biased(tiny, data, tmp_path / "o", loaded=loaded, **QUIET)
+
+
+def test_duplicate_idx_is_an_error(tiny, sample, loaded, tmp_path):
+    rows = pq.read_table(sample).to_pylist()[:3]
+    rows[2]["idx"] = rows[0]["idx"]
+    data = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    with pytest.raises(ValueError, match="appears more than once"):
+        generate_biased(tiny, data, tmp_path / "o", max_new_tokens=2, loaded=loaded, **QUIET)
+
+
+def test_other_settings_are_refused_unless_overwrite(tiny, sample, loaded, tmp_path):
+    generate_biased(tiny, sample, tmp_path / "o", max_new_tokens=2, limit=2, loaded=loaded, **QUIET)
+    with pytest.raises(ValueError, match="other settings"):
+        generate_biased(tiny, sample, tmp_path / "o", max_new_tokens=3, limit=2, loaded=loaded, **QUIET)
+    summary = generate_biased(tiny, sample, tmp_path / "o", max_new_tokens=3, limit=2, overwrite=True, loaded=loaded,
+                              **QUIET)  # fmt: skip
+    assert summary.written == 2 and len(read_output(tmp_path / "o")) == 2
+
+
+def test_shards_partition_the_input(tiny, sample, loaded, tmp_path):
+    written = []
+    for index in range(3):
+        summary = generate_biased(tiny, sample, tmp_path / "o", max_new_tokens=2, num_shards=3, shard_index=index,
+                                  loaded=loaded, **QUIET)  # fmt: skip
+        written.append(summary.written)
+    frame = read_output(tmp_path / "o")
+    assert written == [4, 4, 4]
+    assert sorted(frame["idx"]) == sorted(pd.read_parquet(sample)["idx"])  # each row exactly once
+    assert {p.name[:11] for p in (tmp_path / "o").glob("part-*")} == {"part-s0000-", "part-s0001-", "part-s0002-"}
+
+
+def test_shard_defaults_follow_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert _shard_from_env(None, None) == (4, 2)
+    assert _shard_from_env(2, 1) == (2, 1)
+    with pytest.raises(ValueError, match="shard_index"):
+        _shard_from_env(2, 2)
+
+
+def test_inputs_as_parquet_directory_and_saved_dataset(tiny, sample, loaded, tmp_path):
+    table = pq.read_table(sample)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    pq.write_table(table.slice(0, 5), folder / "a.parquet")
+    pq.write_table(table.slice(5, 7), folder / "b.parquet")
+    assert generate_biased(tiny, folder, tmp_path / "o1", max_new_tokens=2, loaded=loaded, **QUIET).written == 12
+    datasets = pytest.importorskip("datasets")
+    saved = tmp_path / "saved"
+    datasets.Dataset(table).save_to_disk(str(saved))
+    assert generate_biased(tiny, saved, tmp_path / "o2", max_new_tokens=2, loaded=loaded, **QUIET).written == 12
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "napo", "generate", *args, "--no-progress", "--device", "cpu"]
+
+
+def test_cli_exit_codes(tiny, sample, tmp_path):
+    missing = subprocess.run(_cli("--model", str(tiny), "--data", str(tmp_path / "nope.parquet"), "--output",
+                                  str(tmp_path / "o")), capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    rows = pq.read_table(sample).to_pylist()[:2]
+    for row in rows:
+        row["image"] = {"bytes": b"garbage", "path": None}
+    broken = tmp_path / "broken.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), broken)
+    failed = subprocess.run(_cli("--model", str(tiny), "--data", str(broken), "--output", str(tmp_path / "o2")),
+                            capture_output=True, text=True)  # fmt: skip
+    assert failed.returncode == 1 and "0 rows written, 2 skipped with errors" in failed.stdout
+
+
+def test_sigkill_mid_run_then_rerun_gives_every_row_once(tiny, tmp_path):
+    data = make_sample_data(tmp_path / "many.parquet", rows=40)
+    out = tmp_path / "o"
+    args = _cli("--model", str(tiny), "--data", str(data), "--output", str(out), "--batch-size", "2",
+                "--rows-per-part", "2", "--max-new-tokens", "48")  # fmt: skip
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("part-*.parquet"))) < 2 and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    written_before = len(pd.read_parquet(out)) if list(out.glob("part-*.parquet")) else 0
+    assert 0 < written_before < 40, f"the kill must land mid-run (rows written: {written_before})"
+    rerun = subprocess.run(args, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{written_before} already done" in rerun.stdout
+    frame = pd.read_parquet(out)
+    assert len(frame) == 40 and frame["idx"].is_unique and set(frame["idx"]) == set(range(40))
+    assert not list(out.glob(".tmp-*"))  # no stray temporary files visible as parts
