@@ -107,6 +107,17 @@ def test_batched_answers_equal_unbatched(tiny, sample, loaded, tmp_path):
     assert pd.read_parquet(sample)["question"].nunique() > 1
 
 
+def test_raw_image_bytes_are_accepted(tiny, sample, loaded, tmp_path):
+    rows = pq.read_table(sample).to_pylist()[:3]
+    for row in rows:
+        row["image"] = row["image"]["bytes"]
+    data = tmp_path / "raw.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    assert pa.types.is_binary(pq.read_schema(data).field("image").type)
+    summary = generate_biased(tiny, data, tmp_path / "o", max_new_tokens=2, loaded=loaded, **QUIET)
+    assert (summary.written, summary.failed) == (3, 0)
+
+
 def test_blank_image_columns(tiny, sample, loaded, tmp_path):
     generate_biased(tiny, sample, tmp_path / "o", max_new_tokens=3, blank_images=True, limit=4, loaded=loaded, **QUIET)
     frame = read_output(tmp_path / "o")

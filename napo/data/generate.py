@@ -249,12 +249,17 @@ def resolve_dtype(dtype: str, device: str):
 
 def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
     """(model, processor) for a LLaVA-family checkpoint directory or hub id, ready to generate."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
+
+    try:  # any image-text-to-text checkpoint (LLaVA, LLaVA-NeXT, ...); older transformers: LLaVA itself
+        from transformers import AutoModelForImageTextToText as ModelClass
+    except ImportError:
+        from transformers import LlavaForConditionalGeneration as ModelClass
 
     device = resolve_device(device)
     processor = AutoProcessor.from_pretrained(str(model))
     processor.tokenizer.padding_side = "left"  # decoder-only generation: pad before the prompt
-    loaded = LlavaForConditionalGeneration.from_pretrained(str(model), dtype=resolve_dtype(dtype, device))
+    loaded = ModelClass.from_pretrained(str(model), dtype=resolve_dtype(dtype, device))
     loaded.to(device).eval()
     return loaded, processor
 
