@@ -118,6 +118,19 @@ def test_raw_image_bytes_are_accepted(tiny, sample, loaded, tmp_path):
     assert (summary.written, summary.failed) == (3, 0)
 
 
+def test_parts_share_one_schema_when_a_column_is_sometimes_null(tiny, sample, loaded, tmp_path):
+    rows = pq.read_table(sample).to_pylist()[:6]
+    for row in rows[:3]:
+        row["image_path"] = None  # all-null in the first parts
+    data = tmp_path / "nulls.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    generate_biased(tiny, data, tmp_path / "o", max_new_tokens=2, batch_size=1, rows_per_part=1, loaded=loaded, **QUIET)
+    schemas = {pq.read_schema(p).remove_metadata() for p in (tmp_path / "o").glob("part-*.parquet")}
+    assert len(schemas) == 1
+    frame = read_output(tmp_path / "o")
+    assert frame["image_path"].isna().sum() == 3 and len(frame) == 6
+
+
 def test_blank_image_columns(tiny, sample, loaded, tmp_path):
     generate_biased(tiny, sample, tmp_path / "o", max_new_tokens=3, blank_images=True, limit=4, loaded=loaded, **QUIET)
     frame = read_output(tmp_path / "o")

@@ -400,7 +400,14 @@ def generate_biased(
     existing = [int(PART_PATTERN.match(p.name).group(2)) for p in _existing_parts(output)
                 if int(PART_PATTERN.match(p.name).group(1)) == shard_index]  # fmt: skip
     next_part = max(existing, default=-1) + 1
-    schema_metadata = {b"napo": json.dumps({**manifest, "columns": list(settings.columns)}).encode()}
+    # One schema for every part: the input's own, plus the answer columns. Inferring it per part would
+    # give a column that happens to be all-null in one part a different type, and readers would refuse.
+    schema = source.schema
+    for column in settings.columns:
+        if column not in schema.names:
+            schema = schema.append(pa.field(column, pa.string()))
+    napo_metadata = {b"napo": json.dumps({**manifest, "columns": list(settings.columns)}).encode()}
+    schema = schema.with_metadata({**(schema.metadata or {}), **napo_metadata})
     pending: list[dict] = []
     seen: set = set()
     start = time.perf_counter()
@@ -410,8 +417,7 @@ def generate_biased(
         nonlocal next_part, pending
         if not pending:
             return
-        table = pa.Table.from_pylist(pending)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **schema_metadata})
+        table = pa.Table.from_pylist(pending, schema=schema)
         part = output / f"part-s{shard_index:04d}-{next_part:06d}.parquet"
         _write_atomically(part, lambda tmp: pq.write_table(table, tmp), owner=f"s{shard_index:04d}")
         next_part += 1
