@@ -133,6 +133,26 @@ def global_mean(values: torch.Tensor, *, process_group: dist.ProcessGroup | None
 # --------------------------------------------------------------------------- the objective
 
 
+def _named_logps(
+    policy_chosen: object, policy_rejected: object, reference_chosen: object, reference_rejected: object
+) -> dict:
+    return {
+        "policy_chosen_logps": policy_chosen,
+        "policy_rejected_logps": policy_rejected,
+        "reference_chosen_logps": reference_chosen,
+        "reference_rejected_logps": reference_rejected,
+    }
+
+
+def _margin(named: dict[str, torch.Tensor]) -> torch.Tensor:
+    """M of already-checked log-probs, in float32 (float64 if any input is float64)."""
+    policy_chosen, policy_rejected, reference_chosen, reference_rejected = named.values()
+    dtype = _compute_dtype(*named.values())
+    return (policy_chosen.to(dtype) - reference_chosen.to(dtype)) - (
+        policy_rejected.to(dtype) - reference_rejected.to(dtype)
+    )
+
+
 def reward_margin(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -153,17 +173,9 @@ def reward_margin(
     Returns:
         ``[B]`` float32 (float64 if any input is float64).
     """
-    named = {
-        "policy_chosen_logps": policy_chosen_logps,
-        "policy_rejected_logps": policy_rejected_logps,
-        "reference_chosen_logps": reference_chosen_logps,
-        "reference_rejected_logps": reference_rejected_logps,
-    }
+    named = _named_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     _check_batch(named, allow_empty=True)
-    dtype = _compute_dtype(*named.values())
-    chosen = policy_chosen_logps.to(dtype) - reference_chosen_logps.to(dtype)
-    rejected = policy_rejected_logps.to(dtype) - reference_rejected_logps.to(dtype)
-    return chosen - rejected
+    return _margin(named)
 
 
 def napo_loss(
@@ -193,14 +205,9 @@ def napo_loss(
         ``[B]`` losses, float32 (float64 for float64 inputs), each in [0, 1/q).
     """
     beta = _check_positive("beta", beta)
-    named = {
-        "policy_chosen_logps": policy_chosen_logps,
-        "policy_rejected_logps": policy_rejected_logps,
-        "reference_chosen_logps": reference_chosen_logps,
-        "reference_rejected_logps": reference_rejected_logps,
-    }
+    named = _named_logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     _check_batch(named)
-    margins = reward_margin(*named.values())
+    margins = _margin(named)
     loss, _ = torch.ops.napo.napo_loss(margins, _q_tensor(q, margins), beta)
     return loss
 

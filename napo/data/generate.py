@@ -21,7 +21,6 @@ import io
 import json
 import os
 import re
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -180,6 +179,12 @@ def _write_atomically(path: Path, write, owner: str = "") -> None:
 
 def _existing_parts(output: Path) -> list[Path]:
     return sorted(p for p in output.iterdir() if PART_PATTERN.match(p.name))
+
+
+def _part_numbers(output: Path, shard_index: int) -> list[int]:
+    """The sequence numbers of this shard's parts already written."""
+    matches = (PART_PATTERN.match(p.name) for p in _existing_parts(output))
+    return [int(m.group(2)) for m in matches if m is not None and int(m.group(1)) == shard_index]
 
 
 def _done_indices(output: Path) -> set:
@@ -397,9 +402,7 @@ def generate_biased(
     rows_total = total_rows if limit is None else min(total_rows, limit)
     shard_total = len(range(shard_index, rows_total, num_shards))
     summary = GenerationSummary(output_dir=output, shard_index=shard_index, num_shards=num_shards)
-    existing = [int(PART_PATTERN.match(p.name).group(2)) for p in _existing_parts(output)
-                if int(PART_PATTERN.match(p.name).group(1)) == shard_index]  # fmt: skip
-    next_part = max(existing, default=-1) + 1
+    next_part = max(_part_numbers(output, shard_index), default=-1) + 1
     # One schema for every part: the input's own, plus the answer columns. Inferring it per part would
     # give a column that happens to be all-null in one part a different type, and readers would refuse.
     schema = source.schema
@@ -484,15 +487,11 @@ def _answer_batch(model, processor, batch: list[dict], settings: GenerationSetti
         return []
     try:
         return _answer_rows(model, processor, batch, settings)
-    except Exception:
+    except Exception as error:
         if len(batch) == 1:
-            error = sys.exc_info()[1]
             record_error(batch[0], f"generation failed: {type(error).__name__}: {error}")
             return []
-    answered = []
-    for row in batch:
-        answered.extend(_answer_batch(model, processor, [row], settings, record_error))
-    return answered
+    return [answered for row in batch for answered in _answer_batch(model, processor, [row], settings, record_error)]
 
 
 def _progress(total: int, enabled: bool, description: str):
