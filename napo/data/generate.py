@@ -22,17 +22,24 @@ import json
 import os
 import re
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napo.data.store import (
+    ERRORS,
+    done_indices,
+    open_input,
+    part_numbers,
+    prepare_output,
+    progress_bar,
+    record_batches,
+    write_atomically,
+)
+
 REQUIRED_COLUMNS = ("image", "question", "chosen", "rejected", "idx")
 # Leading underscores: Parquet readers (pyarrow, pandas.read_parquet(output_dir)) skip such files.
 MANIFEST = "_napo_generate.json"
-ERRORS = "_errors.jsonl"
-PART_PATTERN = re.compile(r"^part-s(\d{4})-(\d{6})\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -78,45 +85,6 @@ class RowError(Exception):
 # ---------------------------------------------------------------- input
 
 
-def _open_input(data: str | Path) -> tuple[Any, int]:
-    """(a pyarrow dataset or table to stream RecordBatches from, row count) for a Parquet file, a
-    directory of Parquet files, a saved `datasets` directory or (where a hub is reachable) a hub id."""
-    import pyarrow.dataset as pads
-
-    path = Path(data)
-    if path.is_file():
-        dataset = pads.dataset(str(path), format="parquet")
-        return dataset, dataset.count_rows()
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            import datasets
-
-            table = datasets.load_from_disk(str(path)).data.table
-            return table, table.num_rows
-        files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith("."))
-        if not files:
-            raise FileNotFoundError(f"no Parquet files under {path}")
-        dataset = pads.dataset(files, format="parquet")
-        return dataset, dataset.count_rows()
-    if "/" in str(data) and not str(data).startswith((".", "/")):
-        import datasets
-
-        try:
-            table = datasets.load_dataset(str(data), split="train").data.table
-        except Exception as error:
-            raise FileNotFoundError(
-                f"{data} is not a local path and could not be loaded from a hub: {error}"
-            ) from error
-        return table, table.num_rows
-    raise FileNotFoundError(f"no such file or directory: {data}")
-
-
-def _batches(source: Any, size: int) -> Iterator[Any]:
-    yield from (
-        source.to_batches(max_chunksize=size) if hasattr(source, "num_rows") else source.to_batches(batch_size=size)
-    )
-
-
 def check_columns(names: list[str]) -> None:
     missing = [column for column in REQUIRED_COLUMNS if column not in names]
     if missing:
@@ -149,79 +117,6 @@ def decode_image(value: Any, data_root: Path | None = None):
         raise
     except Exception as error:
         raise RowError(f"undecodable image: {type(error).__name__}: {error}") from error
-
-
-# ---------------------------------------------------------------- output
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, write, owner: str = "") -> None:
-    """write(tmp_path), fsync, then rename over path: readers see the whole file or nothing.
-    The dot-prefixed temporary name is invisible to Parquet readers; ``owner`` tags it so that a
-    rerun can remove what a killed run of the same shard left behind."""
-    tmp = path.parent / f".tmp-{owner}-{uuid.uuid4().hex}-{path.name}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _existing_parts(output: Path) -> list[Path]:
-    return sorted(p for p in output.iterdir() if PART_PATTERN.match(p.name))
-
-
-def _part_numbers(output: Path, shard_index: int) -> list[int]:
-    """The sequence numbers of this shard's parts already written."""
-    matches = (PART_PATTERN.match(p.name) for p in _existing_parts(output))
-    return [int(m.group(2)) for m in matches if m is not None and int(m.group(1)) == shard_index]
-
-
-def _done_indices(output: Path) -> set:
-    import pyarrow.parquet as pq
-
-    done: set = set()
-    for part in _existing_parts(output):
-        done.update(pq.read_table(part, columns=["idx"]).column("idx").to_pylist())
-    errors = output / ERRORS
-    if errors.exists():
-        for line in errors.read_text().splitlines():
-            try:
-                done.add(json.loads(line)["idx"])
-            except (ValueError, KeyError):
-                continue  # a line cut short by a crash
-    return done
-
-
-def _prepare_output(output: Path, manifest: dict, overwrite: bool) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / MANIFEST
-    if overwrite:
-        for part in _existing_parts(output):
-            part.unlink()
-        (output / ERRORS).unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
-    if path.exists():
-        previous = json.loads(path.read_text())
-        keys = ("model", "data", "settings")
-        if any(previous.get(k) != manifest[k] for k in keys):
-            differences = {k: (previous.get(k), manifest[k]) for k in keys if previous.get(k) != manifest[k]}
-            raise ValueError(
-                f"{output} holds a run with other settings {differences}; use another output directory "
-                "or overwrite=True (--overwrite) to start again"
-            )
-        return
-    _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
 
 
 # ---------------------------------------------------------------- the model
@@ -380,7 +275,7 @@ def generate_biased(
         raise ValueError(f"limit must be >= 0, got {limit}")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, blank_images=blank_images)
     num_shards, shard_index = _shard_from_env(num_shards, shard_index)
-    source, total_rows = _open_input(data)
+    source, total_rows = open_input(data)
     check_columns(list(source.schema.names))
     output = Path(output)
     manifest = {
@@ -389,10 +284,10 @@ def generate_biased(
         "settings": asdict(settings),
         "napo_version": __version__,
     }
-    _prepare_output(output, manifest, overwrite)
+    prepare_output(output, manifest, overwrite, MANIFEST)
     for stale in output.glob(f".tmp-s{shard_index:04d}-*"):
         stale.unlink(missing_ok=True)  # a part this shard was writing when it was killed
-    done = _done_indices(output)
+    done = done_indices(output)
     data_root = Path(data).parent if Path(data).is_file() else Path(data) if Path(data).is_dir() else None
 
     if loaded is None:
@@ -402,7 +297,7 @@ def generate_biased(
     rows_total = total_rows if limit is None else min(total_rows, limit)
     shard_total = len(range(shard_index, rows_total, num_shards))
     summary = GenerationSummary(output_dir=output, shard_index=shard_index, num_shards=num_shards)
-    next_part = max(_part_numbers(output, shard_index), default=-1) + 1
+    next_part = max(part_numbers(output, shard_index), default=-1) + 1
     # One schema for every part: the input's own, plus the answer columns. Inferring it per part would
     # give a column that happens to be all-null in one part a different type, and readers would refuse.
     schema = source.schema
@@ -414,7 +309,7 @@ def generate_biased(
     pending: list[dict] = []
     seen: set = set()
     start = time.perf_counter()
-    bar = _progress(shard_total, progress, f"napo generate (shard {shard_index}/{num_shards})")
+    bar = progress_bar(shard_total, progress, f"napo generate (shard {shard_index}/{num_shards})")
 
     def flush() -> None:
         nonlocal next_part, pending
@@ -422,7 +317,7 @@ def generate_biased(
             return
         table = pa.Table.from_pylist(pending, schema=schema)
         part = output / f"part-s{shard_index:04d}-{next_part:06d}.parquet"
-        _write_atomically(part, lambda tmp: pq.write_table(table, tmp), owner=f"s{shard_index:04d}")
+        write_atomically(part, lambda tmp: pq.write_table(table, tmp), owner=f"s{shard_index:04d}")
         next_part += 1
         pending = []
 
@@ -437,7 +332,7 @@ def generate_biased(
 
     position = 0
     window = batch_size * 32
-    for record_batch in _batches(source, window):
+    for record_batch in record_batches(source, window):
         rows = record_batch.to_pylist()
         mine = []
         for row in rows:
@@ -492,9 +387,3 @@ def _answer_batch(model, processor, batch: list[dict], settings: GenerationSetti
             record_error(batch[0], f"generation failed: {type(error).__name__}: {error}")
             return []
     return [answered for row in batch for answered in _answer_batch(model, processor, [row], settings, record_error)]
-
-
-def _progress(total: int, enabled: bool, description: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=description, unit="row", dynamic_ncols=True)
