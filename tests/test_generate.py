@@ -19,7 +19,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 pd = pytest.importorskip("pandas")
 
 from napo.data import generate_biased, load_model, make_sample_data, make_tiny_model  # noqa: E402
-from napo.data.generate import _shard_from_env  # noqa: E402
+from napo.data.store import shard_from_env as _shard_from_env  # noqa: E402
 
 QUIET = {"progress": False}
 

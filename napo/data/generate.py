@@ -21,21 +21,21 @@ import io
 import json
 import os
 import re
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from napo.data.store import (
-    ERRORS,
-    done_indices,
+    RowError,
+    RowJob,
+    RunSummary,
     open_input,
-    part_numbers,
     prepare_output,
-    progress_bar,
-    record_batches,
-    write_atomically,
+    run_rows,
+    shard_from_env,
 )
+
+GenerationSummary = RunSummary  # the name this module's callers know
 
 REQUIRED_COLUMNS = ("image", "question", "chosen", "rejected", "idx")
 # Leading underscores: Parquet readers (pyarrow, pandas.read_parquet(output_dir)) skip such files.
@@ -60,26 +60,6 @@ class GenerationSettings:
     def columns(self) -> tuple[str, ...]:
         extra = ("question_only_white", "question_only_black") if self.blank_images else ()
         return ("question_only", "image_only", *extra)
-
-
-@dataclass
-class GenerationSummary:
-    output_dir: Path
-    written: int = 0
-    failed: int = 0
-    already_done: int = 0
-    seconds: float = 0.0
-    shard_index: int = 0
-    num_shards: int = 1
-    errors: list[dict] = field(default_factory=list)
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.written / self.seconds if self.seconds > 0 else 0.0
-
-
-class RowError(Exception):
-    """A row that cannot be processed; it is logged and skipped."""
 
 
 # ---------------------------------------------------------------- input
@@ -216,17 +196,6 @@ def _answer_rows(model, processor, rows: list[dict], settings: GenerationSetting
 # ---------------------------------------------------------------- the run
 
 
-def _shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
-    if num_shards is None:
-        num_shards = int(os.environ.get("WORLD_SIZE", 1))
-        if shard_index is None:
-            shard_index = int(os.environ.get("RANK", 0))
-    shard_index = 0 if shard_index is None else shard_index
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {shard_index} of {num_shards}")
-    return num_shards, shard_index
-
-
 def generate_biased(
     model: str | Path,
     data: str | Path,
@@ -245,7 +214,7 @@ def generate_biased(
     overwrite: bool = False,
     progress: bool = True,
     loaded: tuple | None = None,
-) -> GenerationSummary:
+) -> RunSummary:
     """Adds ``question_only`` and ``image_only`` (and, with ``blank_images``, ``question_only_white``
     and ``question_only_black``) to every row of ``data`` and writes Parquet parts under ``output``.
 
@@ -262,10 +231,9 @@ def generate_biased(
         overwrite: start again in an output directory that holds a run with other settings.
         loaded: an already loaded ``(model, processor)`` pair (``model`` is then only recorded).
     Returns:
-        A :class:`GenerationSummary`.
+        A :class:`napo.data.store.RunSummary`.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from napo import __version__
 
@@ -274,7 +242,7 @@ def generate_biased(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, blank_images=blank_images)
-    num_shards, shard_index = _shard_from_env(num_shards, shard_index)
+    num_shards, shard_index = shard_from_env(num_shards, shard_index)
     source, total_rows = open_input(data)
     check_columns(list(source.schema.names))
     output = Path(output)
@@ -285,19 +253,12 @@ def generate_biased(
         "napo_version": __version__,
     }
     prepare_output(output, manifest, overwrite, MANIFEST)
-    for stale in output.glob(f".tmp-s{shard_index:04d}-*"):
-        stale.unlink(missing_ok=True)  # a part this shard was writing when it was killed
-    done = done_indices(output)
     data_root = Path(data).parent if Path(data).is_file() else Path(data) if Path(data).is_dir() else None
 
     if loaded is None:
         loaded = load_model(model, device=device, dtype=dtype)
     llava, processor = loaded
 
-    rows_total = total_rows if limit is None else min(total_rows, limit)
-    shard_total = len(range(shard_index, rows_total, num_shards))
-    summary = GenerationSummary(output_dir=output, shard_index=shard_index, num_shards=num_shards)
-    next_part = max(part_numbers(output, shard_index), default=-1) + 1
     # One schema for every part: the input's own, plus the answer columns. Inferring it per part would
     # give a column that happens to be all-null in one part a different type, and readers would refuse.
     schema = source.schema
@@ -306,84 +267,36 @@ def generate_biased(
             schema = schema.append(pa.field(column, pa.string()))
     napo_metadata = {b"napo": json.dumps({**manifest, "columns": list(settings.columns)}).encode()}
     schema = schema.with_metadata({**(schema.metadata or {}), **napo_metadata})
-    pending: list[dict] = []
-    seen: set = set()
-    start = time.perf_counter()
-    bar = progress_bar(shard_total, progress, f"napo generate (shard {shard_index}/{num_shards})")
 
-    def flush() -> None:
-        nonlocal next_part, pending
-        if not pending:
-            return
-        table = pa.Table.from_pylist(pending, schema=schema)
-        part = output / f"part-s{shard_index:04d}-{next_part:06d}.parquet"
-        write_atomically(part, lambda tmp: pq.write_table(table, tmp), owner=f"s{shard_index:04d}")
-        next_part += 1
-        pending = []
+    def prepare(row: dict) -> dict:
+        if not isinstance(row["question"], str) or not row["question"].strip():
+            raise RowError("empty question")
+        row["_image"] = decode_image(row["image"], data_root)
+        return row
 
-    def record_error(row: dict, reason: str) -> None:
-        entry = {"idx": row["idx"], "reason": reason, "shard": shard_index}
-        with open(output / ERRORS, "a") as handle:  # O_APPEND: whole lines even with several shards
-            handle.write(json.dumps(entry, default=str) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        summary.failed += 1
-        summary.errors.append(entry)
+    def answer(rows: list[dict]) -> list[dict]:
+        for row in _answer_rows(llava, processor, rows, settings):
+            row.pop("_image", None)
+        return rows
 
-    position = 0
-    window = batch_size * 32
-    for record_batch in record_batches(source, window):
-        rows = record_batch.to_pylist()
-        mine = []
-        for row in rows:
-            if limit is not None and position >= limit:
-                break
-            if position % num_shards == shard_index:
-                if row["idx"] in seen:
-                    raise ValueError(f"idx {row['idx']!r} appears more than once in the input; idx must be unique")
-                seen.add(row["idx"])
-                mine.append(row)
-            position += 1
-        todo = [r for r in mine if r["idx"] not in done]
-        summary.already_done += len(mine) - len(todo)
-        bar.update(len(mine) - len(todo))
+    job = RowJob(
+        name="napo generate",
+        prepare=prepare,
+        process=answer,
         # Group by question length inside the window: little padding, bounded memory.
-        todo.sort(key=lambda r: len(processor.tokenizer(r["question"] or "").input_ids))
-        for offset in range(0, len(todo), batch_size):
-            batch = []
-            for row in todo[offset : offset + batch_size]:
-                try:
-                    if not isinstance(row["question"], str) or not row["question"].strip():
-                        raise RowError("empty question")
-                    row["_image"] = decode_image(row["image"], data_root)
-                    batch.append(row)
-                except RowError as error:
-                    record_error(row, str(error))
-                    bar.update(1)
-            for row in _answer_batch(llava, processor, batch, settings, record_error):
-                row.pop("_image", None)
-                pending.append(row)
-                summary.written += 1
-                bar.update(1)
-                if len(pending) >= rows_per_part:
-                    flush()
-            bar.set_postfix(errors=summary.failed)
-        if limit is not None and position >= limit:
-            break
-    flush()
-    bar.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
-
-
-def _answer_batch(model, processor, batch: list[dict], settings: GenerationSettings, record_error) -> list[dict]:
-    """Answers a batch; if the batch fails, each row alone, so one bad row cannot sink the others."""
-    if not batch:
-        return []
-    try:
-        return _answer_rows(model, processor, batch, settings)
-    except Exception as error:
-        if len(batch) == 1:
-            record_error(batch[0], f"generation failed: {type(error).__name__}: {error}")
-            return []
-    return [answered for row in batch for answered in _answer_batch(model, processor, [row], settings, record_error)]
+        sort_key=lambda r: len(processor.tokenizer(r["question"] or "").input_ids),
+        failure="generation failed",
+    )
+    return run_rows(
+        source,
+        total_rows,
+        output,
+        schema,
+        job,
+        batch_size=batch_size,
+        rows_per_part=rows_per_part,
+        limit=limit,
+        num_shards=num_shards,
+        shard_index=shard_index,
+        progress=progress,
+    )

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,156 @@ def progress_bar(total: int, enabled: bool, description: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=description, unit="row", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- the resumable row loop
+
+
+class RowError(Exception):
+    """A row that cannot be processed; it is logged and skipped."""
+
+
+@dataclass
+class RunSummary:
+    output_dir: Path
+    written: int = 0
+    failed: int = 0
+    already_done: int = 0
+    seconds: float = 0.0
+    shard_index: int = 0
+    num_shards: int = 1
+    errors: list[dict] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class RowJob:
+    """What a stage does to rows.
+
+    name: the progress bar's label. prepare(row) -> row, raising :class:`RowError` for a row to skip.
+    process(rows) -> rows: one batch, completed in place. sort_key: orders the rows of a window
+    (similar lengths batch together). failure: the log reason prefix when ``process`` raises.
+    """
+
+    name: str
+    prepare: Callable[[dict], dict]
+    process: Callable[[list[dict]], list[dict]]
+    sort_key: Callable[[dict], Any] | None = None
+    failure: str = "processing failed"
+
+
+def shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
+    """(num_shards, shard_index), defaulting to the WORLD_SIZE / RANK that torchrun and accelerate set."""
+    if num_shards is None:
+        num_shards = int(os.environ.get("WORLD_SIZE", 1))
+        if shard_index is None:
+            shard_index = int(os.environ.get("RANK", 0))
+    shard_index = 0 if shard_index is None else shard_index
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {shard_index} of {num_shards}")
+    return num_shards, shard_index
+
+
+def run_rows(
+    source: Any,
+    total_rows: int,
+    output: Path,
+    schema: Any,
+    job: RowJob,
+    *,
+    batch_size: int,
+    rows_per_part: int,
+    limit: int | None,
+    num_shards: int,
+    shard_index: int,
+    progress: bool,
+) -> RunSummary:
+    """Streams ``source`` (keyed by its unique ``idx`` column), runs ``job`` on this shard's rows not done
+    yet, and writes the finished rows as parts with ``schema``. A batch that fails is retried row by row,
+    so one bad row cannot sink the others; bad rows go to ``_errors.jsonl`` with the reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for stale in output.glob(f".tmp-s{shard_index:04d}-*"):
+        stale.unlink(missing_ok=True)  # a part this shard was writing when it was killed
+    done = done_indices(output)
+    rows_total = total_rows if limit is None else min(total_rows, limit)
+    shard_total = len(range(shard_index, rows_total, num_shards))
+    summary = RunSummary(output_dir=output, shard_index=shard_index, num_shards=num_shards)
+    next_part = max(part_numbers(output, shard_index), default=-1) + 1
+    pending: list[dict] = []
+    seen: set = set()
+    start = time.perf_counter()
+    bar = progress_bar(shard_total, progress, f"{job.name} (shard {shard_index}/{num_shards})")
+
+    def flush() -> None:
+        nonlocal next_part, pending
+        if not pending:
+            return
+        table = pa.Table.from_pylist(pending, schema=schema)
+        part = output / f"part-s{shard_index:04d}-{next_part:06d}.parquet"
+        write_atomically(part, lambda tmp: pq.write_table(table, tmp), owner=f"s{shard_index:04d}")
+        next_part += 1
+        pending = []
+
+    def record_error(row: dict, reason: str) -> None:
+        entry = {"idx": row["idx"], "reason": reason, "shard": shard_index}
+        with open(output / ERRORS, "a") as handle:  # O_APPEND: whole lines even with several shards
+            handle.write(json.dumps(entry, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        summary.failed += 1
+        summary.errors.append(entry)
+        bar.update(1)
+
+    def process(batch: list[dict]) -> list[dict]:
+        if not batch:
+            return []
+        try:
+            return job.process(batch)
+        except Exception as error:
+            if len(batch) == 1:
+                record_error(batch[0], f"{job.failure}: {type(error).__name__}: {error}")
+                return []
+        return [finished for row in batch for finished in process([row])]
+
+    position = 0
+    for record_batch in record_batches(source, batch_size * 32):
+        mine = []
+        for row in record_batch.to_pylist():
+            if limit is not None and position >= limit:
+                break
+            if position % num_shards == shard_index:
+                if row["idx"] in seen:
+                    raise ValueError(f"idx {row['idx']!r} appears more than once in the input; idx must be unique")
+                seen.add(row["idx"])
+                mine.append(row)
+            position += 1
+        todo = [r for r in mine if r["idx"] not in done]
+        summary.already_done += len(mine) - len(todo)
+        bar.update(len(mine) - len(todo))
+        if job.sort_key is not None:
+            todo.sort(key=job.sort_key)
+        for offset in range(0, len(todo), batch_size):
+            batch = []
+            for row in todo[offset : offset + batch_size]:
+                try:
+                    batch.append(job.prepare(row))
+                except RowError as error:
+                    record_error(row, str(error))
+            for row in process(batch):
+                pending.append(row)
+                summary.written += 1
+                bar.update(1)
+                if len(pending) >= rows_per_part:
+                    flush()
+            bar.set_postfix(errors=summary.failed)
+        if limit is not None and position >= limit:
+            break
+    flush()
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
