@@ -60,6 +60,42 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--overwrite", action="store_true", help="discard an earlier run with other settings")
     generate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    logps = commands.add_parser(
+        "logps", help="cache the reference model's log-probs of every answer (ref_<column>_logps, _avg_logps)"
+    )
+    logps.add_argument("--model", required=True, help="reference model: LLaVA checkpoint directory (or hub id)")
+    logps.add_argument("--data", required=True, help="napo generate's output (Parquet with the RLAIF-V columns)")
+    logps.add_argument("--output", required=True, help="output directory (rerunning resumes)")
+    logps.add_argument("--columns", default=None, help="comma-separated answer columns (default: all present)")
+    logps.add_argument("--batch-size", type=_positive_int, default=8)
+    logps.add_argument("--max-length", type=_positive_int, default=None, help="truncate prompt + answer")
+    logps.add_argument("--limit", type=_positive_int, default=None, help="only the first N input rows")
+    logps.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
+    logps.add_argument("--shard-index", type=int, default=None, help="default: RANK or 0")
+    logps.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    logps.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    logps.add_argument("--rows-per-part", type=_positive_int, default=256, help="rows per Parquet part file")
+    logps.add_argument("--overwrite", action="store_true", help="discard an earlier run with other settings")
+    logps.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    train = commands.add_parser(
+        "train", help="train with NaPO on napo generate's output (reference log-probs cached first)"
+    )
+    train.add_argument("--model", required=True, help="LLaVA checkpoint directory (or hub id): policy and reference")
+    train.add_argument("--data", required=True, help="napo generate / napo logps output")
+    train.add_argument("--output", required=True, help="checkpoints and the final model (rerunning resumes)")
+    train.add_argument("--config", default=None, help="JSON or YAML file of NaPOConfig fields")
+    train.add_argument("--max-steps", type=_positive_int, default=None)
+    train.add_argument("--epochs", type=_positive_float, default=None, help="paper: 4")
+    train.add_argument("--batch-size", type=_positive_int, default=None, help="per device; paper: 4")
+    train.add_argument("--learning-rate", type=_positive_float, default=None, help="paper: 5e-7")
+    train.add_argument("--beta", type=_positive_float, default=None, help="paper: 0.1")
+    train.add_argument("--save-steps", type=_positive_int, default=None, help="checkpoint every N steps")
+    train.add_argument("--logging-steps", type=_positive_int, default=None)
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--logps-batch-size", type=_positive_int, default=8, help="rows per reference forward")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     tiny = commands.add_parser("make-tiny-model", help="write the tiny random LLaVA (offline) to a directory")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
@@ -97,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "logps":
+        return _logps(args)
+    if args.command == "train":
+        return _train(args)
     if args.command == "make-tiny-model":
         from napo.data import make_tiny_model
 
@@ -143,3 +183,74 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"napo generate: the skipped rows and why are in {summary.output_dir / '_errors.jsonl'}")
     nothing_succeeded = summary.written == 0 and summary.already_done == 0 and summary.failed > 0
     return 1 if nothing_succeeded else 0
+
+
+def _logps(args: argparse.Namespace) -> int:
+    from napo.train.reference import compute_reference_logps
+
+    columns = None if args.columns is None else [c.strip() for c in args.columns.split(",") if c.strip()]
+    try:
+        summary = compute_reference_logps(
+            args.model,
+            args.data,
+            args.output,
+            columns=columns,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            limit=args.limit,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+            device=args.device,
+            dtype=args.dtype,
+            rows_per_part=args.rows_per_part,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"napo logps: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"napo logps: shard {summary.shard_index}/{summary.num_shards}: {summary.written} rows scored, "
+        f"{summary.failed} skipped with errors, {summary.already_done} already done, "
+        f"{summary.seconds:.1f} s ({summary.rows_per_second:.2f} rows/s) -> {summary.output_dir}"
+    )
+    nothing_succeeded = summary.written == 0 and summary.already_done == 0 and summary.failed > 0
+    return 1 if nothing_succeeded else 0
+
+
+_TRAIN_FLAGS = {
+    "max_steps": "max_steps",
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "learning_rate": "learning_rate",
+    "beta": "beta",
+    "save_steps": "save_steps",
+    "logging_steps": "logging_steps",
+    "seed": "seed",
+}
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
+        from napo.train.run import load_config_file, train
+    except ImportError as error:
+        print(f"napo train: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        config = load_config_file(args.config) if args.config else {}
+        config.update(
+            {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+        )
+        output = train(
+            args.model,
+            args.data,
+            args.output,
+            config=config,
+            logps_batch_size=args.logps_batch_size,
+            progress=not args.no_progress,
+        )
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+        print(f"napo train: error: {error}", file=sys.stderr)
+        return 2
+    print(f"napo train: model saved to {output}")
+    return 0

@@ -1,0 +1,109 @@
+"""Sequence log-probs straight from a HuggingFace model, through napo's fused LM-head kernel.
+
+:func:`add_napo_lm_head` patches ``model.forward`` (as TRL patches its own fused head) so that
+``model(..., labels=labels, napo_logps=True)`` runs the backbone, then
+:func:`napo.fused_linear_sequence_logps` on the last hidden states and the LM head weight: the
+``[B, T, V]`` logits never exist. Patching the forward, rather than calling the backbone from the
+trainer, keeps DDP / FSDP / DeepSpeed wrappers in the call path. Models whose logits are scaled or
+soft-capped after the head (Gemma 2, Cohere, Granite, ...) go through their own forward and napo's
+token kernel on the logits instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from napo.logps import fused_linear_sequence_logps, sequence_logps
+
+__all__ = ["SequenceLogps", "add_napo_lm_head", "completion_logps", "model_inputs"]
+
+# Config attributes that change the logits after the LM head matmul; the fused path cannot apply them.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+# Batch keys that are not model inputs.
+_NON_MODEL_KEYS = ("completion_mask",)
+
+
+class SequenceLogps(NamedTuple):
+    """What the patched forward returns with ``napo_logps=True``: ``[N]`` sums and averages over labelled tokens."""
+
+    logps: torch.Tensor
+    avg_logps: torch.Tensor
+
+
+def _fused_head_applies(model: Any) -> bool:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return all(getattr(config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
+def add_napo_lm_head(model: Any, chunk_size: int = 256) -> Any:
+    """Adds the ``napo_logps=True`` mode to ``model.forward`` (in place; returns the model).
+
+    With ``napo_logps=True`` and ``labels`` (``[N, T]``, ``-100`` where a token does not count; the
+    usual causal shift), the forward returns :class:`SequenceLogps`. Without it the forward is the
+    model's own (generation is unchanged). Patch the base model before wrapping it with PEFT.
+    Calling it twice is harmless.
+    """
+    if getattr(model, "_napo_lm_head", False):
+        return model
+    original_forward = model.forward
+    fused = _fused_head_applies(model)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, napo_logps: bool = False, labels: torch.Tensor | None = None, **kwargs):
+        if not napo_logps:
+            if labels is not None:
+                kwargs["labels"] = labels
+            return original_forward(*args, **kwargs)
+        if labels is None:
+            raise ValueError("napo_logps=True needs labels (-100 where a token does not count)")
+        kwargs["use_cache"] = False
+        if not fused:
+            logits = original_forward(*args, **kwargs).logits
+            logits = logits[:, -labels.shape[1] :]  # prompt-learning PEFT prepends virtual tokens
+            return SequenceLogps(*sequence_logps(logits, labels.to(logits.device)))
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, -labels.shape[1] :]
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if torch.is_autocast_enabled(hidden.device.type):  # mixed precision: the head runs in the autocast dtype
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+        else:
+            dtype = weight.dtype
+        hidden, weight = hidden.to(weight.device, dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        logps, avg_logps = fused_linear_sequence_logps(
+            hidden, weight, labels.to(hidden.device), bias=bias, chunk_size=chunk_size
+        )
+        return SequenceLogps(logps, avg_logps)
+
+    model.forward = forward.__get__(model)
+    model._napo_lm_head = True
+    return model
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The collated batch minus what is not a model input (masks of the loss, cached reference columns)."""
+    return {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS and not k.startswith("ref_")}
+
+
+def completion_logps(
+    model: Any, batch: dict[str, Any], columns: Sequence[str], inputs: dict[str, Any] | None = None
+) -> dict[str, SequenceLogps]:
+    """One forward over a collated K-completion batch; per column, the ``[B]`` log-prob sums and averages.
+
+    ``model`` must have :func:`add_napo_lm_head` (possibly under a DDP/PEFT wrapper).
+    """
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = model(**(model_inputs(batch) if inputs is None else inputs), labels=labels, napo_logps=True)
+    sums = out.logps.chunk(len(columns), dim=0)
+    avgs = out.avg_logps.chunk(len(columns), dim=0)
+    return {column: SequenceLogps(s, a) for column, s, a in zip(columns, sums, avgs, strict=True)}

@@ -1,0 +1,179 @@
+"""``napo logps``: reference log-probs of every answer, computed once and cached with the data.
+
+For each RLAIF-V-Bias row the reference model scores ``chosen``, ``rejected`` and the generated
+biased answers (``question_only``, ``image_only``, and ``question_only_white`` / ``_black`` when
+present), every one under the full prompt (image and question), through napo's fused LM-head
+kernel, and adds ``ref_<column>_logps`` (sum over the answer's tokens) and
+``ref_<column>_avg_logps`` (per-token average). Batches are built by the same collator the trainer
+uses, so the cached values are those of the sequences the policy is trained on.
+
+Like ``napo generate``: batched, sharded (WORLD_SIZE / RANK), resumable (rerun the same command),
+crash-safe (atomic Parquet parts), with a progress bar; rows that cannot be scored are logged to
+``_errors.jsonl`` and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from napo.data.store import RowError, RowJob, RunSummary, open_input, prepare_output, run_rows, shard_from_env
+from napo.train.collator import NaPOVisionCollator, reference_columns
+from napo.train.lm_head import add_napo_lm_head, completion_logps
+
+__all__ = ["ANSWER_COLUMNS", "MANIFEST", "compute_reference_logps", "scored_columns"]
+
+MANIFEST = "_napo_logps.json"
+ANSWER_COLUMNS = ("chosen", "rejected", "question_only", "image_only", "question_only_white", "question_only_black")
+"""The answer columns scored when the data has them, in this order."""
+REQUIRED = ("image", "question", "chosen", "rejected", "idx")
+
+
+def scored_columns(names: list[str], columns: list[str] | None = None) -> list[str]:
+    """The columns ``napo logps`` scores: ``columns`` (each must exist), or every answer column present."""
+    missing = [c for c in REQUIRED if c not in names]
+    if missing:
+        raise ValueError(
+            f"the data lacks the column(s) {', '.join(missing)} (has: {', '.join(names)}); napo logps scores "
+            "RLAIF-V(-Bias) rows: image, question, chosen, rejected, idx, and the napo generate columns"
+        )
+    if columns is None:
+        return [c for c in ANSWER_COLUMNS if c in names]
+    absent = [c for c in columns if c not in names]
+    if absent:
+        raise ValueError(f"asked to score column(s) {', '.join(absent)}, which the data lacks")
+    return list(dict.fromkeys(columns))
+
+
+def compute_reference_logps(
+    model: str | Path,
+    data: str | Path,
+    output: str | Path,
+    *,
+    columns: list[str] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    limit: int | None = None,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    rows_per_part: int = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+    loaded: tuple | None = None,
+) -> RunSummary:
+    """Adds ``ref_<column>_logps`` and ``ref_<column>_avg_logps`` to every row of ``data``; writes Parquet parts.
+
+    Args:
+        model: the reference model (a LLaVA-family checkpoint directory, or hub id where reachable).
+        data: ``napo generate``'s output (or any Parquet / saved dataset with the RLAIF-V columns).
+        output: the output directory; rerunning the same command resumes.
+        columns: the answer columns to score (default: every one of :data:`ANSWER_COLUMNS` present).
+        batch_size: rows per forward (each row is ``len(columns)`` sequences).
+        max_length: truncate prompt + answer to this many tokens (as the trainer's ``max_length``).
+        limit, num_shards, shard_index, rows_per_part, overwrite, progress: as for ``napo generate``.
+        device, dtype: where and in what precision the model runs (auto: CUDA in bfloat16 when present).
+        loaded: an already loaded ``(model, processor)`` pair.
+    """
+    import pyarrow as pa
+    import torch
+
+    from napo import __version__
+    from napo.data.generate import decode_image, load_model, resolve_device, resolve_dtype
+
+    if batch_size < 1 or rows_per_part < 1:
+        raise ValueError(f"batch_size and rows_per_part must be >= 1, got {batch_size} and {rows_per_part}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    num_shards, shard_index = shard_from_env(num_shards, shard_index)
+    source, total_rows = open_input(data)
+    columns = scored_columns(list(source.schema.names), columns)
+    output = Path(output)
+    resolved_device = resolve_device(device)
+    manifest = {
+        "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
+        "data": str(Path(data).resolve()) if Path(data).exists() else str(data),
+        "settings": {
+            "columns": columns,
+            "max_length": max_length,
+            "dtype": str(resolve_dtype(dtype, resolved_device)).removeprefix("torch."),
+        },
+        "napo_version": __version__,
+    }
+    prepare_output(output, manifest, overwrite, MANIFEST)
+    data_root = Path(data).parent if Path(data).is_file() else Path(data) if Path(data).is_dir() else None
+
+    if loaded is None:
+        loaded = load_model(model, device=resolved_device, dtype=dtype)
+    reference, processor = loaded
+    _check_vocabulary(reference, processor)
+    add_napo_lm_head(reference)
+    collator = NaPOVisionCollator(processor=processor, columns=columns, max_length=max_length)
+
+    added = [name for column in columns for name in reference_columns(column)]
+    schema = source.schema
+    for name in added:
+        if name in schema.names:  # rescoring cached data: the new values replace the old
+            schema = schema.remove(schema.get_field_index(name))
+        schema = schema.append(pa.field(name, pa.float64()))
+    napo_metadata = {b"napo_logps": json.dumps({**manifest, "columns": added}).encode()}
+    schema = schema.with_metadata({**(schema.metadata or {}), **napo_metadata})
+
+    def prepare(row: dict) -> dict:
+        for column in columns:
+            if not isinstance(row[column], str):
+                raise RowError(f"column {column!r} is {type(row[column]).__name__}, not a string")
+        if not isinstance(row["question"], str) or not row["question"].strip():
+            raise RowError("empty question")
+        row["_image"] = decode_image(row["image"], data_root)
+        return row
+
+    def score(rows: list[dict]) -> list[dict]:
+        examples = [{"image": r["_image"], "question": r["question"], **{c: r[c] for c in columns}} for r in rows]
+        batch = collator(examples)
+        batch = {k: v.to(reference.device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(reference.dtype)
+        with torch.no_grad():
+            scored = completion_logps(reference, batch, columns)
+        for column, out in scored.items():
+            sum_name, avg_name = reference_columns(column)
+            for row, total, average in zip(rows, out.logps.tolist(), out.avg_logps.tolist(), strict=True):
+                row[sum_name], row[avg_name] = total, average
+        for row in rows:
+            row.pop("_image")
+        return rows
+
+    tokenizer = processor.tokenizer
+    job = RowJob(
+        name="napo logps",
+        prepare=prepare,
+        process=score,
+        sort_key=lambda r: sum(len(tokenizer(r[c] or "").input_ids) for c in columns),
+        failure="scoring failed",
+    )
+    return run_rows(
+        source,
+        total_rows,
+        output,
+        schema,
+        job,
+        batch_size=batch_size,
+        rows_per_part=rows_per_part,
+        limit=limit,
+        num_shards=num_shards,
+        shard_index=shard_index,
+        progress=progress,
+    )
+
+
+def _check_vocabulary(model: Any, processor: Any) -> None:
+    head = model.get_output_embeddings()
+    vocabulary = int(head.weight.shape[0])
+    if len(processor.tokenizer) > vocabulary:
+        raise ValueError(
+            f"the tokenizer has {len(processor.tokenizer)} tokens but the model's LM head only {vocabulary}: "
+            "token ids past the head would be out of range; is this the model's own processor?"
+        )

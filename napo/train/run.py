@@ -1,0 +1,177 @@
+"""``napo train``: NaPO on ``napo generate``'s output, from a checkpoint directory to a trained one.
+
+Steps: cache the reference log-probs (``napo logps``) when the data lacks them, then train with
+:class:`napo.train.trainer.NaPOTrainer` on the paper's defaults (overridable by flags or a
+JSON/YAML config of ``NaPOConfig`` fields), resume from the newest ``checkpoint-*`` in the output
+directory when rerun, and save the final model and processor there (``from_pretrained`` loads it).
+Under ``torchrun`` / ``accelerate launch`` each process scores its shard of the reference log-probs,
+then all train together with the Trainer's own distributed support (pass DeepSpeed / FSDP settings
+in the config file).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["last_complete_checkpoint", "load_config_file", "step_table_callback", "train"]
+
+REFERENCE_DIR = "reference-logps"
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """NaPOConfig fields from a ``.json`` or ``.yaml``/``.yml`` file (a flat mapping)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of NaPOConfig fields, got {type(values).__name__}")
+    return values
+
+
+def _parquet_files(path: Path) -> list[str]:
+    if path.is_file():
+        return [str(path)]
+    files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {path}")
+    return files
+
+
+def last_complete_checkpoint(output: Path) -> Path | None:
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (the Trainer writes it last) is whole.
+
+    The Trainer writes checkpoints in place, so a run killed while saving leaves a partial directory
+    that ``get_last_checkpoint`` would pick and fail to load; such directories are passed over."""
+    if not output.is_dir():
+        return None
+    steps = []
+    for path in output.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if path.is_dir() and suffix.isdigit():
+            steps.append((int(suffix), path))
+    for _, path in sorted(steps, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            print(f"napo train: {path} is incomplete (killed while saving?); not resuming from it")
+            continue
+        return path
+    return None
+
+
+def step_table_callback():
+    """A TrainerCallback printing one row per logging step: loss, q, weights and margins per term."""
+    from transformers import TrainerCallback
+
+    class StepTable(TrainerCallback):
+        header_printed = False
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            terms = [k.removeprefix("napo/q_") for k in logs if k.startswith("napo/q_")]
+            if not self.header_printed:
+                columns = ["step", "loss"] + [f"{kind}_{t[:4]}" for kind in ("q", "w", "m") for t in terms]
+                print(" ".join(f"{c:>9}" for c in columns), flush=True)
+                self.header_printed = True
+            values = [logs["loss"]]
+            for kind in ("q", "weight", "margin"):
+                values += [logs.get(f"napo/{kind}_{t}", float("nan")) for t in terms]
+            print(f"{state.global_step:>9d} " + " ".join(f"{v:>9.4f}" for v in values), flush=True)
+
+    return StepTable()
+
+
+def train(
+    model: str | Path,
+    data: str | Path,
+    output: str | Path,
+    *,
+    config: dict[str, Any] | None = None,
+    logps_batch_size: int = 8,
+    progress: bool = True,
+    print_table: bool = True,
+) -> Path:
+    """Trains ``model`` with NaPO on ``data`` into ``output``; returns the output directory.
+
+    Args:
+        model: a LLaVA-family checkpoint directory (or hub id where reachable): policy and reference.
+        data: ``napo generate`` (or ``napo logps``) output: Parquet with the RLAIF-V-Bias columns.
+        output: where checkpoints, the reference-log-prob cache and the final model go.
+        config: NaPOConfig fields (``max_steps``, ``learning_rate``, ``beta``, ``language_column``, ...).
+        logps_batch_size: rows per forward when the reference log-probs are computed first.
+    """
+    import torch
+    from accelerate import PartialState
+    from datasets import load_dataset
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from napo.train.reference import compute_reference_logps, scored_columns
+    from napo.train.trainer import NaPOConfig, NaPOTrainer, resolve_terms
+
+    output = Path(output)
+    values = dict(config or {})
+    values.setdefault("bf16", torch.cuda.is_available())  # TRL turns bf16 on everywhere; CPUs train in fp32
+    values.setdefault("report_to", "none")
+    values.setdefault("disable_tqdm", not progress)
+    values.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    args = NaPOConfig(output_dir=str(output), **values)
+
+    state = PartialState()
+    data = Path(data)
+    import pyarrow.dataset as pads
+
+    names = pads.dataset(_parquet_files(data), format="parquet").schema.names
+    terms = resolve_terms(args, names)
+    needed = list(dict.fromkeys(["chosen", *(column for _, column in terms.values())]))
+    scored_columns(names, needed)  # the RLAIF-V columns are there, before any model is loaded
+    from napo.train.collator import reference_columns
+
+    if not all(name in names for column in needed for name in reference_columns(column)):
+        reference_dir = output / REFERENCE_DIR
+        device = "cpu" if state.device.type == "cpu" else str(state.device)
+        summary = compute_reference_logps(
+            model,
+            data,
+            reference_dir,
+            columns=needed,
+            batch_size=logps_batch_size,
+            max_length=args.max_length,
+            device=device,
+            dtype="bfloat16" if args.bf16 else "float32",
+            progress=progress and state.is_main_process,
+        )
+        if summary.failed and state.is_main_process:
+            print(f"napo train: {summary.failed} rows could not be scored and are left out (see {reference_dir})")
+        state.wait_for_everyone()
+        data = reference_dir
+    dataset = load_dataset("parquet", data_files=_parquet_files(data), split="train")
+
+    processor = AutoProcessor.from_pretrained(str(model))
+    policy = AutoModelForImageTextToText.from_pretrained(
+        str(model), dtype=torch.bfloat16 if args.bf16 else torch.float32
+    )
+    callbacks = [step_table_callback()] if print_table else None
+    trainer = NaPOTrainer(
+        model=policy, args=args, train_dataset=dataset, processing_class=processor, callbacks=callbacks
+    )
+    if print_table:  # the step table replaces the Trainer's raw dict lines
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    last = last_complete_checkpoint(output)
+    if last is not None and state.is_main_process:
+        print(f"napo train: resuming from {last}")
+    trainer.train(resume_from_checkpoint=None if last is None else str(last))
+    trainer.save_model(str(output))
+    if state.is_main_process:
+        processor.save_pretrained(str(output))
+    state.wait_for_everyone()
+    return output

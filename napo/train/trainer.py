@@ -1,0 +1,536 @@
+"""``NaPOTrainer``: TRL's ``DPOTrainer`` with the NaPO objective, as a one-line swap.
+
+Paper: NaPO (spec Eq. 14). Each step runs one forward over ``[chosen; rejected; question_only;
+image_only]`` (every completion under the full multimodal prompt), takes the sequence log-probs
+from napo's fused LM-head kernel, and feeds :class:`napo.NaPOObjective`: DPO on the original pair,
+adaptive-q NaPO on the two biased pairs, dynamic weights; q and the weights come from batch means
+all-reduced over the data-parallel ranks. On a dataset with only prompt / chosen / rejected it is a
+noise-robust DPO: one term, adaptive q.
+
+Everything else is TRL's: model and reference-model handling (``ref_model``, PEFT adapters off,
+DeepSpeed / FSDP preparation), the vision pipeline, dataset preparation, logging. Only
+``compute_loss`` is replaced, plus the collator (K completions instead of 2), the dataset hooks
+that keep the extra columns, and reference log-probs cached per completion column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+try:
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import disable_gradient_checkpointing, is_peft_model, use_adapter
+except ImportError as error:  # pragma: no cover - exercised by test_import_without_trl
+    raise ImportError(
+        "napo.train.trainer needs TRL (NaPOTrainer is a DPOTrainer subclass): pip install 'napo[train]' "
+        f"(or pip install 'trl>=1.16,<2'). The import failed with: {error}"
+    ) from error
+
+from napo.losses import NaPOObjective, NaPOOutput, TermConfig
+from napo.train.collator import NaPOTextCollator, NaPOVisionCollator, reference_columns
+from napo.train.lm_head import SequenceLogps, add_napo_lm_head, completion_logps, model_inputs
+
+__all__ = ["NaPOConfig", "NaPOTrainer"]
+
+BIASED_COLUMNS = {"language": "question_only", "vision": "image_only"}
+"""The column each biased term reads by default: ``napo generate``'s outputs."""
+
+_TERM_DEFAULTS = {  # loss, q, gamma, margin (spec: paper defaults)
+    "original": ("auto", "adaptive", 0.01, "sum"),
+    "language": ("napo", "adaptive", 0.5, "avg"),
+    "vision": ("napo", "adaptive", 0.01, "sum"),
+}
+
+
+def _term_field(term: str, default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": f"[{term} term] {help_text}"})
+
+
+@dataclass
+class NaPOConfig(DPOConfig):
+    r"""DPOConfig plus the NaPO objective; the defaults are the paper's (LLaVA-v1.5-7B).
+
+    Per term (``original``: chosen vs rejected; ``language``: chosen vs the language-biased answer;
+    ``vision``: chosen vs the vision-biased answer):
+
+    - ``<term>_loss``: ``"dpo"``, ``"napo"`` or ``"none"`` (term off). ``original_loss="auto"``: DPO when a
+      biased term is active (the paper), adaptive NaPO when it is the only term (noise-robust DPO).
+    - ``<term>_q``: ``"adaptive"`` (Eq. 12) or a fixed float in [0, 1] (as a string or number).
+    - ``<term>_gamma``, ``<term>_margin``: the adaptive q's scale and margin kind (``"avg"``: avglogp, ``"sum"``: logp).
+    - ``language_column`` / ``vision_column``: the generated column the biased term reads
+      (``question_only``, ``question_only_black``, ...); ``"auto"``: the default column when the data has
+      it, else the term is off; ``"none"``: off. A named column the data lacks is an error.
+
+    ``napo_weights``: ``"dynamic"`` (Eq. 13), ``"none"`` (all 1) or comma-separated floats, one per active term.
+    ``q_min`` / ``w_min``: the clip floors of q and of the dynamic weights.
+
+    Paper defaults replacing TRL's: ``learning_rate=5e-7``, ``num_train_epochs=4``,
+    ``per_device_train_batch_size=4`` (beta is 0.1 in both).
+    """
+
+    learning_rate: float = field(default=5e-7, metadata={"help": "Paper: 5e-7 (LLaVA-v1.5)."})
+    num_train_epochs: float = field(default=4.0, metadata={"help": "Paper: 4 (1 for 13B)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Paper: 4."})
+
+    original_loss: str = _term_field("original", "auto", "dpo, napo, none or auto")
+    original_q: str = _term_field("original", "adaptive", "adaptive or a float in [0, 1]")
+    original_gamma: float = _term_field("original", 0.01, "scale of the adaptive q")
+    original_margin: str = _term_field("original", "sum", "avg (avglogp) or sum (logp) margin for q")
+    language_column: str = _term_field("language", "auto", "column of language-biased answers")
+    language_loss: str = _term_field("language", "napo", "dpo, napo or none")
+    language_q: str = _term_field("language", "adaptive", "adaptive or a float in [0, 1]")
+    language_gamma: float = _term_field("language", 0.5, "scale of the adaptive q")
+    language_margin: str = _term_field("language", "avg", "avg or sum")
+    vision_column: str = _term_field("vision", "auto", "column of vision-biased answers")
+    vision_loss: str = _term_field("vision", "napo", "dpo, napo or none")
+    vision_q: str = _term_field("vision", "adaptive", "adaptive or a float in [0, 1]")
+    vision_gamma: float = _term_field("vision", 0.01, "scale of the adaptive q")
+    vision_margin: str = _term_field("vision", "sum", "avg or sum")
+    napo_weights: str = field(default="dynamic", metadata={"help": "dynamic, none, or comma-separated floats"})
+    q_min: float = field(default=0.001, metadata={"help": "lower clip of the adaptive q"})
+    w_min: float = field(default=0.01, metadata={"help": "lower clip of the dynamic weights"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for term in _TERM_DEFAULTS:
+            loss = getattr(self, f"{term}_loss")
+            allowed = ("auto", "dpo", "napo", "none") if term == "original" else ("dpo", "napo", "none")
+            if loss not in allowed:
+                raise ValueError(f"{term}_loss must be one of {', '.join(allowed)}, got {loss!r}")
+            self.term_config(term, loss="napo")  # validates q, gamma and margin now, not at the first step
+        self.weight_setting()
+
+    def term_config(self, term: str, loss: str | None = None) -> TermConfig:
+        """The :class:`TermConfig` of one term (``loss`` overrides the configured kind, e.g. a resolved auto)."""
+        q: Any = getattr(self, f"{term}_q")
+        if isinstance(q, str) and q != "adaptive":
+            try:
+                q = float(q)
+            except ValueError:
+                raise ValueError(f"{term}_q must be 'adaptive' or a float in [0, 1], got {q!r}") from None
+        return TermConfig(
+            loss=loss or getattr(self, f"{term}_loss"),
+            q=q,
+            gamma=getattr(self, f"{term}_gamma"),
+            margin=getattr(self, f"{term}_margin"),
+        )
+
+    def weight_setting(self) -> str | list[float]:
+        """``napo_weights`` as :class:`napo.NaPOObjective` takes it."""
+        if isinstance(self.napo_weights, (list, tuple)):
+            values: Sequence[Any] = self.napo_weights
+        elif self.napo_weights in ("dynamic", "none"):
+            return self.napo_weights
+        else:
+            values = str(self.napo_weights).split(",")
+        try:
+            weights = [float(v) for v in values]
+        except ValueError:
+            raise ValueError(
+                f"napo_weights must be 'dynamic', 'none' or comma-separated floats, got {self.napo_weights!r}"
+            ) from None
+        if any(not (math.isfinite(w) and w >= 0) for w in weights):
+            raise ValueError(f"napo_weights must be finite and >= 0, got {weights}")
+        return weights
+
+
+def _first_example(dataset: Any) -> dict[str, Any]:
+    try:
+        return dict(next(iter(dataset)))
+    except StopIteration:
+        raise ValueError("the training dataset is empty") from None
+
+
+def resolve_terms(args: NaPOConfig, names: Sequence[str]) -> dict[str, tuple[TermConfig, str]]:
+    """Active terms -> (TermConfig, the rejected-side column), from the config and the data's column names."""
+    terms: dict[str, tuple[TermConfig, str]] = {}
+    for term in ("language", "vision"):
+        column = getattr(args, f"{term}_column")
+        if getattr(args, f"{term}_loss") == "none" or column == "none":
+            continue
+        if column == "auto":
+            column = BIASED_COLUMNS[term]
+            if column not in names:
+                continue
+        elif column not in names:
+            raise ValueError(
+                f"{term}_column={column!r} but the dataset has no such column (it has: {', '.join(names)}); "
+                f"run `napo generate` to add the biased answers, or set {term}_column='none'"
+            )
+        terms[term] = (args.term_config(term), column)
+    original = args.original_loss
+    if original != "none":
+        for column in ("chosen", "rejected"):
+            if column not in names:
+                raise ValueError(f"the dataset has no {column!r} column (it has: {', '.join(names)})")
+        if original == "auto":
+            original = "dpo" if terms else "napo"
+        terms = {"original": (args.term_config("original", loss=original), "rejected"), **terms}
+    if not terms:
+        raise ValueError("no NaPO term is active: enable original_loss or a biased term whose column the data has")
+    if "chosen" not in names:
+        raise ValueError(f"the dataset has no 'chosen' column (it has: {', '.join(names)})")
+    return terms
+
+
+def _check_text_columns(dataset: Any, columns: Sequence[str]) -> None:
+    """Each completion column holds strings or chat messages, with no nulls (checked on the Arrow table, cheaply)."""
+    from datasets import Value
+
+    features = getattr(dataset, "features", None) or {}
+    table = getattr(dataset, "data", None)
+    for column in columns:
+        feature = features.get(column)
+        if isinstance(feature, Value) and feature.dtype not in ("string", "large_string"):
+            raise TypeError(f"column {column!r} must hold strings (or chat messages), but its type is {feature.dtype}")
+        if table is not None and column in table.column_names:
+            nulls = table.column(column).null_count
+            if nulls:
+                raise ValueError(f"column {column!r} has {nulls} null value(s); every row needs every answer")
+
+
+class NaPOTrainer(DPOTrainer):
+    """A drop-in for TRL's ``DPOTrainer`` that trains with the NaPO objective.
+
+    Same arguments as ``DPOTrainer`` (``args`` a :class:`NaPOConfig`). The dataset is TRL's
+    preference format (``prompt``, ``chosen``, ``rejected``, optionally ``image``/``images``) or
+    ``napo generate``'s RLAIF-V-Bias rows (``image``, ``question``, ``chosen``, ``rejected``,
+    ``question_only``, ``image_only``), with optional cached reference columns
+    ``ref_<column>_logps`` / ``ref_<column>_avg_logps`` (``napo logps``). With cached columns the
+    reference model is not kept; ``precompute_ref_log_probs=True`` computes them (text or vision)
+    before training.
+
+    Logged, besides TRL's ``rewards/*`` and ``logps/*``: ``napo/q_<term>``, ``napo/weight_<term>``,
+    ``napo/margin_<term>`` (batch-mean beta * M), ``napo/accuracy_<term>``, ``napo/loss_<term>``, and
+    ``rewards/<column>`` / ``logps/<column>`` for the biased answers. TRL's per-token ``entropy``,
+    ``logits/*`` and ``mean_token_accuracy`` are not computed: napo's kernel never forms the logits.
+    """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "dpo", "napo"]
+
+    def __init__(
+        self,
+        model: Any,
+        ref_model: Any = None,
+        args: NaPOConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Any = None,
+        callbacks: Any = None,
+        optimizers: Any = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+    ) -> None:
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = NaPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-NaPO")
+        if not isinstance(args, NaPOConfig):
+            raise TypeError(
+                f"args must be a NaPOConfig, got {type(args).__name__} (NaPOConfig accepts every DPOConfig field)"
+            )
+        _check_dpo_options(args)
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        sample = _first_example(train_dataset)
+        names = list(getattr(train_dataset, "column_names", None) or sample)
+        self.napo_terms = resolve_terms(args, names)
+        self.napo_columns: tuple[str, ...] = tuple(
+            dict.fromkeys(["chosen", *(column for _, column in self.napo_terms.values())])
+        )
+        _check_text_columns(train_dataset, self.napo_columns)
+        if ref_model is not None and not isinstance(model, str):
+            _check_same_vocabulary(model, ref_model)
+        vision = "image" in sample or "images" in sample
+        if "prompt" not in sample and "question" in sample and not vision:
+            raise ValueError("RLAIF-V rows (a 'question' column) need an 'image' column")
+        self._napo_cached_reference = self._has_reference_columns(train_dataset) and (
+            eval_dataset is None or self._has_reference_columns(eval_dataset)
+        )
+        # TRL refuses to precompute for vision data and caches only chosen/rejected: napo does it itself below.
+        self._napo_precompute = bool(args.precompute_ref_log_probs) and not self._napo_cached_reference
+        args.precompute_ref_log_probs = False
+        try:
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        finally:
+            args.precompute_ref_log_probs = self._napo_precompute or self._napo_cached_reference
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        add_napo_lm_head(unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped)
+        if self.ref_model is not None:
+            _check_same_vocabulary(unwrapped, self.ref_model)
+            add_napo_lm_head(self.accelerator.unwrap_model(self.ref_model))
+        if data_collator is None:
+            if self._is_vision_dataset:
+                self.data_collator = NaPOVisionCollator(
+                    processor=self.processing_class, columns=self.napo_columns, max_length=args.max_length
+                )
+            else:
+                self.data_collator = NaPOTextCollator(
+                    pad_token_id=self._tokenizer.pad_token_id,
+                    columns=self.napo_columns,
+                    max_length=args.max_length,
+                    truncation_mode=args.truncation_mode,
+                )
+        objective_terms = {term: config for term, (config, _) in self.napo_terms.items()}
+        self.napo_objective = NaPOObjective(
+            beta=args.beta,
+            original=objective_terms.get("original"),
+            language=objective_terms.get("language"),
+            vision=objective_terms.get("vision"),
+            weights=args.weight_setting(),
+            q_min=args.q_min,
+            w_min=args.w_min,
+        )
+        if self._napo_precompute:
+            batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
+            self.train_dataset = self.add_reference_logps(self.train_dataset, batch_size, "train")
+            if self.eval_dataset is not None:
+                if isinstance(self.eval_dataset, dict):
+                    self.eval_dataset = {
+                        name: self.add_reference_logps(ds, batch_size, name) for name, ds in self.eval_dataset.items()
+                    }
+                else:
+                    self.eval_dataset = self.add_reference_logps(self.eval_dataset, batch_size, "eval")
+        self.napo_uses_cached_reference = self._napo_precompute or self._napo_cached_reference
+        if self.napo_uses_cached_reference:
+            self.ref_model = None  # every reference log-prob is in the data: free the reference model
+
+    # ------------------------------------------------------------------ dataset hooks
+
+    def _has_reference_columns(self, dataset: Any) -> bool:
+        if isinstance(dataset, dict):
+            return all(self._has_reference_columns(d) for d in dataset.values())
+        names = getattr(dataset, "column_names", None) or list(_first_example(dataset))
+        return all(name in names for column in self.napo_columns for name in reference_columns(column))
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        extra = [column for column in self.napo_columns if column not in ("chosen", "rejected")]
+        if not extra:
+            return dataset
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        eos = tokenizer.eos_token
+
+        def tokenize_extra(example: dict[str, Any]) -> dict[str, Any]:
+            out = {}
+            for column in extra:
+                if f"{column}_ids" in example:  # prepared already (evaluate() prepares again)
+                    continue
+                if isinstance(example["prompt"], list):
+                    full = tokenizer.apply_chat_template(example["prompt"] + example[column], tokenize=True)
+                    full = full["input_ids"] if isinstance(full, dict) else full
+                else:
+                    answer = example[column] if example[column].endswith(eos) else example[column] + eos
+                    full = tokenizer(example["prompt"] + answer)["input_ids"]
+                shared = 0
+                prompt_ids = example["prompt_ids"]
+                while shared < min(len(prompt_ids), len(full)) and prompt_ids[shared] == full[shared]:
+                    shared += 1
+                out[f"{column}_ids"] = full[shared:]
+            return out
+
+        from datasets import Dataset
+
+        kwargs = {"desc": f"Tokenizing the biased answers of the {dataset_name} dataset"}
+        return dataset.map(tokenize_extra, **(kwargs if isinstance(dataset, Dataset) else {}))
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        ours = [name for column in self.napo_columns for name in reference_columns(column)]
+        if self._is_vision_dataset:
+            ours += [*self.napo_columns, "question", "idx"]
+        else:
+            ours += [f"{column}_ids" for column in self.napo_columns]
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *ours]))
+
+    # ------------------------------------------------------------------ reference log-probs
+
+    def _reference_context(self):
+        """The model and context that give the reference log-probs (a reference model, or PEFT adapters off)."""
+        if self.ref_model is not None:
+            return self.ref_model, contextlib.nullcontext()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(unwrapped):
+            return self.model, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return self.model, contextlib.nullcontext()  # before training, the policy is the reference
+
+    def reference_logps(
+        self, inputs: dict[str, Any], model_kwargs: dict[str, Any] | None = None
+    ) -> dict[str, SequenceLogps]:
+        """Per completion column, the reference ``[B]`` log-prob sums and averages of a collated batch."""
+        model, adapter = self._reference_context()
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter,
+            self.accelerator.autocast(),
+        ):
+            return completion_logps(model, inputs, self.napo_columns, model_kwargs)
+
+    def add_reference_logps(self, dataset: Any, batch_size: int, name: str = "train") -> Any:
+        """``dataset`` with ``ref_<column>_logps`` / ``_avg_logps`` for every completion column, computed now."""
+        from datasets import Dataset
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        if not isinstance(dataset, Dataset):
+            raise ValueError("precompute_ref_log_probs=True needs a map-style datasets.Dataset")
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        )
+        values: dict[str, list[torch.Tensor]] = {n: [] for c in self.napo_columns for n in reference_columns(c)}
+        model, _ = self._reference_context()
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in tqdm(
+                loader, desc=f"napo: reference log-probs ({name})", disable=not self.is_world_process_zero()
+            ):
+                for column, out in self.reference_logps(batch).items():
+                    sum_name, avg_name = reference_columns(column)
+                    gathered = self.accelerator.gather_for_metrics((out.logps, out.avg_logps))
+                    values[sum_name].append(gathered[0].float().cpu())
+                    values[avg_name].append(gathered[1].float().cpu())
+        finally:
+            model.train(was_training)
+        for column_name, parts in values.items():
+            if column_name in dataset.column_names:
+                dataset = dataset.remove_columns(column_name)
+            dataset = dataset.add_column(column_name, torch.cat(parts).tolist())
+        return dataset
+
+    # ------------------------------------------------------------------ the step
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        try:
+            loss, output = self._napo_loss(model, inputs)
+        except ValueError as error:
+            if "Image features and image tokens do not match" in str(error) and self.args.max_length is not None:
+                raise ValueError(
+                    f"max_length={self.args.max_length} cuts image placeholder tokens off the prompt while the "
+                    "image features stay whole: raise max_length or set it to None"
+                ) from error
+            raise
+        return (loss, output) if return_outputs else loss
+
+    def _napo_loss(self, model, inputs) -> tuple[torch.Tensor, NaPOOutput]:
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = model_inputs(inputs)
+        policy = completion_logps(model, inputs, self.napo_columns, model_kwargs)
+        if self.napo_uses_cached_reference:
+            reference = {}
+            for column in self.napo_columns:
+                sum_name, avg_name = reference_columns(column)
+                if sum_name not in inputs:
+                    raise KeyError(f"the batch lacks the cached reference column {sum_name!r}")
+                reference[column] = SequenceLogps(inputs[sum_name], inputs[avg_name])
+        else:
+            reference = self.reference_logps(inputs, model_kwargs)
+        kwargs: dict[str, torch.Tensor] = {}
+        answers = {"chosen": "chosen", **{term: column for term, (_, column) in self.napo_terms.items()}}
+        for answer, column in answers.items():
+            name = {"original": "rejected"}.get(answer, answer)
+            kwargs[f"policy_{name}_logps"] = policy[column].logps
+            kwargs[f"reference_{name}_logps"] = reference[column].logps.to(policy[column].logps.device)
+            kwargs[f"policy_{name}_avg_logps"] = policy[column].avg_logps
+            kwargs[f"reference_{name}_avg_logps"] = reference[column].avg_logps.to(policy[column].logps.device)
+        if "original" not in self.napo_terms:
+            kwargs.update(policy_rejected_logps=None, reference_rejected_logps=None)
+        output = self.napo_objective(**kwargs)
+        self._record_metrics(mode, output, policy, inputs)
+        return output.loss, output
+
+    def _record_metrics(
+        self, mode: str, output: NaPOOutput, policy: dict[str, SequenceLogps], inputs: dict[str, Any]
+    ) -> None:
+        """TRL's rewards/* and logps/* plus napo/*, averaged over every rank's rows with one gather."""
+        sums: dict[str, torch.Tensor] = {}
+        answer_columns = {"chosen": "chosen", "rejected": "rejected"}
+        answer_columns.update({term: column for term, (_, column) in self.napo_terms.items() if term != "original"})
+        for answer, reward in output.rewards.items():
+            column = answer_columns[answer]
+            sums[f"rewards/{column}"] = reward.sum()
+            sums[f"logps/{column}"] = policy[column].logps.detach().float().sum()
+        if "original" in output.margins:
+            sums["rewards/margins"] = output.margins["original"].sum()
+            sums["rewards/accuracies"] = (output.margins["original"] > 0).float().sum()
+        for term in output.margins:
+            sums[f"napo/margin_{term}"] = output.margins[term].sum()
+            sums[f"napo/accuracy_{term}"] = (output.margins[term] > 0).float().sum()
+            sums[f"napo/loss_{term}"] = output.losses[term].sum()
+        rows = output.margins[next(iter(output.margins))].numel()
+        keys = list(sums)
+        local = torch.stack([sums[k].float() for k in keys] + [torch.tensor(float(rows), device=sums[keys[0]].device)])
+        total = self.accelerator.gather_for_metrics(local.unsqueeze(0)).reshape(-1, len(keys) + 1).sum(0).tolist()
+        count = max(total[-1], 1.0)
+        metrics = self._metrics[mode]
+        for key, value in zip(keys, total[:-1], strict=True):
+            metrics[key].append(value / count)
+        # q and the weights are global batch statistics already (all-reduced inside the objective).
+        scalars = [output.q[t] for t in output.q] + [output.weights[t] for t in output.weights]
+        values = torch.stack(scalars).float().tolist()
+        for index, term in enumerate(output.q):
+            metrics[f"napo/q_{term}"].append(values[index])
+            metrics[f"napo/weight_{term}"].append(values[len(output.q) + index])
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum().reshape(1)).sum().item()
+            self._total_train_tokens += int(tokens) // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation computes the NaPO loss only: there are no logits to return (they are never formed)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def _check_dpo_options(args: NaPOConfig) -> None:
+    """DPO options that change the DPO loss itself have no meaning under the NaPO objective."""
+    problems = []
+    if list(args.loss_type) != ["sigmoid"]:
+        problems.append(f"loss_type={args.loss_type!r} (NaPO replaces the loss)")
+    if args.f_divergence_type != "reverse_kl":
+        problems.append(f"f_divergence_type={args.f_divergence_type!r}")
+    if args.ld_alpha is not None:
+        problems.append(f"ld_alpha={args.ld_alpha!r}")
+    if args.use_weighting:
+        problems.append("use_weighting=True")
+    if args.label_smoothing:
+        problems.append(f"label_smoothing={args.label_smoothing!r}")
+    if problems:
+        raise ValueError("NaPOTrainer does not support these DPO options: " + "; ".join(problems))
+
+
+def _vocabulary_size(model: Any) -> int | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return None if head is None else int(head.weight.shape[0])
+
+
+def _check_same_vocabulary(model: Any, ref_model: Any) -> None:
+    policy, reference = _vocabulary_size(model), _vocabulary_size(ref_model)
+    if policy is not None and reference is not None and policy != reference:
+        raise ValueError(
+            f"the reference model's vocabulary ({reference} entries) differs from the policy's ({policy}): "
+            "log-probs of the same token ids would not be comparable; use a reference with the policy's tokenizer"
+        )

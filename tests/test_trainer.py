@@ -1,0 +1,298 @@
+"""NaPOTrainer against TRL's DPOTrainer, the K-completion collators against TRL's, and the trainer's guards.
+
+Everything runs on the tiny random LLaVA (or its text half as a Llama), built offline and loaded back
+with ``from_pretrained``. DPO equivalence tolerance: the loss to 1e-5 relative; each gradient tensor
+to 1e-5 relative to its own largest entry, with an absolute floor of 1e-8 for entries that are
+mathematically zero (attention key biases: both sides are rounding noise near 1e-10).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("trl")
+
+from datasets import Dataset
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaForCausalLM
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference, DataCollatorForVisionPreference
+
+from napo.data import make_sample_data, make_tiny_model
+from napo.train import NaPOTextCollator, NaPOVisionCollator
+from napo.train.trainer import NaPOConfig, NaPOTrainer
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+TRAINING = dict(
+    per_device_train_batch_size=4,
+    bf16=False,
+    use_cpu=True,
+    report_to="none",
+    gradient_checkpointing=False,
+    max_steps=1,
+    save_strategy="no",
+    dataloader_pin_memory=False,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(policy dir, reference dir): two tiny LLaVAs with different random weights, one tokenizer."""
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_model(root / "policy", seed=0), make_tiny_model(root / "reference", seed=1)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny):
+    return AutoProcessor.from_pretrained(tiny[0])
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    import pandas as pd
+
+    path = make_sample_data(tmp_path_factory.mktemp("sample") / "sample.parquet", rows=8, seed=3)
+    return pd.read_parquet(path).to_dict("records")
+
+
+def conversational(rows: list[dict]) -> list[dict]:
+    """TRL's conversational vision format of RLAIF-V rows."""
+    return [
+        {
+            "image": Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB"),
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": row["chosen"]}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": row["rejected"]}]}],
+        }
+        for row in rows
+    ]
+
+
+def text_rows(rows: list[dict], extra: bool = False) -> list[dict]:
+    out = [
+        {"prompt": f"Question: {r['question']} Answer:", "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
+        for r in rows
+    ]
+    if extra:
+        for row, source in zip(out, rows, strict=True):
+            row["question_only"] = " " + source["rejected"].split(".")[0] + " perhaps."
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_models(tiny, tmp_path_factory):
+    """(policy dir, reference dir) of text-only Llamas built from the tiny LLaVA's text config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny[0]).text_config
+    tokenizer = AutoProcessor.from_pretrained(tiny[0]).tokenizer
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path_factory.mktemp(f"llama{seed}")
+        LlamaForCausalLM(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs.append(path)
+    return dirs
+
+
+def assert_grads_match(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == actual.keys()
+    for name, grad in expected.items():
+        atol = 1e-5 * grad.abs().max().item() + 1e-8
+        torch.testing.assert_close(actual[name], grad, rtol=1e-5, atol=atol, msg=f"gradient of {name}")
+
+
+def one_step(trainer, examples: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    batch = trainer._prepare_inputs(trainer.data_collator(copy.deepcopy(examples)))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+NAPO_AS_DPO = [{"original_loss": "dpo"}, {"original_loss": "napo", "original_q": "0"}]
+
+
+@pytest.mark.parametrize("napo_options", NAPO_AS_DPO, ids=["dpo-term", "napo-q0"])
+def test_vision_equivalence_with_trl_dpo(tiny, processor, sample, tmp_path, napo_options):
+    rows = conversational(sample)
+    dataset = Dataset.from_list(rows)
+    results = []
+    for trainer_class, config_class, options in ((DPOTrainer, DPOConfig, {}), (NaPOTrainer, NaPOConfig, napo_options)):
+        policy = AutoModelForImageTextToText.from_pretrained(tiny[0])
+        reference = AutoModelForImageTextToText.from_pretrained(tiny[1])  # differs: margins are not zero
+        args = config_class(output_dir=str(tmp_path / trainer_class.__name__), **TRAINING, **options)
+        trainer = trainer_class(
+            model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=processor
+        )
+        results.append(one_step(trainer, rows[:4]))
+    (dpo_loss, dpo_grads), (napo_loss, napo_grads) = results
+    assert abs(dpo_loss.item() - torch.log(torch.tensor(2.0)).item()) > 1e-3  # a real margin, not the step-0 log 2
+    torch.testing.assert_close(napo_loss, dpo_loss, rtol=1e-5, atol=0)
+    assert len(dpo_grads) > 50
+    assert_grads_match(dpo_grads, napo_grads)
+
+
+@pytest.mark.parametrize("napo_options", NAPO_AS_DPO, ids=["dpo-term", "napo-q0"])
+def test_text_equivalence_with_trl_dpo(text_models, sample, tmp_path, napo_options):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_models[0])
+    dataset = Dataset.from_list(text_rows(sample))
+    results = []
+    for trainer_class, config_class, options in ((DPOTrainer, DPOConfig, {}), (NaPOTrainer, NaPOConfig, napo_options)):
+        policy = LlamaForCausalLM.from_pretrained(text_models[0])
+        reference = LlamaForCausalLM.from_pretrained(text_models[1])
+        args = config_class(output_dir=str(tmp_path / trainer_class.__name__), **TRAINING, **options)
+        trainer = trainer_class(
+            model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+        prepared = [trainer.train_dataset[i] for i in range(4)]
+        results.append(one_step(trainer, prepared))
+    (dpo_loss, dpo_grads), (napo_loss, napo_grads) = results
+    torch.testing.assert_close(napo_loss, dpo_loss, rtol=1e-5, atol=0)
+    assert_grads_match(dpo_grads, napo_grads)
+
+
+def test_vision_collator_matches_trl(processor, sample):
+    rows = conversational(sample[:3])
+    expected = DataCollatorForVisionPreference(processor)(copy.deepcopy(rows))
+    for examples in (copy.deepcopy(rows), [dict(r) for r in sample[:3]]):  # TRL rows, then raw RLAIF-V rows
+        actual = NaPOVisionCollator(processor)(examples)
+        assert actual.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(actual[key], expected[key]), key
+    truncated = DataCollatorForVisionPreference(processor, max_length=24)(copy.deepcopy(rows))
+    ours = NaPOVisionCollator(processor, max_length=24)(copy.deepcopy(rows))
+    assert all(torch.equal(ours[k], truncated[k]) for k in truncated)
+
+
+@pytest.mark.parametrize("max_length,mode", [(None, "keep_start"), (12, "keep_start"), (12, "keep_end")])
+def test_text_collator_matches_trl(max_length, mode):
+    generator = torch.Generator().manual_seed(5)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 90, (n,), generator=generator).tolist()
+
+    examples = [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)} for p, c, r in
+                [(5, 3, 9), (9, 7, 1), (2, 11, 4)]]  # fmt: skip
+    expected = DataCollatorForPreference(pad_token_id=0, max_length=max_length, truncation_mode=mode)(examples)
+    actual = NaPOTextCollator(pad_token_id=0, max_length=max_length, truncation_mode=mode)(examples)
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def test_k_way_batch_holds_every_answer_under_the_same_prompt(processor, sample):
+    columns = ("chosen", "rejected", "question_only")
+    rows = [dict(r, question_only=f"A guess without the picture {i}.") for i, r in enumerate(sample[:3])]
+    batch = NaPOVisionCollator(processor, columns=columns)(copy.deepcopy(rows))
+    assert batch["input_ids"].shape[0] == 9 and batch["pixel_values"].shape[0] == 9
+    pair = NaPOVisionCollator(processor, columns=("chosen", "question_only"))(copy.deepcopy(rows))
+    for block_k, block_pair in ((0, 0), (2, 1)):  # chosen block, question_only block
+        for b in range(3):
+            k_row, pair_row = block_k * 3 + b, block_pair * 3 + b
+            k_tokens = batch["input_ids"][k_row][batch["attention_mask"][k_row].bool()]
+            pair_tokens = pair["input_ids"][pair_row][pair["attention_mask"][pair_row].bool()]
+            assert torch.equal(k_tokens, pair_tokens)
+            k_answer = batch["input_ids"][k_row][batch["completion_mask"][k_row].bool()]
+            text = processor.tokenizer.decode(k_answer)
+            assert rows[b][columns[block_k]] in text
+
+
+def test_cached_reference_columns_ride_along(processor, sample):
+    rows = [dict(r, ref_chosen_logps=-1.5 * i, ref_chosen_avg_logps=-0.5, ref_rejected_logps=-2.0,
+                 ref_rejected_avg_logps=-0.25) for i, r in enumerate(sample[:2])]  # fmt: skip
+    batch = NaPOVisionCollator(processor)(rows)
+    assert torch.equal(batch["ref_chosen_logps"], torch.tensor([0.0, -1.5]))
+    assert batch["ref_rejected_avg_logps"].dtype == torch.float32
+
+
+def test_text_dataset_with_a_biased_column_trains_three_answers(text_models, sample, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_models[0])
+    dataset = Dataset.from_list(text_rows(sample, extra=True))
+    args = NaPOConfig(output_dir=str(tmp_path), **{**TRAINING, "max_steps": 2, "logging_steps": 1})
+    trainer = NaPOTrainer(model=LlamaForCausalLM.from_pretrained(text_models[0]), args=args,
+                          train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    assert trainer.napo_columns == ("chosen", "rejected", "question_only")
+    assert set(trainer.napo_terms) == {"original", "language"}
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["napo/q_language"] == 1.0  # step 1: policy == reference, mean margin 0 -> q = 1
+    assert logged["napo/weight_original"] == pytest.approx(0.5) and "logps/question_only" in logged
+
+
+def test_plain_dpo_data_is_noise_robust_dpo(text_models, sample, tmp_path):
+    from transformers import AutoTokenizer
+
+    dataset = Dataset.from_list(text_rows(sample))
+    args = NaPOConfig(output_dir=str(tmp_path), **TRAINING)
+    trainer = NaPOTrainer(model=LlamaForCausalLM.from_pretrained(text_models[0]), args=args, train_dataset=dataset,
+                          processing_class=AutoTokenizer.from_pretrained(text_models[0]))  # fmt: skip
+    config = trainer.napo_terms["original"][0]
+    assert list(trainer.napo_terms) == ["original"] and config.loss == "napo" and config.q == "adaptive"
+
+
+# ---------------------------------------------------------------- bad input, before training starts
+
+
+def test_missing_biased_column_named_in_the_config(tiny, processor, sample, tmp_path):
+    args = NaPOConfig(output_dir=str(tmp_path), **TRAINING, language_column="question_only_black")
+    with pytest.raises(ValueError, match=r"language_column='question_only_black'.*no such column"):
+        NaPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny[0]), args=args,
+                    train_dataset=Dataset.from_list(conversational(sample)), processing_class=processor)  # fmt: skip
+
+
+def test_biased_column_of_the_wrong_type(tiny, processor, sample, tmp_path):
+    rows = [dict(r, question_only=i) for i, r in enumerate(conversational(sample))]
+    args = NaPOConfig(output_dir=str(tmp_path), **TRAINING)
+    with pytest.raises(TypeError, match=r"column 'question_only' must hold strings.*int64"):
+        NaPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny[0]), args=args,
+                    train_dataset=Dataset.from_list(rows), processing_class=processor)  # fmt: skip
+
+
+def test_null_answers_are_refused(tiny, processor, sample, tmp_path):
+    rows = [dict(r, image_only=None if i == 2 else "x") for i, r in enumerate(conversational(sample))]
+    args = NaPOConfig(output_dir=str(tmp_path), **TRAINING)
+    with pytest.raises(ValueError, match="'image_only' has 1 null"):
+        NaPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny[0]), args=args,
+                    train_dataset=Dataset.from_list(rows), processing_class=processor)  # fmt: skip
+
+
+def test_reference_with_another_vocabulary(tiny, processor, sample, tmp_path):
+    reference = AutoModelForImageTextToText.from_pretrained(tiny[1])
+    reference.resize_token_embeddings(reference.get_output_embeddings().weight.shape[0] + 8)
+    args = NaPOConfig(output_dir=str(tmp_path), **TRAINING)
+    with pytest.raises(ValueError, match=r"reference model's vocabulary .* differs"):
+        NaPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny[0]), ref_model=reference, args=args,
+                    train_dataset=Dataset.from_list(conversational(sample)), processing_class=processor)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [({"loss_type": ["ipo"]}, "loss_type"), ({"language_q": "often"}, "language_q"),
+     ({"vision_margin": "max"}, "margin"), ({"napo_weights": "1,x"}, "napo_weights"),
+     ({"original_loss": "hinge"}, "original_loss")],
+)  # fmt: skip
+def test_bad_configuration(options, match, tiny, processor, sample, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        args = NaPOConfig(output_dir=str(tmp_path), **TRAINING, **options)
+        NaPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny[0]), args=args,
+                    train_dataset=Dataset.from_list(conversational(sample)), processing_class=processor)  # fmt: skip
+
+
+def test_wrong_args_type(tiny, processor, sample, tmp_path):
+    with pytest.raises(TypeError, match="NaPOConfig"):
+        NaPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny[0]),
+                    args=DPOConfig(output_dir=str(tmp_path), **TRAINING),
+                    train_dataset=Dataset.from_list(conversational(sample)), processing_class=processor)  # fmt: skip
