@@ -119,6 +119,8 @@ def train(
     output = Path(output)
     values = dict(config or {})
     values.setdefault("bf16", torch.cuda.is_available())  # TRL turns bf16 on everywhere; CPUs train in fp32
+    # Without use_cpu, accelerate does not treat CPU processes under torchrun as one data-parallel run.
+    values.setdefault("use_cpu", not torch.cuda.is_available())
     values.setdefault("report_to", "none")
     values.setdefault("disable_tqdm", not progress)
     values.setdefault("dataloader_pin_memory", torch.cuda.is_available())

@@ -481,7 +481,7 @@ class NaPOTrainer(DPOTrainer):
         rows = output.margins[next(iter(output.margins))].numel()
         keys = list(sums)
         local = torch.stack([sums[k].float() for k in keys] + [torch.tensor(float(rows), device=sums[keys[0]].device)])
-        total = self.accelerator.gather_for_metrics(local.unsqueeze(0)).reshape(-1, len(keys) + 1).sum(0).tolist()
+        total = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(keys) + 1).sum(0).tolist()
         count = max(total[-1], 1.0)
         metrics = self._metrics[mode]
         for key, value in zip(keys, total[:-1], strict=True):
@@ -493,7 +493,7 @@ class NaPOTrainer(DPOTrainer):
             metrics[f"napo/q_{term}"].append(values[index])
             metrics[f"napo/weight_{term}"].append(values[len(output.q) + index])
         if mode == "train":
-            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum().reshape(1)).sum().item()
+            tokens = self.accelerator.gather(inputs["attention_mask"].sum().reshape(1)).sum().item()
             self._total_train_tokens += int(tokens) // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
 

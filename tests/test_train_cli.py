@@ -1,0 +1,191 @@
+"""`napo logps` and `napo train` end to end on the tiny LLaVA: cached reference log-probs, a three-way
+NaPO run with its metrics and a reloadable checkpoint, resume after SIGKILL, and two gloo processes
+computing the same q as one process on the whole batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("trl")
+
+import pandas as pd
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from napo.cli import main
+from napo.data import generate_biased, make_sample_data, make_tiny_model
+
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """The tiny model and 8 RLAIF-V-Bias rows it wrote (short greedy answers, to stay fast)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    make_tiny_model(root / "model")
+    make_sample_data(root / "sample.parquet", rows=8, seed=11)
+    generate_biased(
+        root / "model", root / "sample.parquet", root / "biased", max_new_tokens=10, num_beams=1, progress=False
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def scored(workdir) -> Path:
+    """The biased rows with their cached reference log-probs."""
+    from napo.train.reference import compute_reference_logps
+
+    compute_reference_logps(workdir / "model", workdir / "biased", workdir / "scored", progress=False)
+    return workdir / "scored"
+
+
+def log_history(run: Path) -> list[dict]:
+    states = sorted(run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return json.loads(states[-1].read_text())["log_history"]
+
+
+def torch_reference_logps(model, processor, row: dict, column: str) -> tuple[float, float]:
+    """Plain torch, no napo kernel: log_softmax over the full logits of one prompt + answer."""
+    from napo.train.collator import NaPOVisionCollator
+
+    batch = NaPOVisionCollator(processor, columns=(column,))([dict(row)])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "completion_mask"}).logits.double()
+    token_logps = torch.log_softmax(logits[0, :-1], -1).gather(1, batch["input_ids"][0, 1:, None]).squeeze(1)
+    counted = batch["completion_mask"][0, 1:].bool()
+    return token_logps[counted].sum().item(), token_logps[counted].mean().item()
+
+
+def test_logps_match_a_plain_torch_reference_and_resume(workdir, capsys):
+    output = workdir / "logps"
+    model, biased = str(workdir / "model"), str(workdir / "biased")
+    assert main(["logps", "--model", model, "--data", biased, "--output", str(output), "--batch-size", "3",
+                 "--rows-per-part", "3", "--no-progress"]) == 0  # fmt: skip
+    assert "8 rows scored" in capsys.readouterr().out
+    frame = pd.read_parquet(output).sort_values("idx")
+    columns = ["chosen", "rejected", "question_only", "image_only"]
+    for column in columns:
+        assert frame[f"ref_{column}_logps"].notna().all() and (frame[f"ref_{column}_logps"] < 0).all()
+    model = AutoModelForImageTextToText.from_pretrained(workdir / "model")
+    processor = AutoProcessor.from_pretrained(workdir / "model")
+    for _, row in frame.head(2).iterrows():
+        for column in columns:
+            expected_sum, expected_avg = torch_reference_logps(model, processor, row.to_dict(), column)
+            assert row[f"ref_{column}_logps"] == pytest.approx(expected_sum, rel=1e-5)
+            assert row[f"ref_{column}_avg_logps"] == pytest.approx(expected_avg, rel=1e-5)
+    # Rerun: everything is done; drop one part and rerun: only its rows are scored again.
+    assert main(["logps", "--model", str(workdir / "model"), "--data", str(workdir / "biased"),
+                 "--output", str(output), "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "0 rows scored" in out and "8 already done" in out
+    parts = sorted(output.glob("part-*.parquet"))
+    parts[0].unlink()
+    assert main(["logps", "--model", str(workdir / "model"), "--data", str(workdir / "biased"),
+                 "--output", str(output), "--no-progress"]) == 0  # fmt: skip
+    assert "3 rows scored" in capsys.readouterr().out
+    again = pd.read_parquet(output).sort_values("idx")
+    assert list(again["idx"]) == list(frame["idx"])
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), frame.reset_index(drop=True), check_exact=False)
+
+
+def test_logps_refuses_data_without_the_rlaif_columns(workdir, tmp_path, capsys):
+    pd.DataFrame({"idx": [1], "prompt": ["p"], "chosen": ["a"], "rejected": ["b"]}).to_parquet(tmp_path / "x.parquet")
+    code = main(["logps", "--model", str(workdir / "model"), "--data", str(tmp_path / "x.parquet"),
+                 "--output", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2 and "lacks the column(s) image, question" in capsys.readouterr().err
+
+
+def test_three_way_training_logs_metrics_and_saves_a_loadable_model(workdir, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "--model", str(workdir / "model"), "--data", str(workdir / "biased"), "--output", str(run),
+                 "--max-steps", "4", "--batch-size", "2", "--logging-steps", "1", "--save-steps", "2",
+                 "--learning-rate", "1e-3", "--no-progress"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "q_lang" in out and f"model saved to {run}" in out
+    assert (run / "reference-logps").is_dir()  # the data had no reference columns: computed first
+    history = [h for h in log_history(run) if "loss" in h]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    for entry in history:
+        assert torch.isfinite(torch.tensor(entry["loss"]))
+        for term in ("original", "language", "vision"):
+            for kind in ("q", "weight", "margin", "accuracy"):
+                assert f"napo/{kind}_{term}" in entry
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/question_only"):
+            assert key in entry
+    first = history[0]
+    # Step 1: the policy is the reference, and the cached log-probs are the policy's own: no margin, q = 1.
+    assert abs(first["napo/margin_language"]) < 1e-4 and first["napo/q_language"] == 1.0
+    assert first["napo/weight_language"] == pytest.approx(1 / 3) and first["napo/q_original"] == 0.0
+    assert history[-1]["napo/margin_language"] > 0.05 and history[-1]["napo/q_language"] < 1.0
+    trained = AutoModelForImageTextToText.from_pretrained(run)
+    initial = AutoModelForImageTextToText.from_pretrained(workdir / "model")
+    assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
+    AutoProcessor.from_pretrained(run)
+
+
+def test_resume_after_sigkill(workdir, scored, tmp_path):
+    run = tmp_path / "run"
+    data = scored
+    command = [sys.executable, "-m", "napo", "train", "--model", str(workdir / "model"), "--data", str(data),
+               "--output", str(run), "--max-steps", "400", "--batch-size", "2", "--save-steps", "2",
+               "--logging-steps", "1", "--learning-rate", "1e-4", "--no-progress"]  # fmt: skip
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while not list(run.glob("checkpoint-*/trainer_state.json")):
+            assert process.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    complete = max(int(p.parent.name.split("-")[1]) for p in run.glob("checkpoint-*/trainer_state.json"))
+    assert complete < 400
+    (run / "checkpoint-999").mkdir()  # what a kill while saving leaves: no trainer_state.json
+    (run / "checkpoint-999" / "model.safetensors").write_bytes(b"partial")
+    command[command.index("400")] = str(complete + 2)
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint-999 is incomplete" in result.stdout
+    assert f"resuming from {run / f'checkpoint-{complete}'}" in result.stdout
+    steps = [h["step"] for h in log_history(run) if "loss" in h]
+    assert steps == list(range(1, complete + 3))  # the first run's steps, then the two new ones
+
+
+def test_two_gloo_processes_compute_the_same_q_as_one(workdir, scored, tmp_path):
+    # Reference columns shifted away from the policy, so that step 1 has non-zero margins and q != 1.
+    source = pd.read_parquet(scored).head(4)  # one step of 4 rows, or 2 x 2 rows: the same rows either way
+    # M = const + ref(answer) - ref(chosen): raising the reference of the other answers makes M > 0 on average.
+    generator = torch.Generator().manual_seed(0)
+    for answer in ("rejected", "question_only", "image_only"):
+        for column, scale in ((f"ref_{answer}_logps", 40.0), (f"ref_{answer}_avg_logps", 2.0)):
+            source[column] += scale * torch.rand(len(source), generator=generator, dtype=torch.float64).numpy()
+    data = tmp_path / "data"
+    data.mkdir()
+    source.to_parquet(data / "part-s0000-000000.parquet")
+    common = ["-m", "napo", "train", "--model", str(workdir / "model"), "--data", str(data), "--max-steps", "1",
+              "--logging-steps", "1", "--save-steps", "1", "--no-progress", "--seed", "3"]  # fmt: skip
+    single = subprocess.run([sys.executable, *common, "--output", str(tmp_path / "one"), "--batch-size", "4"],
+                            env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    double = subprocess.run([*launcher, *common, "--output", str(tmp_path / "two"), "--batch-size", "2"],
+                            env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = log_history(tmp_path / "one")[0], log_history(tmp_path / "two")[0]
+    keys = [k for k in one if k.startswith(("napo/q_", "napo/weight_", "napo/margin_"))]
+    assert len(keys) == 9 and 0.001 < one["napo/q_language"] < 1.0
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
