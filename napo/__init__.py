@@ -29,9 +29,11 @@ if not use_reference_backend():
 __all__ = [
     "PAPER_TERMS",
     "TERMS",
+    "NaPOConfig",
     "NaPOLoss",
     "NaPOObjective",
     "NaPOOutput",
+    "NaPOTrainer",
     "NativeUnavailableError",
     "TermConfig",
     "__version__",
@@ -45,3 +47,12 @@ __all__ = [
     "reward_margin",
     "sequence_logps",
 ]
+
+
+def __getattr__(name: str):
+    # The TRL drop-in is imported on first use: `import napo` must not import TRL (or need it).
+    if name in ("NaPOConfig", "NaPOTrainer"):
+        from napo.train import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'napo' has no attribute {name!r}")

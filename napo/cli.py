@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -29,16 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
-        "demo", help="run the NaPO objective on the embedded example and print q, weights and margins per step"
+        "demo",
+        help="the whole method on the embedded defaults: sample data, tiny LLaVA, biased answers, reference "
+        "log-probs, a short NaPO run printing q, weights and margins per step",
     )
-    demo.add_argument("--steps", type=_positive_int, default=40)
-    demo.add_argument("--batch-size", type=_positive_int, default=32)
-    demo.add_argument("--learning-rate", type=_positive_float, default=0.05)
+    demo.add_argument("--steps", type=_positive_int, default=40, help="(--objective-only) steps of the toy run")
+    demo.add_argument("--batch-size", type=_positive_int, default=32, help="(--objective-only) toy batch size")
+    demo.add_argument("--learning-rate", type=_positive_float, default=None, help="default 1e-3 (0.05 for the toy)")
     demo.add_argument("--beta", type=_positive_float, default=0.1)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    demo.add_argument("--device", default="cpu", help="(--objective-only) cpu, cuda or cuda:N")
     demo.add_argument("--workdir", default="napo-demo", help="where the tiny model, sample set and answers go")
-    demo.add_argument("--skip-data", action="store_true", help="only the objective step")
+    demo.add_argument(
+        "--objective-only", action="store_true", help="only the objective, on a simulated toy policy (no model)"
+    )
 
     generate = commands.add_parser(
         "generate",
@@ -118,14 +123,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             print(f"napo demo: --device {args.device} asked for CUDA, but torch sees no CUDA device", file=sys.stderr)
             return 2
-        if not args.skip_data:
-            run_data_demo(args.workdir)
+        trl_missing = importlib.util.find_spec("trl") is None
+        if not args.objective_only and not trl_missing:
+            from napo.demo import run_training_demo
+
+            data = run_data_demo(args.workdir)
+            if data is not None:
+                run_training_demo(args.workdir, data, learning_rate=args.learning_rate or 1e-3, seed=args.seed)
+                return 0
+        if trl_missing and not args.objective_only:
+            print("(TRL is not installed: showing the objective alone; pip install 'napo[train]' for the full demo)\n")
         backend = "reference (NAPO_BACKEND)" if _native.use_reference_backend() else "C core (napo._C)"
-        print(f"Step 2: the paper objective (DPO original, adaptive NaPO language/vision), backend: {backend}\n")
+        print(
+            f"The paper objective (DPO original, adaptive NaPO language/vision) on a toy policy, backend: {backend}\n"
+        )
         run_demo(
             steps=args.steps,
             batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
+            learning_rate=args.learning_rate or 0.05,
             beta=args.beta,
             seed=args.seed,
             device=args.device,

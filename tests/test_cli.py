@@ -11,14 +11,28 @@ from napo.cli import main
 from napo.demo import run_demo
 
 
-def test_demo_prints_a_table_starting_at_q_one_and_uniform_weights(capsys, tmp_path):
-    assert main(["demo", "--steps", "9", "--batch-size", "16", "--workdir", str(tmp_path)]) == 0
+def test_demo_runs_the_whole_pipeline_and_prints_q_weights_margins_per_step(capsys, tmp_path):
+    pytest.importorskip("trl")
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    if (tmp_path / "rlaif-v-bias").exists():  # the data step ran (napo[data] installed)
-        assert out.startswith("Step 1: 16 rows answered") and "question_only:" in out
-    else:
-        assert "skipping the data step" in out
+    assert out.startswith("Step 1: 16 rows answered") and "question_only:" in out
+    assert (tmp_path / "napo-run" / "reference-logps").is_dir()
+    header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["step", "loss", "q_orig", "q_lang"])
+    rows = [line.split() for line in lines[header + 1 : header + 17]]
+    assert [int(r[0]) for r in rows] == list(range(1, 17))  # 4 epochs x 4 batches of 4 rows
+    first, last = rows[0], rows[-1]
+    assert first[3:5] == ["1.0000", "1.0000"] and first[5:8] == ["0.3333"] * 3  # q = 1, uniform weights at step 1
+    assert float(last[3]) < 1.0 and float(last[1]) < float(first[1])  # margins grew: q fell, loss fell
+    assert "Trained in" in out
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "napo-run")
+
+
+def test_demo_objective_only_prints_the_toy_table(capsys):
+    assert main(["demo", "--objective-only", "--steps", "9", "--batch-size", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["step", "loss", "q_lang"])
     first = lines[header + 2].split()
     assert first[0] == "0" and first[2:4] == ["1.0000", "1.0000"] and first[4:7] == ["0.333"] * 3

@@ -36,3 +36,18 @@ def test_reference_backend_runs_without_native():
                  NAPO_BACKEND="reference")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[0.6931471824645996, 0.6931471824645996]"  # log 2 in float32
+
+
+def test_import_napo_does_not_import_trl_and_the_trainer_says_what_is_missing():
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, napo\nassert 'trl' not in sys.modules\nprint(napo.NaPOConfig.__name__)"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "NaPOConfig"
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['trl'] = None\nimport napo\nnapo.NaPOTrainer"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert blocked.returncode != 0
+    assert "ImportError: napo.train.trainer needs TRL" in blocked.stderr and "napo[train]" in blocked.stderr
