@@ -69,6 +69,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_objective.py
 	$(PY) benchmarks/bench_logps.py
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf $(C_BUILD) build *.egg-info napo/_C*.so
