@@ -22,6 +22,50 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every resumable row stage (generate, logps) shares."""
+    parser.add_argument("--limit", type=_positive_int, default=None, help="only the first N input rows")
+    parser.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
+    parser.add_argument("--shard-index", type=int, default=None, help="default: RANK or 0")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--rows-per-part", type=_positive_int, default=256, help="rows per Parquet part file")
+    parser.add_argument("--overwrite", action="store_true", help="discard an earlier run with other settings")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    return {
+        "batch_size": args.batch_size,
+        "limit": args.limit,
+        "num_shards": args.num_shards,
+        "shard_index": args.shard_index,
+        "device": args.device,
+        "dtype": args.dtype,
+        "rows_per_part": args.rows_per_part,
+        "overwrite": args.overwrite,
+        "progress": not args.no_progress,
+    }
+
+
+def _run_stage(command: str, verb: str, run) -> int:
+    """Runs a row stage; prints its summary. Exit code 2 on bad input, 1 when no row succeeded."""
+    try:
+        summary = run()
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"napo {command}: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"napo {command}: shard {summary.shard_index}/{summary.num_shards}: {summary.written} rows {verb}, "
+        f"{summary.failed} skipped with errors, {summary.already_done} already done, "
+        f"{summary.seconds:.1f} s ({summary.rows_per_second:.2f} rows/s) -> {summary.output_dir}"
+    )
+    if summary.failed:
+        print(f"napo {command}: the skipped rows and why are in {summary.output_dir / '_errors.jsonl'}")
+    nothing_succeeded = summary.written == 0 and summary.already_done == 0 and summary.failed > 0
+    return 1 if nothing_succeeded else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from napo import __version__
 
@@ -55,15 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=_positive_int, default=8)
     generate.add_argument("--max-new-tokens", type=_positive_int, default=1024)
     generate.add_argument("--num-beams", type=_positive_int, default=3)
-    generate.add_argument("--limit", type=_positive_int, default=None, help="only the first N input rows")
-    generate.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
-    generate.add_argument("--shard-index", type=int, default=None, help="default: RANK or 0")
     generate.add_argument("--blank-images", action="store_true", help="also question_only_white / _black")
-    generate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    generate.add_argument("--rows-per-part", type=_positive_int, default=256, help="rows per Parquet part file")
-    generate.add_argument("--overwrite", action="store_true", help="discard an earlier run with other settings")
-    generate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_arguments(generate)
 
     logps = commands.add_parser(
         "logps", help="cache the reference model's log-probs of every answer (ref_<column>_logps, _avg_logps)"
@@ -74,14 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     logps.add_argument("--columns", default=None, help="comma-separated answer columns (default: all present)")
     logps.add_argument("--batch-size", type=_positive_int, default=8)
     logps.add_argument("--max-length", type=_positive_int, default=None, help="truncate prompt + answer")
-    logps.add_argument("--limit", type=_positive_int, default=None, help="only the first N input rows")
-    logps.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
-    logps.add_argument("--shard-index", type=int, default=None, help="default: RANK or 0")
-    logps.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    logps.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    logps.add_argument("--rows-per-part", type=_positive_int, default=256, help="rows per Parquet part file")
-    logps.add_argument("--overwrite", action="store_true", help="discard an earlier run with other settings")
-    logps.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_arguments(logps)
 
     train = commands.add_parser(
         "train", help="train with NaPO on napo generate's output (reference log-probs cached first)"
@@ -168,69 +198,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from napo.data import generate_biased
 
-    try:
-        summary = generate_biased(
+    return _run_stage(
+        "generate",
+        "written",
+        lambda: generate_biased(
             args.model,
             args.data,
             args.output,
-            batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams,
             blank_images=args.blank_images,
-            limit=args.limit,
-            num_shards=args.num_shards,
-            shard_index=args.shard_index,
-            device=args.device,
-            dtype=args.dtype,
-            rows_per_part=args.rows_per_part,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"napo generate: error: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"napo generate: shard {summary.shard_index}/{summary.num_shards}: {summary.written} rows written, "
-        f"{summary.failed} skipped with errors, {summary.already_done} already done, "
-        f"{summary.seconds:.1f} s ({summary.rows_per_second:.2f} rows/s) -> {summary.output_dir}"
+            **_run_options(args),
+        ),
     )
-    if summary.failed:
-        print(f"napo generate: the skipped rows and why are in {summary.output_dir / '_errors.jsonl'}")
-    nothing_succeeded = summary.written == 0 and summary.already_done == 0 and summary.failed > 0
-    return 1 if nothing_succeeded else 0
 
 
 def _logps(args: argparse.Namespace) -> int:
     from napo.train.reference import compute_reference_logps
 
     columns = None if args.columns is None else [c.strip() for c in args.columns.split(",") if c.strip()]
-    try:
-        summary = compute_reference_logps(
-            args.model,
-            args.data,
-            args.output,
-            columns=columns,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            limit=args.limit,
-            num_shards=args.num_shards,
-            shard_index=args.shard_index,
-            device=args.device,
-            dtype=args.dtype,
-            rows_per_part=args.rows_per_part,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"napo logps: error: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"napo logps: shard {summary.shard_index}/{summary.num_shards}: {summary.written} rows scored, "
-        f"{summary.failed} skipped with errors, {summary.already_done} already done, "
-        f"{summary.seconds:.1f} s ({summary.rows_per_second:.2f} rows/s) -> {summary.output_dir}"
+    return _run_stage(
+        "logps",
+        "scored",
+        lambda: compute_reference_logps(
+            args.model, args.data, args.output, columns=columns, max_length=args.max_length, **_run_options(args)
+        ),
     )
-    nothing_succeeded = summary.written == 0 and summary.already_done == 0 and summary.failed > 0
-    return 1 if nothing_succeeded else 0
 
 
 _TRAIN_FLAGS = {

@@ -18,7 +18,6 @@ and skipped.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -29,10 +28,10 @@ from napo.data.store import (
     RowError,
     RowJob,
     RunSummary,
+    extend_schema,
     open_input,
-    prepare_output,
     run_rows,
-    shard_from_env,
+    start_run,
 )
 
 GenerationSummary = RunSummary  # the name this module's callers know
@@ -235,38 +234,20 @@ def generate_biased(
     """
     import pyarrow as pa
 
-    from napo import __version__
-
-    if batch_size < 1 or rows_per_part < 1:
-        raise ValueError(f"batch_size and rows_per_part must be >= 1, got {batch_size} and {rows_per_part}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, blank_images=blank_images)
-    num_shards, shard_index = shard_from_env(num_shards, shard_index)
     source, total_rows = open_input(data)
     check_columns(list(source.schema.names))
     output = Path(output)
-    manifest = {
-        "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
-        "data": str(Path(data).resolve()) if Path(data).exists() else str(data),
-        "settings": asdict(settings),
-        "napo_version": __version__,
-    }
-    prepare_output(output, manifest, overwrite, MANIFEST)
-    data_root = Path(data).parent if Path(data).is_file() else Path(data) if Path(data).is_dir() else None
-
+    run = start_run(model, data, output, asdict(settings), manifest_name=MANIFEST, overwrite=overwrite,
+                    batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
+                    shard_index=shard_index)  # fmt: skip
     if loaded is None:
         loaded = load_model(model, device=device, dtype=dtype)
     llava, processor = loaded
-
-    # One schema for every part: the input's own, plus the answer columns. Inferring it per part would
-    # give a column that happens to be all-null in one part a different type, and readers would refuse.
-    schema = source.schema
-    for column in settings.columns:
-        if column not in schema.names:
-            schema = schema.append(pa.field(column, pa.string()))
-    napo_metadata = {b"napo": json.dumps({**manifest, "columns": list(settings.columns)}).encode()}
-    schema = schema.with_metadata({**(schema.metadata or {}), **napo_metadata})
+    # An answer column already in the input (a rerun on generated data) keeps its place and type.
+    answer_fields = [pa.field(c, pa.string()) for c in settings.columns if c not in source.schema.names]
+    schema = extend_schema(source.schema, answer_fields, b"napo", {**run.manifest, "columns": list(settings.columns)})
+    data_root = run.data_root
 
     def prepare(row: dict) -> dict:
         if not isinstance(row["question"], str) or not row["question"].strip():
@@ -287,16 +268,5 @@ def generate_biased(
         sort_key=lambda r: len(processor.tokenizer(r["question"] or "").input_ids),
         failure="generation failed",
     )
-    return run_rows(
-        source,
-        total_rows,
-        output,
-        schema,
-        job,
-        batch_size=batch_size,
-        rows_per_part=rows_per_part,
-        limit=limit,
-        num_shards=num_shards,
-        shard_index=shard_index,
-        progress=progress,
-    )
+    options = {"batch_size": batch_size, "rows_per_part": rows_per_part, "limit": limit, "progress": progress}
+    return run_rows(source, total_rows, output, schema, job, run, **options)

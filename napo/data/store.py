@@ -188,18 +188,73 @@ def shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int
     return num_shards, shard_index
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """What a stage knows once its output directory is ready: the manifest and this process's shard."""
+
+    manifest: dict
+    num_shards: int
+    shard_index: int
+    data_root: Path | None  # where relative image paths of the input resolve
+
+
+def start_run(
+    model: str | Path,
+    data: str | Path,
+    output: Path,
+    settings: dict,
+    *,
+    manifest_name: str,
+    overwrite: bool,
+    batch_size: int,
+    rows_per_part: int,
+    limit: int | None,
+    num_shards: int | None,
+    shard_index: int | None,
+) -> RunStart:
+    """Checks the run options, resolves the shard, and records (or checks) the run's manifest."""
+    from napo import __version__
+
+    if batch_size < 1 or rows_per_part < 1:
+        raise ValueError(f"batch_size and rows_per_part must be >= 1, got {batch_size} and {rows_per_part}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    num_shards, shard_index = shard_from_env(num_shards, shard_index)
+    manifest = {
+        "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
+        "data": str(Path(data).resolve()) if Path(data).exists() else str(data),
+        "settings": settings,
+        "napo_version": __version__,
+    }
+    prepare_output(output, manifest, overwrite, manifest_name)
+    data = Path(data)
+    data_root = data.parent if data.is_file() else data if data.is_dir() else None
+    return RunStart(manifest=manifest, num_shards=num_shards, shard_index=shard_index, data_root=data_root)
+
+
+def extend_schema(schema: Any, fields: list, metadata_key: bytes, metadata: dict) -> Any:
+    """The input schema plus ``fields`` (replacing same-named ones), with napo's provenance in its metadata.
+
+    Every part is written with this one schema: inferring it per part would give a column that happens to
+    be all-null in one part another type, and readers would refuse the set."""
+    for new in fields:
+        if new.name in schema.names:
+            schema = schema.remove(schema.get_field_index(new.name))
+        schema = schema.append(new)
+    return schema.with_metadata({**(schema.metadata or {}), metadata_key: json.dumps(metadata).encode()})
+
+
 def run_rows(
     source: Any,
     total_rows: int,
     output: Path,
     schema: Any,
     job: RowJob,
+    start: RunStart,
     *,
     batch_size: int,
     rows_per_part: int,
     limit: int | None,
-    num_shards: int,
-    shard_index: int,
     progress: bool,
 ) -> RunSummary:
     """Streams ``source`` (keyed by its unique ``idx`` column), runs ``job`` on this shard's rows not done
@@ -208,6 +263,7 @@ def run_rows(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    num_shards, shard_index = start.num_shards, start.shard_index
     for stale in output.glob(f".tmp-s{shard_index:04d}-*"):
         stale.unlink(missing_ok=True)  # a part this shard was writing when it was killed
     done = done_indices(output)
@@ -217,7 +273,7 @@ def run_rows(
     next_part = max(part_numbers(output, shard_index), default=-1) + 1
     pending: list[dict] = []
     seen: set = set()
-    start = time.perf_counter()
+    started = time.perf_counter()
     bar = progress_bar(shard_total, progress, f"{job.name} (shard {shard_index}/{num_shards})")
 
     def flush() -> None:
@@ -286,5 +342,5 @@ def run_rows(
             break
     flush()
     bar.close()
-    summary.seconds = time.perf_counter() - start
+    summary.seconds = time.perf_counter() - started
     return summary

@@ -14,11 +14,10 @@ crash-safe (atomic Parquet parts), with a progress bar; rows that cannot be scor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from napo.data.store import RowError, RowJob, RunSummary, open_input, prepare_output, run_rows, shard_from_env
+from napo.data.store import RowError, RowJob, RunSummary, extend_schema, open_input, run_rows, start_run
 from napo.train.collator import NaPOVisionCollator, reference_columns
 from napo.train.lm_head import add_napo_lm_head, completion_logps
 
@@ -80,46 +79,32 @@ def compute_reference_logps(
     import pyarrow as pa
     import torch
 
-    from napo import __version__
     from napo.data.generate import decode_image, load_model, resolve_device, resolve_dtype
 
-    if batch_size < 1 or rows_per_part < 1:
-        raise ValueError(f"batch_size and rows_per_part must be >= 1, got {batch_size} and {rows_per_part}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    num_shards, shard_index = shard_from_env(num_shards, shard_index)
     source, total_rows = open_input(data)
     columns = scored_columns(list(source.schema.names), columns)
     output = Path(output)
     resolved_device = resolve_device(device)
-    manifest = {
-        "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
-        "data": str(Path(data).resolve()) if Path(data).exists() else str(data),
-        "settings": {
-            "columns": columns,
-            "max_length": max_length,
-            "dtype": str(resolve_dtype(dtype, resolved_device)).removeprefix("torch."),
-        },
-        "napo_version": __version__,
+    settings = {
+        "columns": columns,
+        "max_length": max_length,
+        "dtype": str(resolve_dtype(dtype, resolved_device)).removeprefix("torch."),
     }
-    prepare_output(output, manifest, overwrite, MANIFEST)
-    data_root = Path(data).parent if Path(data).is_file() else Path(data) if Path(data).is_dir() else None
-
+    run = start_run(model, data, output, settings, manifest_name=MANIFEST, overwrite=overwrite,
+                    batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
+                    shard_index=shard_index)  # fmt: skip
     if loaded is None:
         loaded = load_model(model, device=resolved_device, dtype=dtype)
     reference, processor = loaded
     _check_vocabulary(reference, processor)
     add_napo_lm_head(reference)
     collator = NaPOVisionCollator(processor=processor, columns=columns, max_length=max_length)
-
     added = [name for column in columns for name in reference_columns(column)]
-    schema = source.schema
-    for name in added:
-        if name in schema.names:  # rescoring cached data: the new values replace the old
-            schema = schema.remove(schema.get_field_index(name))
-        schema = schema.append(pa.field(name, pa.float64()))
-    napo_metadata = {b"napo_logps": json.dumps({**manifest, "columns": added}).encode()}
-    schema = schema.with_metadata({**(schema.metadata or {}), **napo_metadata})
+    # Rescoring data that has reference columns already: the new values replace the old.
+    schema = extend_schema(
+        source.schema, [pa.field(n, pa.float64()) for n in added], b"napo_logps", {**run.manifest, "columns": added}
+    )
+    data_root = run.data_root
 
     def prepare(row: dict) -> dict:
         for column in columns:
@@ -154,19 +139,8 @@ def compute_reference_logps(
         sort_key=lambda r: sum(len(tokenizer(r[c] or "").input_ids) for c in columns),
         failure="scoring failed",
     )
-    return run_rows(
-        source,
-        total_rows,
-        output,
-        schema,
-        job,
-        batch_size=batch_size,
-        rows_per_part=rows_per_part,
-        limit=limit,
-        num_shards=num_shards,
-        shard_index=shard_index,
-        progress=progress,
-    )
+    options = {"batch_size": batch_size, "rows_per_part": rows_per_part, "limit": limit, "progress": progress}
+    return run_rows(source, total_rows, output, schema, job, run, **options)
 
 
 def _check_vocabulary(model: Any, processor: Any) -> None:
