@@ -296,3 +296,29 @@ def test_wrong_args_type(tiny, processor, sample, tmp_path):
         NaPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny[0]),
                     args=DPOConfig(output_dir=str(tmp_path), **TRAINING),
                     train_dataset=Dataset.from_list(conversational(sample)), processing_class=processor)  # fmt: skip
+
+
+def test_precompute_caches_every_answer_and_frees_the_reference(tiny, processor, sample, tmp_path):
+    rows = [dict(r, question_only=f"Maybe a shape number {i}.") for i, r in enumerate(conversational(sample))]
+    args = NaPOConfig(output_dir=str(tmp_path), **TRAINING, precompute_ref_log_probs=True)
+    trainer = NaPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny[0]),
+                          ref_model=AutoModelForImageTextToText.from_pretrained(tiny[1]), args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=processor)  # fmt: skip
+    assert trainer.ref_model is None and trainer.napo_uses_cached_reference
+    assert args.precompute_ref_log_probs is True  # the caller's config is left as it was given
+    cached = trainer.train_dataset
+    for column in ("chosen", "rejected", "question_only"):
+        assert f"ref_{column}_logps" in cached.column_names and f"ref_{column}_avg_logps" in cached.column_names
+    # The cached values are the reference model's own log-probs of those sequences.
+    reference = AutoModelForImageTextToText.from_pretrained(tiny[1])
+    from napo.train import add_napo_lm_head, completion_logps
+
+    add_napo_lm_head(reference)
+    batch = trainer.data_collator(copy.deepcopy(rows[:3]))
+    with torch.no_grad():
+        expected = completion_logps(reference, batch, trainer.napo_columns)
+    for column in trainer.napo_columns:
+        torch.testing.assert_close(torch.tensor(cached[f"ref_{column}_logps"][:3]), expected[column].logps)
+        torch.testing.assert_close(torch.tensor(cached[f"ref_{column}_avg_logps"][:3]), expected[column].avg_logps)
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))

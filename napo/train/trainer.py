@@ -255,7 +255,8 @@ class NaPOTrainer(DPOTrainer):
             eval_dataset is None or self._has_reference_columns(eval_dataset)
         )
         # TRL refuses to precompute for vision data and caches only chosen/rejected: napo does it itself below.
-        self._napo_precompute = bool(args.precompute_ref_log_probs) and not self._napo_cached_reference
+        requested_precompute = args.precompute_ref_log_probs
+        self._napo_precompute = bool(requested_precompute) and not self._napo_cached_reference
         args.precompute_ref_log_probs = False
         try:
             super().__init__(
@@ -273,7 +274,7 @@ class NaPOTrainer(DPOTrainer):
                 peft_config=peft_config,
             )
         finally:
-            args.precompute_ref_log_probs = self._napo_precompute or self._napo_cached_reference
+            args.precompute_ref_log_probs = requested_precompute
         unwrapped = self.accelerator.unwrap_model(self.model)
         add_napo_lm_head(unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped)
         if self.ref_model is not None:
@@ -338,7 +339,8 @@ class NaPOTrainer(DPOTrainer):
                     continue
                 if isinstance(example["prompt"], list):
                     full = tokenizer.apply_chat_template(example["prompt"] + example[column], tokenize=True)
-                    full = full["input_ids"] if isinstance(full, dict) else full
+                    if not isinstance(full, list):  # a BatchEncoding in recent transformers
+                        full = full["input_ids"]
                 else:
                     answer = example[column] if example[column].endswith(eos) else example[column] + eos
                     full = tokenizer(example["prompt"] + answer)["input_ids"]
@@ -442,7 +444,11 @@ class NaPOTrainer(DPOTrainer):
             for column in self.napo_columns:
                 sum_name, avg_name = reference_columns(column)
                 if sum_name not in inputs:
-                    raise KeyError(f"the batch lacks the cached reference column {sum_name!r}")
+                    raise KeyError(
+                        f"the batch lacks the cached reference column {sum_name!r}: the reference model was freed "
+                        "because the training data had every reference column; give evaluation data those columns "
+                        "too (napo logps), or pass it as eval_dataset when constructing the trainer"
+                    )
                 reference[column] = SequenceLogps(inputs[sum_name], inputs[avg_name])
         else:
             reference = self.reference_logps(inputs, model_kwargs)
