@@ -189,3 +189,24 @@ def test_two_gloo_processes_compute_the_same_q_as_one(workdir, scored, tmp_path)
     for key in keys:
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_config_file_sets_napo_fields_and_bad_fields_are_refused(workdir, scored, tmp_path, capsys):
+    config = tmp_path / "napo.yaml"
+    config.write_text("language_column: none\nnapo_weights: '1,0.5'\nvision_gamma: 0.05\nlogging_steps: 1\n")
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(workdir / "model"), "--data", str(scored), "--output", str(run),
+                 "--config", str(config), "--max-steps", "1", "--no-progress"]) == 0  # fmt: skip
+    entry = next(h for h in log_history_or_final(run) if "loss" in h)
+    assert "napo/q_language" not in entry and entry["napo/weight_vision"] == 0.5 and entry["napo/weight_original"] == 1
+    (tmp_path / "bad.json").write_text(json.dumps({"no_such_field": 1}))
+    assert main(["train", "--model", str(workdir / "model"), "--data", str(scored), "--output", str(tmp_path / "b"),
+                 "--config", str(tmp_path / "bad.json")]) == 2  # fmt: skip
+    assert "no_such_field" in capsys.readouterr().err
+
+
+def log_history_or_final(run: Path) -> list[dict]:
+    """The log history of the newest checkpoint, or of the final trainer_state.json when none was saved."""
+    if list(run.glob("checkpoint-*/trainer_state.json")):
+        return log_history(run)
+    return json.loads((run / "trainer_state.json").read_text())["log_history"]
