@@ -55,4 +55,8 @@ def __getattr__(name: str):
         from napo.train import trainer
 
         return getattr(trainer, name)
+    if name == "analysis":  # pandas + matplotlib, imported when first used
+        import importlib
+
+        return importlib.import_module("napo.analysis")
     raise AttributeError(f"module 'napo' has no attribute {name!r}")

@@ -131,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--logps-batch-size", type=_positive_int, default=8, help="rows per reference forward")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    analyze = commands.add_parser(
+        "analyze", help="a Markdown report (tables + PNG figures) of margins, q and noise for a dataset and a run"
+    )
+    analyze.add_argument("--data", required=True, help="napo generate / napo logps output")
+    analyze.add_argument("--output", required=True, help="where report.md, margins.csv and the figures go")
+    analyze.add_argument("--model", default=None, help="scores the reference columns if missing, else the policy")
+    analyze.add_argument("--run", default=None, help="a napo train output directory or trainer_state.json")
+    analyze.add_argument("--noise-labels", default=None, help="a column of the data, or a CSV/JSON/Parquet file")
+    analyze.add_argument("--top", type=_positive_int, default=10, help="rows per noise ranking")
+    analyze.add_argument("--batch-size", type=_positive_int, default=8)
+    analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    analyze.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    analyze.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     tiny = commands.add_parser("make-tiny-model", help="write the tiny random LLaVA (offline) to a directory")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
@@ -182,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _logps(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "analyze":
+        return _analyze(args)
     if args.command == "make-tiny-model":
         from napo.data import make_tiny_model
 
@@ -261,4 +277,30 @@ def _train(args: argparse.Namespace) -> int:
         print(f"napo train: error: {error}", file=sys.stderr)
         return 2
     print(f"napo train: model saved to {output}")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    try:
+        from napo.analysis import analyze
+    except ImportError as error:
+        print(f"napo analyze: error: {error} (pip install 'napo[analysis]')", file=sys.stderr)
+        return 2
+    try:
+        report = analyze(
+            args.data,
+            args.output,
+            model=args.model,
+            run=args.run,
+            noise_labels=args.noise_labels,
+            top=args.top,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        print(f"napo analyze: error: {error}", file=sys.stderr)
+        return 2
+    print(f"napo analyze: report written to {report}")
     return 0

@@ -19,9 +19,16 @@ from typing import Any
 
 from napo.data.store import RowError, RowJob, RunSummary, extend_schema, open_input, run_rows, start_run
 from napo.train.collator import NaPOVisionCollator, reference_columns
-from napo.train.lm_head import add_napo_lm_head, completion_logps
+from napo.train.lm_head import SequenceLogps, add_napo_lm_head, completion_logps
 
-__all__ = ["ANSWER_COLUMNS", "MANIFEST", "compute_reference_logps", "scored_columns"]
+__all__ = [
+    "ANSWER_COLUMNS",
+    "MANIFEST",
+    "check_vocabulary",
+    "compute_reference_logps",
+    "score_examples",
+    "scored_columns",
+]
 
 MANIFEST = "_napo_logps.json"
 ANSWER_COLUMNS = ("chosen", "rejected", "question_only", "image_only", "question_only_white", "question_only_black")
@@ -77,7 +84,6 @@ def compute_reference_logps(
         loaded: an already loaded ``(model, processor)`` pair.
     """
     import pyarrow as pa
-    import torch
 
     from napo.data.generate import decode_image, load_model, resolve_device, resolve_dtype
 
@@ -96,7 +102,7 @@ def compute_reference_logps(
     if loaded is None:
         loaded = load_model(model, device=resolved_device, dtype=dtype)
     reference, processor = loaded
-    _check_vocabulary(reference, processor)
+    check_vocabulary(reference, processor)
     add_napo_lm_head(reference)
     collator = NaPOVisionCollator(processor=processor, columns=columns, max_length=max_length)
     added = [name for column in columns for name in reference_columns(column)]
@@ -117,13 +123,7 @@ def compute_reference_logps(
 
     def score(rows: list[dict]) -> list[dict]:
         examples = [{"image": r["_image"], "question": r["question"], **{c: r[c] for c in columns}} for r in rows]
-        batch = collator(examples)
-        batch = {k: v.to(reference.device) for k, v in batch.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(reference.dtype)
-        with torch.no_grad():
-            scored = completion_logps(reference, batch, columns)
-        for column, out in scored.items():
+        for column, out in score_examples(reference, collator, examples).items():
             sum_name, avg_name = reference_columns(column)
             for row, total, average in zip(rows, out.logps.tolist(), out.avg_logps.tolist(), strict=True):
                 row[sum_name], row[avg_name] = total, average
@@ -143,7 +143,20 @@ def compute_reference_logps(
     return run_rows(source, total_rows, output, schema, job, run, **options)
 
 
-def _check_vocabulary(model: Any, processor: Any) -> None:
+def score_examples(model: Any, collator: NaPOVisionCollator, examples: list[dict]) -> dict[str, SequenceLogps]:
+    """Per answer column of ``collator``, the ``[B]`` log-prob sums and averages of ``examples`` under ``model``
+    (which must carry :func:`napo.train.add_napo_lm_head`), without gradient, on the model's device and dtype."""
+    import torch
+
+    batch = {k: v.to(model.device) for k, v in collator(examples).items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    with torch.no_grad():
+        return completion_logps(model, batch, tuple(collator.columns))
+
+
+def check_vocabulary(model: Any, processor: Any) -> None:
+    """A processor whose tokenizer can emit ids past the model's LM head is the wrong processor: say so."""
     head = model.get_output_embeddings()
     vocabulary = int(head.weight.shape[0])
     if len(processor.tokenizer) > vocabulary:
