@@ -5,6 +5,7 @@ headless, and a notebook shows the returned figure inline."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,31 @@ __all__ = ["load_log_history", "plot_margin_hist", "plot_q_curve", "plot_trainin
 _NOISE_COLORS = {"clean": "#1f77b4", "noisy": "#d62728"}
 
 
+def _png(figure) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _show_in_notebooks(figure_type: type) -> None:
+    """In IPython, displays a pyplot-free figure as PNG (inline backends register this only for pyplot's)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    if shell is None:
+        return
+    formatter = shell.display_formatter.formatters["image/png"]
+    try:
+        formatter.lookup_by_type(figure_type)
+    except KeyError:
+        formatter.for_type(figure_type, _png)
+
+
 def _figure(columns: int, width: float = 4.2, height: float = 3.4):
     from matplotlib.figure import Figure
 
+    _show_in_notebooks(Figure)
     figure = Figure(figsize=(width * columns, height), layout="constrained")
     axes = figure.subplots(1, columns, squeeze=False)[0]
     return figure, list(axes)

@@ -164,10 +164,9 @@ def train(
     trainer = NaPOTrainer(
         model=policy, args=args, train_dataset=dataset, processing_class=processor, callbacks=callbacks
     )
-    if print_table:  # the step table replaces the Trainer's raw dict lines
-        from transformers import PrinterCallback
+    from transformers import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(PrinterCallback)  # raw dict lines: the step table (or nothing) instead
     last = last_complete_checkpoint(output)
     if last is not None and state.is_main_process:
         print(f"napo train: resuming from {last}")
