@@ -32,8 +32,9 @@ METHODS = {
 }
 
 
-def make_pairs(count: int, seed: int) -> list[dict]:
-    """RLAIF-V-style rows whose preference only the image decides."""
+def make_pairs(count: int, seed: int, task: str = "image") -> list[dict]:
+    """RLAIF-V-style rows: with task "image" only the image decides the preference; with task "text" the
+    question names the colour ("The red circle: what colour is it?"), so the text alone decides it."""
     import io
 
     from napo.data.sample import COLORS, SHAPES, draw_image
@@ -48,7 +49,8 @@ def make_pairs(count: int, seed: int) -> list[dict]:
         rows.append({
             "idx": index,
             "image": {"bytes": buffer.getvalue(), "path": None},
-            "question": f"What color is the {shape} in the image?",
+            "question": f"The {color} {shape}: what color is it?" if task == "text" else
+                        f"What color is the {shape} in the image?",
             "chosen": f"The {shape} in the image is {color}.",
             "rejected": f"The {shape} in the image is {wrong}.",
         })  # fmt: skip
@@ -106,6 +108,7 @@ def train_once(model_dir: Path, rows: list[dict], options: dict, args, seed: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--task", choices=["image", "text"], default="image", help="what decides the truth")
     parser.add_argument("--train", type=int, default=96, help="training pairs")
     parser.add_argument("--test", type=int, default=192, help="held-out pairs")
     parser.add_argument("--epochs", type=float, default=6)
@@ -128,8 +131,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
             model_dir = make_tiny_model(Path(tmp) / f"model-{seed}", seed=seed)
-            train_rows = make_pairs(args.train, seed=1000 + seed)
-            test_rows = make_pairs(args.test, seed=2000 + seed)
+            train_rows = make_pairs(args.train, seed=1000 + seed, task=args.task)
+            test_rows = make_pairs(args.test, seed=2000 + seed, task=args.task)
             reference = AutoModelForImageTextToText.from_pretrained(model_dir)
             for p in args.noise:
                 noisy = flip(train_rows, p, seed=3000 + seed)
@@ -156,7 +159,7 @@ def main() -> None:
             axis.errorbar(list(by_p), means, yerr=spreads, label=method, capsize=3, marker="o")
         axis.set_xlabel("fraction of flipped training pairs p")
         axis.set_ylabel("held-out preference accuracy")
-        axis.set_title("tiny LLaVA, colour questions")
+        axis.set_title(f"tiny LLaVA, colour questions decided by the {args.task}")
         axis.legend(fontsize="small")
         figure.savefig(args.plot, dpi=110)
         print(f"\nplot: {args.plot}")

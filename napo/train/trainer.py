@@ -406,7 +406,9 @@ class NaPOTrainer(DPOTrainer):
         model.eval()
         try:
             for batch in tqdm(
-                loader, desc=f"napo: reference log-probs ({name})", disable=not self.is_world_process_zero()
+                loader,
+                desc=f"napo: reference log-probs ({name})",
+                disable=self.args.disable_tqdm or not self.is_world_process_zero(),
             ):
                 for column, out in self.reference_logps(batch).items():
                     sum_name, avg_name = reference_columns(column)
