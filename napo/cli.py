@@ -110,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     logps.add_argument("--output", required=True, help="output directory (rerunning resumes)")
     logps.add_argument("--columns", default=None, help="comma-separated answer columns (default: all present)")
     logps.add_argument("--batch-size", type=_positive_int, default=8)
-    logps.add_argument("--max-length", type=_positive_int, default=None, help="truncate prompt + answer")
+    logps.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="truncate prompt + answer as the trainer will (default 1024 = NaPOConfig's max_length; 0: no truncation)",
+    )
     _add_run_arguments(logps)
 
     train = commands.add_parser(
@@ -237,7 +242,12 @@ def _logps(args: argparse.Namespace) -> int:
         "logps",
         "scored",
         lambda: compute_reference_logps(
-            args.model, args.data, args.output, columns=columns, max_length=args.max_length, **_run_options(args)
+            args.model,
+            args.data,
+            args.output,
+            columns=columns,
+            max_length=args.max_length or None,
+            **_run_options(args),
         ),
     )
 

@@ -118,8 +118,27 @@ def test_summarize_by_hand():
 
 
 def test_missing_reference_columns_without_a_model():
-    with pytest.raises(ValueError, match="ref_image_only_logps"):
-        margins(cached_rows().drop(columns=["ref_image_only_logps"]))
+    partial = margins(cached_rows().drop(columns=["ref_image_only_logps"]))
+    assert set(partial["term"]) == {"original", "language"}  # the term without cached columns is left out
+    with pytest.raises(ValueError, match="ref_chosen_logps"):
+        margins(cached_rows().drop(columns=["ref_chosen_logps"]))
+
+
+def test_q_column_follows_each_terms_configuration():
+    from napo import TermConfig
+
+    table = margins(cached_rows(), terms={"original": TermConfig(loss="dpo"), "vision": TermConfig(q=0.3)})
+    assert (table.query("term == 'original'")["q"] == 0.0).all()
+    assert (table.query("term == 'vision'")["q"] == 0.3).all()
+
+
+def test_labels_from_a_series_and_unlabelled_terms_in_the_summary():
+    data = cached_rows()
+    series = pd.Series([True, False, False], index=data["idx"])
+    assert read_noise_labels(series) == {7: "noisy", 8: "clean", 9: "clean"}
+    summary = summarize(margins(data, noise_labels={"language": series}))
+    assert set(summary["term"]) == {"original", "language", "vision"}  # terms without labels are kept
+    assert summary.query("term == 'vision'")["noise"].isna().all()
 
 
 def png_bytes(figure) -> bytes:
@@ -133,6 +152,10 @@ def test_figures_render_to_png_headless(tmp_path):
 
     matplotlib.use("Agg")
     table = margins(cached_rows(), noise_labels="is_noisy")
+    diverged = table.copy()
+    diverged.loc[0, "logp_margin"] = float("nan")
+    diverged.loc[1, "logp_margin"] = float("inf")
+    assert "2 non-finite left out" in plot_margin_hist(diverged, kind="logp_margin").axes[0].get_title()
     for figure in (plot_margin_hist(table), plot_margin_hist(margins(cached_rows()), kind="length_margin"),
                    plot_q_curve(table), plot_q_curve()):  # fmt: skip
         data = png_bytes(figure)

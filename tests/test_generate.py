@@ -195,6 +195,7 @@ def test_shard_defaults_follow_torchrun(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     assert _shard_from_env(None, None) == (4, 2)
     assert _shard_from_env(2, 1) == (2, 1)
+    assert _shard_from_env(8, None) == (8, 2)  # an explicit shard count still takes this process's RANK
     with pytest.raises(ValueError, match="shard_index"):
         _shard_from_env(2, 2)
 

@@ -210,3 +210,15 @@ def log_history_or_final(run: Path) -> list[dict]:
     if list(run.glob("checkpoint-*/trainer_state.json")):
         return log_history(run)
     return json.loads((run / "trainer_state.json").read_text())["log_history"]
+
+
+def test_cached_reference_truncated_otherwise_is_scored_again(workdir, scored, tmp_path, capsys):
+    config = tmp_path / "napo.json"
+    config.write_text(json.dumps({"max_length": 512}))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(workdir / "model"), "--data", str(scored), "--output", str(run),
+                 "--config", str(config), "--max-steps", "1", "--no-progress"]) == 0  # fmt: skip
+    assert "truncated at max_length=1024, training uses 512: scoring them again" in capsys.readouterr().out
+    from napo.train.reference import cached_settings
+
+    assert cached_settings(run / "reference-logps")["max_length"] == 512

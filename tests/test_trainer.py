@@ -305,6 +305,8 @@ def test_precompute_caches_every_answer_and_frees_the_reference(tiny, processor,
                           ref_model=AutoModelForImageTextToText.from_pretrained(tiny[1]), args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=processor)  # fmt: skip
     assert trainer.ref_model is None and trainer.napo_uses_cached_reference
+    # TRL prepared the reference with the accelerator; it must not stay resident through that handle either.
+    assert all(m is trainer.model for m in trainer.accelerator._models)
     assert args.precompute_ref_log_probs is True  # the caller's config is left as it was given
     cached = trainer.train_dataset
     for column in ("chosen", "rejected", "question_only"):
@@ -322,3 +324,17 @@ def test_precompute_caches_every_answer_and_frees_the_reference(tiny, processor,
         torch.testing.assert_close(torch.tensor(cached[f"ref_{column}_avg_logps"][:3]), expected[column].avg_logps)
     trainer.train()
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+
+
+def test_sharded_head_falls_back_to_the_models_own_logits(tiny, processor, sample):
+    """Under ZeRO-3 / FSDP2 the head weight cannot be read directly; the logits path must agree with the fused one."""
+    from napo.train import add_napo_lm_head, completion_logps
+
+    model = add_napo_lm_head(AutoModelForImageTextToText.from_pretrained(tiny[0]))
+    batch = NaPOVisionCollator(processor)(copy.deepcopy(conversational(sample[:3])))
+    fused = completion_logps(model, batch, ("chosen", "rejected"))
+    model.lm_head.weight.ds_id = 0  # what a DeepSpeed ZeRO-3 parameter carries
+    unfused = completion_logps(model, batch, ("chosen", "rejected"))
+    for column in ("chosen", "rejected"):
+        torch.testing.assert_close(unfused[column].logps, fused[column].logps, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(unfused[column].avg_logps, fused[column].avg_logps, rtol=1e-5, atol=1e-5)

@@ -59,6 +59,8 @@ def _as_frame(data: Any):
 
 
 def _label(value: Any, where: str) -> str:
+    if hasattr(value, "item") and not isinstance(value, str):  # NumPy / pandas scalars
+        value = value.item()
     if isinstance(value, str):
         lowered = value.strip().lower()
         if lowered in ("noisy", "noise", "true", "1", "yes"):
@@ -99,7 +101,10 @@ def read_noise_labels(source: Any, data: Any = None) -> dict[Any, str]:
     return {i: _label(v, f"{path.name}, idx {i!r}") for i, v in zip(table["idx"], table[column], strict=True)}
 
 
-def _score_model(model: Any, frame, columns: list[str], batch_size: int, device: str, dtype: str, progress: bool):
+def _score_model(
+    model: Any, frame, columns: list[str], batch_size: int, device: str, dtype: str, progress: bool,
+    max_length: int | None,
+):  # fmt: skip
     """Per answer column, (sums, averages) lists under ``model`` (a directory or a loaded (model, processor))."""
     from tqdm.auto import tqdm
 
@@ -112,7 +117,7 @@ def _score_model(model: Any, frame, columns: list[str], batch_size: int, device:
     policy, processor = loaded
     check_vocabulary(policy, processor)
     add_napo_lm_head(policy)
-    collator = NaPOVisionCollator(processor=processor, columns=columns)
+    collator = NaPOVisionCollator(processor=processor, columns=columns, max_length=max_length)
     out: dict[str, tuple[list[float], list[float]]] = {c: ([], []) for c in columns}
     records = frame.to_dict("records")
     for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc="napo: scoring", unit="batch"):
@@ -134,6 +139,7 @@ def margins(
     noise_labels: Any = None,
     q_min: float = 0.001,
     batch_size: int = 8,
+    max_length: int | None = 1024,
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = False,
@@ -152,12 +158,15 @@ def margins(
         columns: term -> answer column (default :data:`TERM_COLUMNS`; e.g. ``{"language": "question_only_black"}``).
         noise_labels: optional: a column of ``data``, a mapping/Series idx -> label, or a file (see
             :func:`read_noise_labels`); or a dict term -> any of those, for labels that differ per term.
+        max_length: when scoring a model, truncate prompt + answer as the reference columns were
+            (``napo logps`` records it; 1024 is its and the trainer's default).
     Returns:
         Columns ``idx, term, answer, chosen_logps, answer_logps, chosen_avg_logps, answer_avg_logps,
         logp_margin, avg_logp_margin, length_margin, q`` (+ ``reward_margin, avg_reward_margin`` when a
         model is scored against cached reference columns, + ``noise`` when labels are given).
         ``length_margin`` is n_tokens(chosen) - n_tokens(answer), recovered exactly as logps / avg_logps.
-        ``q`` is what Eq. 12 gives at this row's margin (of the term's kind; the reward margin when present).
+        ``q`` is the term's q at this row's margin: Eq. 12 for an adaptive term (margin of the term's kind;
+        the reward margin when present), the fixed q for a fixed one, 0 for a DPO term.
     """
     import numpy as np
     import pandas as pd
@@ -172,24 +181,34 @@ def margins(
     unknown = set(configs) - set(TERM_COLUMNS) | set(answers) - set(TERM_COLUMNS)
     if unknown:
         raise ValueError(f"unknown term(s) {sorted(unknown)}; terms are {', '.join(TERM_COLUMNS)}")
-    active = {term: answers[term] for term in TERM_COLUMNS if answers[term] in frame.columns}
-    if "chosen" not in frame.columns and model is not None:
-        raise ValueError("scoring a model needs the 'chosen' column")
-    if not active:
-        raise ValueError(f"the data has none of the answer columns {', '.join(answers.values())}")
-    needed = ["chosen", *active.values()]
-    has_reference = all(name in frame.columns for c in needed for name in reference_columns(c))
+
+    def cached(column: str) -> bool:
+        return all(name in frame.columns for name in reference_columns(column))
+
     if model is None:
-        if not has_reference:
-            missing = [n for c in needed for n in reference_columns(c) if n not in frame.columns]
+        # The data's own margins: the terms whose answer has cached reference columns (texts not needed).
+        active = {term: answers[term] for term in TERM_COLUMNS if cached(answers[term])}
+        if not cached("chosen") or not active:
+            missing = [n for c in ["chosen", *answers.values()] for n in reference_columns(c) if n not in frame.columns]
             raise ValueError(
                 f"without a model the margins come from cached reference columns, and these are missing: "
                 f"{', '.join(missing)}; run `napo logps` first or pass a model"
             )
+    else:
+        active = {term: answers[term] for term in TERM_COLUMNS if answers[term] in frame.columns}
+        missing = [c for c in ("image", "question", "chosen") if c not in frame.columns]
+        if missing or not active:
+            raise ValueError(
+                f"scoring a model needs image, question, chosen and at least one of {', '.join(answers.values())}; "
+                f"the data lacks {', '.join(missing) or 'every answer column'}"
+            )
+    needed = ["chosen", *active.values()]
+    has_reference = all(cached(c) for c in needed)
+    if model is None:
         scored = {c: (frame[reference_columns(c)[0]].to_numpy(float), frame[reference_columns(c)[1]].to_numpy(float))
                   for c in needed}  # fmt: skip
     else:
-        lists = _score_model(model, frame, needed, batch_size, device, dtype, progress)
+        lists = _score_model(model, frame, needed, batch_size, device, dtype, progress, max_length)
         scored = {c: (np.asarray(s, dtype=float), np.asarray(a, dtype=float)) for c, (s, a) in lists.items()}
 
     def tokens(sums, avgs):
@@ -218,7 +237,10 @@ def margins(
             piece["reward_margin"] = (chosen_sum - ref_c) - (answer_sum - ref_a)
             piece["avg_reward_margin"] = (chosen_avg - ref_c_avg) - (answer_avg - ref_a_avg)
         config = configs[term]
-        piece["q"] = q_at(piece[_margin_column(piece, config)], config.gamma, q_min)
+        if config.adaptive:
+            piece["q"] = q_at(piece[_margin_column(piece, config)], config.gamma, q_min)
+        else:
+            piece["q"] = 0.0 if config.loss == "dpo" else float(config.q)
         pieces.append(piece)
     result = pd.concat(pieces, ignore_index=True)
     if noise_labels is not None:
@@ -251,7 +273,7 @@ def summarize(frame, terms: Mapping[str, TermConfig] | None = None, q_min: float
     configs = {**DEFAULT_TERMS, **(terms or {})}
     keys = ["term", "noise"] if "noise" in frame.columns else ["term"]
     rows = []
-    for key, group in frame.groupby(keys, sort=False):
+    for key, group in frame.groupby(keys, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         config = configs[key[0]]
         margin_column = _margin_column(group, config)

@@ -68,6 +68,9 @@ def plot_margin_hist(frame, kind: str = "auto", terms: Sequence[str] | None = No
         column = _margin_column(rows, DEFAULT_TERMS[term]) if kind == "auto" else kind
         if column not in rows.columns:
             raise ValueError(f"the frame has no {column!r} column")
+        finite = np.isfinite(rows[column].to_numpy(float))
+        dropped = int((~finite).sum())
+        rows = rows[finite]  # NaN / inf margins (a diverged run) are counted in the title, not binned
         values = rows[column].to_numpy(float)
         edges = np.histogram_bin_edges(values, bins=bins) if len(values) else bins
         if "noise" in rows.columns:
@@ -78,7 +81,8 @@ def plot_margin_hist(frame, kind: str = "auto", terms: Sequence[str] | None = No
         else:
             axis.hist(values, bins=edges, alpha=0.8, color=_NOISE_COLORS["clean"])
         axis.axvline(0.0, color="black", linewidth=0.8)
-        axis.set_title(f"{term}: chosen vs {TERM_COLUMNS.get(term, term)}")
+        title = f"{term}: chosen vs {TERM_COLUMNS.get(term, term)}"
+        axis.set_title(title + (f" ({dropped} non-finite left out)" if dropped else ""))
         axis.set_xlabel(column.replace("_", " "))
         axis.set_ylabel("pairs")
     return figure

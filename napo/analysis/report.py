@@ -48,6 +48,7 @@ def analyze(
     """
     from napo.analysis.margins import _as_frame
     from napo.train.collator import reference_columns
+    from napo.train.reference import DEFAULT_MAX_LENGTH, cached_settings
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -63,8 +64,10 @@ def analyze(
         options = {"batch_size": batch_size, "device": device, "dtype": dtype, "progress": progress}
         summary = compute_reference_logps(model, data, output / "reference-logps", columns=answers, **options)
         frame, policy = _as_frame(summary.output_dir), None
-    table = margins(frame, policy, noise_labels=noise_labels, batch_size=batch_size, device=device, dtype=dtype,
-                    progress=progress)  # fmt: skip
+    settings = cached_settings(data) if cached else None  # score a policy truncated as the reference was
+    max_length = settings.get("max_length", DEFAULT_MAX_LENGTH) if settings else DEFAULT_MAX_LENGTH
+    table = margins(frame, policy, noise_labels=noise_labels, batch_size=batch_size, max_length=max_length,
+                    device=device, dtype=dtype, progress=progress)  # fmt: skip
     table.to_csv(output / "margins.csv", index=False)
     figures = {
         "margin_hist.png": plot_margin_hist(table),

@@ -156,7 +156,8 @@ def generate_answers(
     """One batched greedy beam search; the new tokens of each prompt, decoded and stripped."""
     import torch
 
-    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    # Left padding whatever the processor's default: a right-padded batch would generate after the padding.
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

@@ -180,9 +180,8 @@ def shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int
     """(num_shards, shard_index), defaulting to the WORLD_SIZE / RANK that torchrun and accelerate set."""
     if num_shards is None:
         num_shards = int(os.environ.get("WORLD_SIZE", 1))
-        if shard_index is None:
-            shard_index = int(os.environ.get("RANK", 0))
-    shard_index = 0 if shard_index is None else shard_index
+    if shard_index is None:
+        shard_index = int(os.environ.get("RANK", 0))
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {shard_index} of {num_shards}")
     return num_shards, shard_index
@@ -244,6 +243,17 @@ def extend_schema(schema: Any, fields: list, metadata_key: bytes, metadata: dict
     return schema.with_metadata({**(schema.metadata or {}), metadata_key: json.dumps(metadata).encode()})
 
 
+def _breaks_the_run(error: BaseException, single_row: bool) -> bool:
+    """Errors that are no row's fault must not be logged as bad rows (a rerun would skip them for good):
+    a CUDA error poisons the context for every later row; running out of memory on a whole batch is
+    retried row by row, but on a single row it is the machine's limit, not the row's data."""
+    text = f"{type(error).__name__}: {error}"
+    if "CUDA error" in text or "device-side assert" in text or "CUBLAS_STATUS" in text:
+        return True
+    out_of_memory = isinstance(error, MemoryError) or "OutOfMemoryError" in type(error).__name__
+    return out_of_memory and single_row
+
+
 def run_rows(
     source: Any,
     total_rows: int,
@@ -302,6 +312,8 @@ def run_rows(
         try:
             return job.process(batch)
         except Exception as error:
+            if _breaks_the_run(error, single_row=len(batch) == 1):
+                raise  # not this row's fault: stop, and let a rerun resume
             if len(batch) == 1:
                 record_error(batch[0], f"{job.failure}: {type(error).__name__}: {error}")
                 return []

@@ -5,8 +5,9 @@
 :func:`napo.fused_linear_sequence_logps` on the last hidden states and the LM head weight: the
 ``[B, T, V]`` logits never exist. Patching the forward, rather than calling the backbone from the
 trainer, keeps DDP / FSDP / DeepSpeed wrappers in the call path. Models whose logits are scaled or
-soft-capped after the head (Gemma 2, Cohere, Granite, ...) go through their own forward and napo's
-token kernel on the logits instead.
+soft-capped after the head (Gemma 2, Cohere, Granite, ...), and heads sharded by DeepSpeed ZeRO-3 or
+FSDP2, go through the model's own forward and napo's token kernel on the logits instead (correct,
+but the logits are then materialised).
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def _fused_head_applies(model: Any) -> bool:
     return all(getattr(config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
 
 
+def _plain_weight(weight: torch.Tensor) -> bool:
+    """Whether the LM head weight is a whole, ordinary tensor the fused kernel can read directly. Under
+    DeepSpeed ZeRO-3 it is an empty shard outside the head's forward, under FSDP2 a DTensor; then the
+    model's own forward (whose hooks gather it) gives the logits, and napo's token kernel reads those."""
+    if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id"):
+        return False
+    return weight.dim() == 2 and weight.numel() > 0
+
+
 def add_napo_lm_head(model: Any, chunk_size: int = 256) -> Any:
     """Adds the ``napo_logps=True`` mode to ``model.forward`` (in place; returns the model).
 
@@ -71,9 +81,12 @@ def add_napo_lm_head(model: Any, chunk_size: int = 256) -> Any:
             logits = original_forward(*args, **kwargs).logits
             logits = logits[:, -labels.shape[1] :]  # prompt-learning PEFT prepends virtual tokens
             return SequenceLogps(*sequence_logps(logits, labels.to(logits.device)))
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, -labels.shape[1] :]
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
+        if not _plain_weight(weight):  # sharded (ZeRO-3, FSDP): the head's own forward gathers it
+            logits = original_forward(*args, **kwargs).logits[:, -labels.shape[1] :]
+            return SequenceLogps(*sequence_logps(logits, labels.to(logits.device)))
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, -labels.shape[1] :]
         if torch.is_autocast_enabled(hidden.device.type):  # mixed precision: the head runs in the autocast dtype
             dtype = torch.get_autocast_dtype(hidden.device.type)
         else:

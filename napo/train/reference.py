@@ -14,6 +14,7 @@ crash-safe (atomic Parquet parts), with a progress bar; rows that cannot be scor
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ from napo.train.lm_head import SequenceLogps, add_napo_lm_head, completion_logps
 
 __all__ = [
     "ANSWER_COLUMNS",
+    "DEFAULT_MAX_LENGTH",
     "MANIFEST",
+    "cached_settings",
     "check_vocabulary",
     "compute_reference_logps",
     "score_examples",
@@ -31,6 +34,9 @@ __all__ = [
 ]
 
 MANIFEST = "_napo_logps.json"
+DEFAULT_MAX_LENGTH = 1024
+"""DPOConfig's (and so NaPOConfig's) default max_length: cached and live log-probs truncate alike."""
+METADATA_KEY = b"napo_logps"
 ANSWER_COLUMNS = ("chosen", "rejected", "question_only", "image_only", "question_only_white", "question_only_black")
 """The answer columns scored when the data has them, in this order."""
 REQUIRED = ("image", "question", "chosen", "rejected", "idx")
@@ -59,7 +65,7 @@ def compute_reference_logps(
     *,
     columns: list[str] | None = None,
     batch_size: int = 8,
-    max_length: int | None = None,
+    max_length: int | None = DEFAULT_MAX_LENGTH,
     limit: int | None = None,
     num_shards: int | None = None,
     shard_index: int | None = None,
@@ -78,7 +84,9 @@ def compute_reference_logps(
         output: the output directory; rerunning the same command resumes.
         columns: the answer columns to score (default: every one of :data:`ANSWER_COLUMNS` present).
         batch_size: rows per forward (each row is ``len(columns)`` sequences).
-        max_length: truncate prompt + answer to this many tokens (as the trainer's ``max_length``).
+        max_length: truncate prompt + answer to this many tokens; None: no truncation. It must be the
+            trainer's ``max_length`` (TRL's default, 1024, here too) for the cached values to be the reference
+            log-probs of the sequences the policy trains on; it is recorded in the output's metadata.
         limit, num_shards, shard_index, rows_per_part, overwrite, progress: as for ``napo generate``.
         device, dtype: where and in what precision the model runs (auto: CUDA in bfloat16 when present).
         loaded: an already loaded ``(model, processor)`` pair.
@@ -108,7 +116,7 @@ def compute_reference_logps(
     added = [name for column in columns for name in reference_columns(column)]
     # Rescoring data that has reference columns already: the new values replace the old.
     schema = extend_schema(
-        source.schema, [pa.field(n, pa.float64()) for n in added], b"napo_logps", {**run.manifest, "columns": added}
+        source.schema, [pa.field(n, pa.float64()) for n in added], METADATA_KEY, {**run.manifest, "columns": added}
     )
     data_root = run.data_root
 
@@ -153,6 +161,21 @@ def score_examples(model: Any, collator: NaPOVisionCollator, examples: list[dict
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     with torch.no_grad():
         return completion_logps(model, batch, tuple(collator.columns))
+
+
+def cached_settings(data: str | Path) -> dict | None:
+    """The settings (columns, max_length, dtype) ``napo logps`` recorded in ``data``'s Parquet metadata, or
+    None when the reference columns did not come from it."""
+    import pyarrow.parquet as pq
+
+    path = Path(data)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        return None
+    metadata = pq.read_schema(files[0]).metadata or {}
+    if METADATA_KEY not in metadata:
+        return None
+    return json.loads(metadata[METADATA_KEY]).get("settings")
 
 
 def check_vocabulary(model: Any, processor: Any) -> None:

@@ -11,6 +11,7 @@ in the config file).
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def train(
     from datasets import load_dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from napo.train.reference import compute_reference_logps, scored_columns
+    from napo.train.reference import cached_settings, compute_reference_logps, scored_columns
     from napo.train.trainer import NaPOConfig, NaPOTrainer, resolve_terms
 
     output = Path(output)
@@ -136,7 +137,14 @@ def train(
     scored_columns(names, needed)  # the RLAIF-V columns are there, before any model is loaded
     from napo.train.collator import reference_columns
 
-    if not all(name in names for column in needed for name in reference_columns(column)):
+    cached = all(name in names for column in needed for name in reference_columns(column))
+    settings = cached_settings(data) if cached else None
+    if settings is not None and settings.get("max_length") != args.max_length:
+        if state.is_main_process:
+            print(f"napo train: the cached reference log-probs were truncated at max_length="
+                  f"{settings.get('max_length')}, training uses {args.max_length}: scoring them again")  # fmt: skip
+        cached = False
+    if not cached:
         reference_dir = output / REFERENCE_DIR
         device = "cpu" if state.device.type == "cpu" else str(state.device)
         summary = compute_reference_logps(
@@ -152,14 +160,17 @@ def train(
         )
         if summary.failed and state.is_main_process:
             print(f"napo train: {summary.failed} rows could not be scored and are left out (see {reference_dir})")
+        gc.collect()  # the reference model: its patched forward is a reference cycle, free it before the policy loads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         state.wait_for_everyone()
         data = reference_dir
     dataset = load_dataset("parquet", data_files=_parquet_files(data), split="train")
 
     processor = AutoProcessor.from_pretrained(str(model))
-    policy = AutoModelForImageTextToText.from_pretrained(
-        str(model), dtype=torch.bfloat16 if args.bf16 else torch.float32
-    )
+    # float32 weights whatever bf16 says: bf16 then means autocast, with AdamW updating float32 weights. Pure
+    # bf16 weights would round away nearly every update at the paper's learning rate of 5e-7.
+    policy = AutoModelForImageTextToText.from_pretrained(str(model), dtype=torch.float32)
     callbacks = [step_table_callback()] if print_table else None
     trainer = NaPOTrainer(
         model=policy, args=args, train_dataset=dataset, processing_class=processor, callbacks=callbacks

@@ -16,7 +16,9 @@ that keep the extra columns, and reference log-probs cached per completion colum
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -275,6 +277,11 @@ class NaPOTrainer(DPOTrainer):
             )
         finally:
             args.precompute_ref_log_probs = requested_precompute
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "NaPOTrainer does not add the MoE router auxiliary loss yet: set router_aux_loss_coef=0 to train "
+                "this Mixture-of-Experts model without it"
+            )
         unwrapped = self.accelerator.unwrap_model(self.model)
         add_napo_lm_head(unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped)
         if self.ref_model is not None:
@@ -314,7 +321,24 @@ class NaPOTrainer(DPOTrainer):
                     self.eval_dataset = self.add_reference_logps(self.eval_dataset, batch_size, "eval")
         self.napo_uses_cached_reference = self._napo_precompute or self._napo_cached_reference
         if self.napo_uses_cached_reference:
-            self.ref_model = None  # every reference log-prob is in the data: free the reference model
+            self._release_reference_model()
+
+    def _release_reference_model(self) -> None:
+        """Every reference log-prob is in the data: drop the reference model TRL built. TRL decides to build
+        it before the data can be inspected, so this frees it right after construction (the accelerator
+        keeps a handle on prepared models too; without removing it the weights would stay resident)."""
+        import gc
+
+        if self.ref_model is None:
+            return
+        reference, self.ref_model = self.ref_model, None
+        models = getattr(self.accelerator, "_models", None)
+        if isinstance(models, list):
+            models[:] = [m for m in models if m is not reference]
+        del reference
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ dataset hooks
 
@@ -348,6 +372,8 @@ class NaPOTrainer(DPOTrainer):
                 prompt_ids = example["prompt_ids"]
                 while shared < min(len(prompt_ids), len(full)) and prompt_ids[shared] == full[shared]:
                     shared += 1
+                if shared < len(prompt_ids):
+                    _warn_prompt_divergence(column)
                 out[f"{column}_ids"] = full[shared:]
             return out
 
@@ -511,6 +537,16 @@ class NaPOTrainer(DPOTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+@functools.cache
+def _warn_prompt_divergence(column: str) -> None:
+    """Once per column: prompt + answer does not tokenize as the prompt's tokens followed by the answer's."""
+    warnings.warn(
+        f"the tokenized prompt is not a prefix of prompt + {column} (usually tokens merging across the boundary); "
+        "such answers are scored after the shared prefix, as TRL does for chosen and rejected",
+        stacklevel=2,
+    )
 
 
 def _check_dpo_options(args: NaPOConfig) -> None:
