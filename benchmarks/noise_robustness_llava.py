@@ -1,15 +1,18 @@
 """A controlled experiment on a real (tiny) vision-language model: DPO vs NaPO under flipped pairs.
 
-The task has a known truth and needs the image: each prompt is a drawn shape and "What color is
-the <shape> in the image?"; the chosen answer names the true colour, the rejected one another
-colour in the same sentence ("The circle in the image is red."), so only the image tells them
-apart. A fraction p of the training pairs is flipped. The tiny random LLaVA (napo's offline model)
-is trained with NaPOTrainer, one term, from the same initial weights, on the same pairs, for the
-same steps and seeds: DPO (q = 0), NaPO with fixed q, and NaPO with adaptive q (logp margin).
-The score is preference accuracy on clean held-out pairs: the share where the trained policy's
-reward margin (Eq. 2, against the initial model) is positive.
+The task has a known truth: each prompt is a drawn shape and a colour question; the chosen answer
+names the true colour, the rejected one another colour in the same sentence ("The circle in the
+image is red."). With --task image only the image tells them apart; with --task text the question
+names the colour, an easier task the tiny model learns fully. A fraction p of the training pairs
+is flipped. The tiny random LLaVA (napo's offline model) is trained with NaPOTrainer, one term,
+from the same initial weights, on the same pairs, for the same steps and seeds: DPO (q = 0), NaPO
+with fixed q, and NaPO with adaptive q (logp margin). The score is preference accuracy on clean
+held-out pairs: the share where the trained policy's reward margin (Eq. 2, against the initial
+model) is positive.
 
-Run: python benchmarks/noise_robustness_llava.py [--seeds 3] [--epochs 6] [--plot benchmarks/noise_robustness_llava.png]
+Run (the two tasks in RESULTS.md; --plot names the figure):
+  python benchmarks/noise_robustness_llava.py --task text --train 256 --epochs 10
+  python benchmarks/noise_robustness_llava.py --task image --train 384 --epochs 10
 """
 
 from __future__ import annotations
