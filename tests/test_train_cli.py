@@ -222,3 +222,18 @@ def test_cached_reference_truncated_otherwise_is_scored_again(workdir, scored, t
     from napo.train.reference import cached_settings
 
     assert cached_settings(run / "reference-logps")["max_length"] == 512
+
+
+def test_under_torchrun_each_process_scores_its_shard_then_all_train(workdir, tmp_path):
+    run = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    command = [*launcher, "-m", "napo", "train", "--model", str(workdir / "model"), "--data", str(workdir / "biased"),
+               "--output", str(run), "--max-steps", "2", "--batch-size", "2", "--logging-steps", "1",
+               "--no-progress"]  # fmt: skip
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = sorted(p.name[:11] for p in (run / "reference-logps").glob("part-*.parquet"))
+    assert set(parts) == {"part-s0000-", "part-s0001-"}  # one shard per process
+    scored = pd.read_parquet(run / "reference-logps")
+    assert sorted(scored["idx"]) == sorted(pd.read_parquet(workdir / "biased")["idx"])  # every row once
+    assert [h["step"] for h in log_history_or_final(run) if "loss" in h] == [1, 2]
