@@ -338,3 +338,24 @@ def test_sharded_head_falls_back_to_the_models_own_logits(tiny, processor, sampl
     for column in ("chosen", "rejected"):
         torch.testing.assert_close(unfused[column].logps, fused[column].logps, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(unfused[column].avg_logps, fused[column].avg_logps, rtol=1e-5, atol=1e-5)
+
+
+def test_conversational_text_rows_with_a_biased_answer(text_models, processor, sample, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_models[0])
+    tokenizer.chat_template = processor.chat_template  # the tiny LLaVA's llava-1.5 template
+
+    def turn(role: str, text: str) -> list[dict]:
+        return [{"role": role, "content": [{"type": "text", "text": text}]}]
+
+    rows = [{"prompt": turn("user", r["question"]), "chosen": turn("assistant", r["chosen"]),
+             "rejected": turn("assistant", r["rejected"]), "question_only": turn("assistant", f"Perhaps {i}.")}
+            for i, r in enumerate(sample)]  # fmt: skip
+    args = NaPOConfig(output_dir=str(tmp_path), **{**TRAINING, "max_steps": 1, "logging_steps": 1})
+    trainer = NaPOTrainer(model=LlamaForCausalLM.from_pretrained(text_models[0]), args=args,
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
+    first = trainer.train_dataset[0]
+    assert tokenizer.decode(first["prompt_ids"] + first["question_only_ids"]).endswith("ASSISTANT: Perhaps 0.</s> ")
+    trainer.train()
+    assert trainer.state.log_history[0]["napo/q_language"] == 1.0
