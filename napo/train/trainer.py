@@ -247,6 +247,10 @@ class NaPOTrainer(DPOTrainer):
         self.napo_columns: tuple[str, ...] = tuple(
             dict.fromkeys(["chosen", *(column for _, column in self.napo_terms.values())])
         )
+        # NaPOObjective's answer names (its keyword arguments, its rewards) -> the data column holding the answer.
+        self._answer_columns = {"chosen": "chosen"}
+        for term, (_, column) in self.napo_terms.items():
+            self._answer_columns["rejected" if term == "original" else term] = column
         _check_text_columns(train_dataset, self.napo_columns)
         if ref_model is not None and not isinstance(model, str):
             _check_same_vocabulary(model, ref_model)
@@ -481,13 +485,12 @@ class NaPOTrainer(DPOTrainer):
         else:
             reference = self.reference_logps(inputs, model_kwargs)
         kwargs: dict[str, torch.Tensor] = {}
-        answers = {"chosen": "chosen", **{term: column for term, (_, column) in self.napo_terms.items()}}
-        for answer, column in answers.items():
-            name = {"original": "rejected"}.get(answer, answer)
-            kwargs[f"policy_{name}_logps"] = policy[column].logps
-            kwargs[f"reference_{name}_logps"] = reference[column].logps.to(policy[column].logps.device)
-            kwargs[f"policy_{name}_avg_logps"] = policy[column].avg_logps
-            kwargs[f"reference_{name}_avg_logps"] = reference[column].avg_logps.to(policy[column].logps.device)
+        for answer, column in self._answer_columns.items():
+            device = policy[column].logps.device
+            kwargs[f"policy_{answer}_logps"] = policy[column].logps
+            kwargs[f"reference_{answer}_logps"] = reference[column].logps.to(device)
+            kwargs[f"policy_{answer}_avg_logps"] = policy[column].avg_logps
+            kwargs[f"reference_{answer}_avg_logps"] = reference[column].avg_logps.to(device)
         if "original" not in self.napo_terms:
             kwargs.update(policy_rejected_logps=None, reference_rejected_logps=None)
         output = self.napo_objective(**kwargs)
@@ -499,10 +502,8 @@ class NaPOTrainer(DPOTrainer):
     ) -> None:
         """TRL's rewards/* and logps/* plus napo/*, averaged over every rank's rows with one gather."""
         sums: dict[str, torch.Tensor] = {}
-        answer_columns = {"chosen": "chosen", "rejected": "rejected"}
-        answer_columns.update({term: column for term, (_, column) in self.napo_terms.items() if term != "original"})
         for answer, reward in output.rewards.items():
-            column = answer_columns[answer]
+            column = self._answer_columns[answer]
             sums[f"rewards/{column}"] = reward.sum()
             sums[f"logps/{column}"] = policy[column].logps.detach().float().sum()
         if "original" in output.margins:
