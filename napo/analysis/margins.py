@@ -49,12 +49,11 @@ def _as_frame(data: Any):
         return data.copy()
     if hasattr(data, "to_pandas"):  # datasets.Dataset, pyarrow.Table
         return data.to_pandas()
+    from napo.data.store import parquet_files
+
     path = Path(data)
     if path.is_file() or path.is_dir():
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
-        if not files:
-            raise FileNotFoundError(f"no Parquet files under {path}")
-        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        return pd.concat([pd.read_parquet(f) for f in parquet_files(path)], ignore_index=True)
     raise FileNotFoundError(f"no such file or directory: {data}")
 
 

@@ -37,10 +37,7 @@ def open_input(data: str | Path) -> tuple[Any, int]:
 
             table = datasets.load_from_disk(str(path)).data.table
             return table, table.num_rows
-        files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith("."))
-        if not files:
-            raise FileNotFoundError(f"no Parquet files under {path}")
-        dataset = pads.dataset(files, format="parquet")
+        dataset = pads.dataset(parquet_files(path), format="parquet")
         return dataset, dataset.count_rows()
     if "/" in str(data) and not str(data).startswith((".", "/")):
         import datasets
@@ -53,6 +50,17 @@ def open_input(data: str | Path) -> tuple[Any, int]:
             ) from error
         return table, table.num_rows
     raise FileNotFoundError(f"no such file or directory: {data}")
+
+
+def parquet_files(path: str | Path) -> list[str]:
+    """The Parquet file, or the Parquet files under a directory (sorted; dot-prefixed temporaries skipped)."""
+    path = Path(path)
+    if path.is_file():
+        return [str(path)]
+    files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {path}")
+    return files
 
 
 def record_batches(source: Any, size: int) -> Iterator[Any]:

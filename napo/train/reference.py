@@ -18,7 +18,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from napo.data.store import RowError, RowJob, RunSummary, extend_schema, open_input, run_rows, start_run
+from napo.data.store import (
+    RowError,
+    RowJob,
+    RunSummary,
+    extend_schema,
+    open_input,
+    parquet_files,
+    run_rows,
+    start_run,
+)
 from napo.train.collator import NaPOVisionCollator, reference_columns
 from napo.train.lm_head import SequenceLogps, add_napo_lm_head, completion_logps
 
@@ -168,9 +177,9 @@ def cached_settings(data: str | Path) -> dict | None:
     None when the reference columns did not come from it."""
     import pyarrow.parquet as pq
 
-    path = Path(data)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
-    if not files:
+    try:
+        files = parquet_files(data)
+    except FileNotFoundError:
         return None
     metadata = pq.read_schema(files[0]).metadata or {}
     if METADATA_KEY not in metadata:

@@ -36,15 +36,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def _parquet_files(path: Path) -> list[str]:
-    if path.is_file():
-        return [str(path)]
-    files = sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {path}")
-    return files
-
-
 def last_complete_checkpoint(output: Path) -> Path | None:
     """The newest ``checkpoint-N`` whose ``trainer_state.json`` (the Trainer writes it last) is whole.
 
@@ -114,6 +105,7 @@ def train(
     from datasets import load_dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from napo.data.store import parquet_files
     from napo.train.reference import cached_settings, compute_reference_logps, scored_columns
     from napo.train.trainer import NaPOConfig, NaPOTrainer, resolve_terms
 
@@ -131,7 +123,7 @@ def train(
     data = Path(data)
     import pyarrow.dataset as pads
 
-    names = pads.dataset(_parquet_files(data), format="parquet").schema.names
+    names = pads.dataset(parquet_files(data), format="parquet").schema.names
     terms = resolve_terms(args, names)
     needed = list(dict.fromkeys(["chosen", *(column for _, column in terms.values())]))
     scored_columns(names, needed)  # the RLAIF-V columns are there, before any model is loaded
@@ -165,7 +157,7 @@ def train(
             torch.cuda.empty_cache()
         state.wait_for_everyone()
         data = reference_dir
-    dataset = load_dataset("parquet", data_files=_parquet_files(data), split="train")
+    dataset = load_dataset("parquet", data_files=parquet_files(data), split="train")
 
     processor = AutoProcessor.from_pretrained(str(model))
     # float32 weights whatever bf16 says: bf16 then means autocast, with AdamW updating float32 weights. Pure
