@@ -3,8 +3,9 @@
  *
  * The fast kernel reads each row of logits once: a chunk of it is converted to
  * float32 into a small buffer that stays in L1, its maximum and its sum of
- * exponentials are folded into a running (max, float64 sum) pair, the online
- * log-sum-exp. The exponential is a branch-free polynomial on GCC/Clang
+ * exponentials (float32 partial sums of SUM_BLOCK vectors, added in double) are
+ * folded into a running (max, float64 sum) pair, the online log-sum-exp, kept in
+ * float64 for the backward. The exponential is a branch-free polynomial on GCC/Clang
  * vector extensions (logps_simd.h), so it vectorises without -ffast-math. Rows
  * are split over plain pthreads; nothing here touches Python or global state.
  * The serial kernel is the straightforward two-pass float64 version: the C
@@ -21,7 +22,7 @@
 #include "napo.h"
 #include "napo_dtype.h"
 
-enum { CHUNK = 1024, MAX_LANES = 8, MAX_THREADS = 64 };
+enum { CHUNK = 1024, SUM_BLOCK = 8, MAX_LANES = 8, MAX_THREADS = 64 };
 
 /* Rows whose total size is below this many logits run on the calling thread. */
 #define NAPO_PARALLEL_MIN_ELEMENTS ((int64_t)1 << 16)
@@ -158,7 +159,7 @@ napo_status napo_check_logits_layout(const void *data, napo_logits_layout layout
   return NAPO_OK;
 }
 
-napo_status napo_check_logps_backward_args(napo_logits_layout layout, const void *lse, const void *grad_token,
+napo_status napo_check_logps_backward_args(napo_logits_layout layout, const double *lse, const void *grad_token,
                                            const void *grad_logits, napo_logits_layout grad_layout) {
   if (grad_layout.batch != layout.batch || grad_layout.time != layout.time || grad_layout.vocab != layout.vocab) {
     return NAPO_ERR_SIZE;
@@ -218,8 +219,8 @@ struct job {
   napo_labels labels;
   int64_t ignore_index;
   void *token_logps;      /* forward */
-  void *lse;              /* forward */
-  const void *lse_in;     /* backward */
+  double *lse;            /* forward */
+  const double *lse_in;   /* backward */
   const void *grad_token; /* backward */
   void *grad_logits;      /* backward */
   napo_logits_layout grad_layout;
@@ -313,14 +314,14 @@ static void forward_row_fast(const job *work, int64_t row, float *buf) {
   const void *logits_row = row_pointer(work, row, &b, &t);
   const int64_t label = label_at(work, b, t);
   if (label == work->ignore_index) { /* prompt and padding tokens: their logits are never read */
-    store_acc(work->lse, work->dtype, row, 0.0);
+    work->lse[row] = 0.0;
     store_acc(work->token_logps, work->dtype, row, 0.0);
     return;
   }
   double max = 0.0;
   const double log_sum = work->kernels.row_lse(logits_row, work->dtype, work->layout.vocab, buf, &max);
   const double token = (load_logit(logits_row, work->dtype, label) - max) - log_sum;
-  store_acc(work->lse, work->dtype, row, max + log_sum);
+  work->lse[row] = max + log_sum;
   store_acc(work->token_logps, work->dtype, row, token);
 }
 
@@ -334,7 +335,7 @@ static void backward_row_fast(const job *work, int64_t row, float *buf) {
     return;
   }
   const double grad = load_acc(work->grad_token, work->dtype, row);
-  const double lse = load_acc(work->lse_in, work->dtype, row);
+  const double lse = work->lse_in[row];
   /* Read before the row is overwritten (in-place use). */
   const double label_logit = load_logit(logits_row, work->dtype, label);
   work->kernels.row_grad(logits_row, grad_row, work->dtype, work->layout.vocab, grad, lse, buf);
@@ -350,7 +351,7 @@ static void forward_row_serial(const job *work, int64_t row, float *buf) {
   const int64_t vocab = work->layout.vocab, stride = work->layout.stride_v;
   const int64_t label = label_at(work, b, t);
   if (label == work->ignore_index) {
-    store_acc(work->lse, work->dtype, row, 0.0);
+    work->lse[row] = 0.0;
     store_acc(work->token_logps, work->dtype, row, 0.0);
     return;
   }
@@ -365,7 +366,7 @@ static void forward_row_serial(const job *work, int64_t row, float *buf) {
   }
   const double log_sum = log(sum);
   const double token = (load_logit(logits_row, work->dtype, label * stride) - max) - log_sum;
-  store_acc(work->lse, work->dtype, row, max + log_sum);
+  work->lse[row] = max + log_sum;
   store_acc(work->token_logps, work->dtype, row, token);
 }
 
@@ -378,7 +379,7 @@ static void backward_row_serial(const job *work, int64_t row, float *buf) {
   const int64_t label = label_at(work, b, t);
   const int counted = label != work->ignore_index;
   const double grad = counted ? load_acc(work->grad_token, work->dtype, row) : 0.0;
-  const double lse = load_acc(work->lse_in, work->dtype, row);
+  const double lse = work->lse_in[row];
   for (int64_t v = 0; v < vocab; ++v) {
     const double x = load_logit(logits_row, work->dtype, v * stride);
     const double value = !counted ? 0.0 : (v == label ? grad * -expm1(x - lse) : -grad * exp(x - lse));
@@ -401,7 +402,7 @@ static napo_status prepare(const void *logits, napo_logits_layout layout, napo_l
 }
 
 static napo_status forward(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
-                           int64_t ignore_index, void *token_logps, void *lse, int num_threads,
+                           int64_t ignore_index, void *token_logps, double *lse, int num_threads,
                            napo_label_error *bad_label, int serial) {
   const napo_status status = prepare(logits, layout, dtype, labels, ignore_index, bad_label);
   if (status != NAPO_OK || layout.batch * layout.time == 0) {
@@ -425,7 +426,7 @@ static napo_status forward(const void *logits, napo_logits_layout layout, napo_l
 }
 
 static napo_status backward(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
-                            int64_t ignore_index, const void *lse, const void *grad_token, void *grad_logits,
+                            int64_t ignore_index, const double *lse, const void *grad_token, void *grad_logits,
                             napo_logits_layout grad_layout, int num_threads, napo_label_error *bad_label, int serial) {
   napo_status status = prepare(logits, layout, dtype, labels, ignore_index, bad_label);
   if (status != NAPO_OK ||
@@ -449,27 +450,27 @@ static napo_status backward(const void *logits, napo_logits_layout layout, napo_
 }
 
 napo_status napo_token_logps(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
-                             int64_t ignore_index, void *token_logps, void *lse, int num_threads,
+                             int64_t ignore_index, void *token_logps, double *lse, int num_threads,
                              napo_label_error *bad_label) {
   return forward(logits, layout, dtype, labels, ignore_index, token_logps, lse, num_threads, bad_label, 0);
 }
 
 napo_status napo_token_logps_serial(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                    napo_labels labels, int64_t ignore_index, void *token_logps, void *lse,
+                                    napo_labels labels, int64_t ignore_index, void *token_logps, double *lse,
                                     napo_label_error *bad_label) {
   return forward(logits, layout, dtype, labels, ignore_index, token_logps, lse, 1, bad_label, 1);
 }
 
 napo_status napo_token_logps_backward(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                      napo_labels labels, int64_t ignore_index, const void *lse, const void *grad_token,
-                                      void *grad_logits, napo_logits_layout grad_layout, int num_threads,
-                                      napo_label_error *bad_label) {
+                                      napo_labels labels, int64_t ignore_index, const double *lse,
+                                      const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
+                                      int num_threads, napo_label_error *bad_label) {
   return backward(logits, layout, dtype, labels, ignore_index, lse, grad_token, grad_logits, grad_layout, num_threads,
                   bad_label, 0);
 }
 
 napo_status napo_token_logps_backward_serial(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                             napo_labels labels, int64_t ignore_index, const void *lse,
+                                             napo_labels labels, int64_t ignore_index, const double *lse,
                                              const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
                                              napo_label_error *bad_label) {
   return backward(logits, layout, dtype, labels, ignore_index, lse, grad_token, grad_logits, grad_layout, 1, bad_label,

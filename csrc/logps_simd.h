@@ -7,9 +7,11 @@
  */
 #define VF NAPO_SIMD(vf)
 #define VI NAPO_SIMD(vi)
+#define VD NAPO_SIMD(vd)
 
 typedef float VF __attribute__((vector_size(NAPO_SIMD_LANES * 4)));
 typedef int32_t VI __attribute__((vector_size(NAPO_SIMD_LANES * 4)));
+typedef double VD __attribute__((vector_size(NAPO_SIMD_LANES * 8)));
 
 static inline VF NAPO_SIMD(splat)(float x) { return (VF){0} + x; }
 
@@ -125,12 +127,29 @@ static double NAPO_SIMD(row_lse)(const void *row, napo_logits_dtype dtype, int64
     if (running_max == -INFINITY) {
       continue; /* everything so far is -inf: nothing to add */
     }
-    VF lanes_sum = NAPO_SIMD(splat)(0.0f);
-    for (int64_t i = 0; i < padded; i += NAPO_SIMD_LANES) {
-      lanes_sum += NAPO_SIMD(exp)(NAPO_SIMD(load)(buf + i) - running_max);
+    /* Four float32 accumulators (independent add chains) of SUM_BLOCK vectors each, flushed into
+     * double lanes: one float32 sum over a whole chunk (128 terms a lane) drifts by several ulps
+     * of the lse, and every gradient with it. */
+    VD lanes_sum = {0};
+    const VF shift = NAPO_SIMD(splat)(running_max);
+    const int64_t block = 4 * SUM_BLOCK * NAPO_SIMD_LANES;
+    int64_t i = 0;
+    for (; i + block <= padded; i += block) {
+      VF acc0 = NAPO_SIMD(splat)(0.0f), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+      for (int64_t j = i; j < i + block; j += 4 * NAPO_SIMD_LANES) {
+        acc0 += NAPO_SIMD(exp)(NAPO_SIMD(load)(buf + j) - shift);
+        acc1 += NAPO_SIMD(exp)(NAPO_SIMD(load)(buf + j + NAPO_SIMD_LANES) - shift);
+        acc2 += NAPO_SIMD(exp)(NAPO_SIMD(load)(buf + j + 2 * NAPO_SIMD_LANES) - shift);
+        acc3 += NAPO_SIMD(exp)(NAPO_SIMD(load)(buf + j + 3 * NAPO_SIMD_LANES) - shift);
+      }
+      lanes_sum += __builtin_convertvector(acc0, VD) + __builtin_convertvector(acc1, VD);
+      lanes_sum += __builtin_convertvector(acc2, VD) + __builtin_convertvector(acc3, VD);
+    }
+    for (; i < padded; i += NAPO_SIMD_LANES) { /* the tail: fewer than `block` */
+      lanes_sum += __builtin_convertvector(NAPO_SIMD(exp)(NAPO_SIMD(load)(buf + i) - shift), VD);
     }
     for (int lane = 0; lane < NAPO_SIMD_LANES; ++lane) {
-      running_sum += (double)lanes_sum[lane];
+      running_sum += lanes_sum[lane];
     }
   }
   *max_out = running_max;
@@ -141,7 +160,11 @@ static double NAPO_SIMD(row_lse)(const void *row, napo_logits_dtype dtype, int64
  * Each chunk is read into buf before it is written back, so grad_row may be logits_row. */
 static void NAPO_SIMD(row_grad)(const void *logits_row, void *grad_row, napo_logits_dtype dtype, int64_t vocab,
                                 double grad, double lse, float *buf) {
-  const float neg_grad = (float)-grad, shift = (float)lse;
+  /* lse = shift_hi + shift_lo to ~2^-48: (x - shift_hi) is exact near the top of the row (Sterbenz),
+   * so the probabilities that matter see no rounding of the lse (float32 alone: up to 0.5 ulp of
+   * |lse| in the exponent, several ulps in the result). */
+  const float neg_grad = (float)-grad, shift_hi = (float)lse;
+  const float shift_lo = isfinite(shift_hi) ? (float)(lse - (double)shift_hi) : 0.0f;
   for (int64_t start = 0; start < vocab; start += CHUNK) {
     const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
     if (grad == 0.0) {
@@ -149,7 +172,7 @@ static void NAPO_SIMD(row_grad)(const void *logits_row, void *grad_row, napo_log
     } else {
       const int64_t padded = NAPO_SIMD(load_chunk)(logits_row, dtype, start, n, buf);
       for (int64_t i = 0; i < padded; i += NAPO_SIMD_LANES) {
-        NAPO_SIMD(store)(buf + i, neg_grad * NAPO_SIMD(exp)(NAPO_SIMD(load)(buf + i) - shift));
+        NAPO_SIMD(store)(buf + i, neg_grad * NAPO_SIMD(exp)((NAPO_SIMD(load)(buf + i) - shift_hi) - shift_lo));
       }
     }
     NAPO_SIMD(store_chunk)(grad_row, dtype, start, n, buf);
@@ -158,3 +181,4 @@ static void NAPO_SIMD(row_grad)(const void *logits_row, void *grad_row, napo_log
 
 #undef VF
 #undef VI
+#undef VD

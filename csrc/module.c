@@ -715,11 +715,9 @@ static int labels_of(const napo_arg *arg, const napo_arg *logits, napo_logits_la
   return 0;
 }
 
-/* A compact [batch, time] buffer in the accumulation dtype (float64 for float64 logits, else float32). */
-static int check_token_buffer(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout,
-                              napo_logits_dtype dtype) {
+/* A compact [batch, time] float buffer of `bits` bits on the logits' device. */
+static int check_row_buffer(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout, int bits) {
   const DLTensor *t = arg->tensor;
-  const int bits = dtype == NAPO_LOGITS_F64 ? 64 : 32;
   if (t->dtype.code != kDLFloat || t->dtype.bits != bits || t->dtype.lanes != 1) {
     PyErr_Format(PyExc_LookupError, "argument '%s' must be float%d for %s logits, got %s", arg->name, bits,
                  dtype_name(logits->tensor->dtype), dtype_name(t->dtype));
@@ -743,6 +741,17 @@ static int check_token_buffer(const napo_arg *arg, const napo_arg *logits, napo_
   return 0;
 }
 
+/* token_logps and grad_token: the accumulation dtype (float64 for float64 logits, else float32). */
+static int check_token_buffer(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout,
+                              napo_logits_dtype dtype) {
+  return check_row_buffer(arg, logits, layout, dtype == NAPO_LOGITS_F64 ? 64 : 32);
+}
+
+/* lse: always float64 (csrc/napo.h says why). */
+static int check_lse_buffer(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout) {
+  return check_row_buffer(arg, logits, layout, 64);
+}
+
 static int raise_label_error(const napo_label_error *bad, int64_t ignore_index, int64_t vocab, long long time_offset) {
   PyErr_Format(PyExc_ValueError,
                "labels[%lld, %lld] = %lld is outside the vocabulary [0, %lld) and is not ignore_index (%lld)",
@@ -757,8 +766,8 @@ PyDoc_STRVAR(token_logps_doc,
              "token_logps(logits, labels, ignore_index, token_out, lse_out, num_threads=1, position_offset=0, "
              "stream=0)\n--\n\n"
              "Per-token log-probs of logits [B, T, V] (f32/f64/bf16/f16, any strides) at int64 labels [B, T]\n"
-             "(already aligned with the logits) into token_out, and the log-sum-exp into lse_out; both\n"
-             "compact [B, T] float32 (float64 for float64 logits). position_offset is added to the time\n"
+             "(already aligned with the logits) into token_out, compact [B, T] float32 (float64 for float64\n"
+             "logits), and the log-sum-exp into lse_out, compact [B, T] float64. position_offset is added to the time\n"
              "index in error messages (the caller's shift).");
 
 static PyObject *py_token_logps(PyObject *self, PyObject *args, PyObject *kwargs) {
@@ -784,7 +793,7 @@ static PyObject *py_token_logps(PyObject *self, PyObject *args, PyObject *kwargs
       acquire(token_obj, "token_out", &token) || acquire(lse_obj, "lse_out", &lse) ||
       logits_dtype_of(&logits, &dtype) || check_device_supported(&logits) || logits_layout_of(&logits, &layout) ||
       labels_of(&labels_arg, &logits, layout, &labels) || check_token_buffer(&token, &logits, layout, dtype) ||
-      check_token_buffer(&lse, &logits, layout, dtype)) {
+      check_lse_buffer(&lse, &logits, layout)) {
     goto cleanup;
   }
   if (is_cuda(&logits)) {
@@ -839,7 +848,7 @@ static PyObject *py_token_logps_backward(PyObject *self, PyObject *args, PyObjec
       acquire(lse_obj, "lse", &lse) || acquire(grad_token_obj, "grad_token", &grad_token) ||
       acquire(grad_obj, "grad_out", &grad) || logits_dtype_of(&logits, &dtype) || check_device_supported(&logits) ||
       logits_layout_of(&logits, &layout) || labels_of(&labels_arg, &logits, layout, &labels) ||
-      check_token_buffer(&lse, &logits, layout, dtype) || check_token_buffer(&grad_token, &logits, layout, dtype) ||
+      check_lse_buffer(&lse, &logits, layout) || check_token_buffer(&grad_token, &logits, layout, dtype) ||
       logits_dtype_of(&grad, &grad_dtype) || check_same(&logits, &grad) || check_same_shape(&logits, &grad) ||
       logits_layout_of(&grad, &grad_layout)) {
     goto cleanup;

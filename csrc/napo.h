@@ -104,8 +104,10 @@ napo_status napo_dynamic_weights_f64(const double *reward_margins, int64_t strid
  * token_logps[b, t] = logits[b, t, label[b, t]] - lse[b, t]; at ignored
  * positions both are 0 and the logits are not read (prompt tokens cost nothing). The caller aligns labels with
  * logits (for causal LMs: logits[:, :-1] with labels[:, 1:]). Every label is
- * checked before any logit is read. Outputs are compact [batch, time] in the
- * accumulation dtype: float64 for float64 logits, float32 otherwise.
+ * checked before any logit is read. Outputs are compact [batch, time]: token_logps
+ * in the accumulation dtype (float64 for float64 logits, float32 otherwise), lse
+ * always float64 -- a float32 lse of ~10 is off by up to 5e-7, and exp(x - lse)
+ * in the backward would carry that into every probability (several ulps).
  */
 typedef enum {
   NAPO_LOGITS_F32 = 0,
@@ -131,7 +133,7 @@ typedef struct {
 
 napo_status napo_check_logits_layout(const void *data, napo_logits_layout layout);
 /* The backward's own arguments: a gradient layout of the logits' shape, lse and grad_token present. */
-napo_status napo_check_logps_backward_args(napo_logits_layout layout, const void *lse, const void *grad_token,
+napo_status napo_check_logps_backward_args(napo_logits_layout layout, const double *lse, const void *grad_token,
                                            const void *grad_logits, napo_logits_layout grad_layout);
 napo_status napo_check_labels(napo_labels labels, int64_t batch, int64_t time, int64_t vocab, int64_t ignore_index,
                               napo_label_error *bad_label);
@@ -140,23 +142,23 @@ napo_status napo_check_labels(napo_labels labels, int64_t batch, int64_t time, i
  * sums, one read of the logits, rows split over num_threads threads. Falls back
  * to the serial kernel for float64 logits or a vocab stride other than 1. */
 napo_status napo_token_logps(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
-                             int64_t ignore_index, void *token_logps, void *lse, int num_threads,
+                             int64_t ignore_index, void *token_logps, double *lse, int num_threads,
                              napo_label_error *bad_label);
 /* The reference kernel: two passes in float64, any dtype and strides, one thread. */
 napo_status napo_token_logps_serial(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                    napo_labels labels, int64_t ignore_index, void *token_logps, void *lse,
+                                    napo_labels labels, int64_t ignore_index, void *token_logps, double *lse,
                                     napo_label_error *bad_label);
 
 /* grad_logits[b, t, v] = grad_token[b, t] * (1[v == label] - exp(logits[b, t, v] - lse[b, t])), and 0
- * where the label is ignored. grad_token and lse are compact [batch, time] in the accumulation dtype;
+ * where the label is ignored. grad_token is compact [batch, time] in the accumulation dtype, lse float64;
  * grad_logits has the logits' dtype and its own layout (the logits' own layout for in-place use: each
  * row is read before it is written). */
 napo_status napo_token_logps_backward(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                      napo_labels labels, int64_t ignore_index, const void *lse, const void *grad_token,
-                                      void *grad_logits, napo_logits_layout grad_layout, int num_threads,
-                                      napo_label_error *bad_label);
+                                      napo_labels labels, int64_t ignore_index, const double *lse,
+                                      const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
+                                      int num_threads, napo_label_error *bad_label);
 napo_status napo_token_logps_backward_serial(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                             napo_labels labels, int64_t ignore_index, const void *lse,
+                                             napo_labels labels, int64_t ignore_index, const double *lse,
                                              const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
                                              napo_label_error *bad_label);
 
@@ -193,10 +195,10 @@ napo_status napo_dynamic_weights_f64_cuda(const double *reward_margins, int64_t 
 /* CUDA: one block per (b, t) row. Labels are bounds-checked on the device: an
  * invalid label (the host validates first) yields NaN, never an out-of-bounds read. */
 napo_status napo_token_logps_cuda(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                  napo_labels labels, int64_t ignore_index, void *token_logps, void *lse, int device,
+                                  napo_labels labels, int64_t ignore_index, void *token_logps, double *lse, int device,
                                   void *stream, int *cuda_error);
 napo_status napo_token_logps_backward_cuda(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                           napo_labels labels, int64_t ignore_index, const void *lse,
+                                           napo_labels labels, int64_t ignore_index, const double *lse,
                                            const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
                                            int device, void *stream, int *cuda_error);
 

@@ -24,8 +24,9 @@ _lib.define("q_from_mean(Tensor means, float gamma, float q_min, float q_max) ->
 _lib.define("dynamic_weights(Tensor reward_margins, float w_min, float eps) -> Tensor")
 
 # Sequence log-probs: logits[b, t] is scored against labels[b, t + shift] for t < T - shift
-# (shift = 1 is the causal-LM convention). token_logps and lse are [B, T - shift] float32
-# (float64 for float64 logits), 0 at ignored positions.
+# (shift = 1 is the causal-LM convention). token_logps is [B, T - shift] float32 (float64 for
+# float64 logits), lse [B, T - shift] float64 (the backward's exp(x - lse) needs it unrounded);
+# both 0 at ignored positions.
 _lib.define(
     "token_logps(Tensor logits, Tensor labels, int ignore_index, int shift, bool inplace_backward)"
     " -> (Tensor token_logps, Tensor lse)"
@@ -114,15 +115,14 @@ torch.library.register_autograd(
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of token log-probs and log-sum-exps for logits of ``dtype``."""
+    """The dtype of token log-probs for logits of ``dtype`` (log-sum-exps are always float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("napo::token_logps")
 def _token_logps_fake(logits, labels, ignore_index, shift, inplace_backward):
     shape = (logits.shape[0], logits.shape[1] - shift)
-    acc = accumulation_dtype(logits.dtype)
-    return logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc)
+    return logits.new_empty(shape, dtype=accumulation_dtype(logits.dtype)), logits.new_empty(shape, dtype=torch.float64)
 
 
 @torch.library.register_fake("napo::token_logps_backward")
@@ -138,8 +138,7 @@ def _token_logps_backward_inplace_fake(grad_token, logits, labels, lse, ignore_i
 @torch.library.register_fake("napo::fused_linear_token_logps")
 def _fused_linear_fake(hidden, weight, bias, labels, ignore_index, shift, chunk_size):
     shape = (hidden.shape[0], hidden.shape[1] - shift)
-    acc = accumulation_dtype(hidden.dtype)
-    return hidden.new_empty(shape, dtype=acc), hidden.new_empty(shape, dtype=acc)
+    return hidden.new_empty(shape, dtype=accumulation_dtype(hidden.dtype)), hidden.new_empty(shape, dtype=torch.float64)
 
 
 @torch.library.register_fake("napo::fused_linear_token_logps_backward")

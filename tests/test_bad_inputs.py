@@ -70,6 +70,13 @@ def _used_capsule():
     return capsule
 
 
+def _logps_args(token=None, lse=None):
+    """token_logps arguments for float32 logits [2, 3, 5], with a buffer replaced."""
+    token = np.zeros((2, 3), dtype=np.float32) if token is None else token
+    lse = np.zeros((2, 3)) if lse is None else lse
+    return np.zeros((2, 3, 5), dtype=np.float32), np.zeros((2, 3), dtype=np.int64), -100, token, lse
+
+
 NATIVE_CASES = [
     ("not an array", lambda: C.loss_forward([0.0], np.array(0.5), 0.1, v3), TypeError, "must be an array"),
     ("int margins", lambda: C.loss_forward(np.zeros(3, dtype=np.int32), np.array(0.5), 0.1, v3), TypeError,
@@ -105,6 +112,14 @@ NATIVE_CASES = [
     ("weights K = 0", lambda: C.dynamic_weights(np.zeros(0), 0.01, 1e-8, np.zeros(0)), ValueError, "K >= 1"),
     ("w_min", lambda: C.dynamic_weights(v3, -0.1, 1e-8, v3), ValueError, "w_min must be"),
     ("missing argument", lambda: C.loss_forward(v3, np.array(0.5), 0.1), TypeError, "out"),
+    ("lse_out float32", lambda: C.token_logps(*_logps_args(lse=np.zeros((2, 3), dtype=np.float32))), LookupError,
+     "'lse_out' must be float64 for float32 logits, got float32"),
+    ("token_out float64", lambda: C.token_logps(*_logps_args(token=np.zeros((2, 3)))), LookupError,
+     "'token_out' must be float32"),
+    ("backward lse float32", lambda: C.token_logps_backward(
+        np.zeros((2, 3, 5), dtype=np.float32), np.zeros((2, 3), dtype=np.int64), -100,
+        np.zeros((2, 3), dtype=np.float32), np.zeros((2, 3), dtype=np.float32), np.zeros((2, 3, 5), dtype=np.float32)),
+     LookupError, "'lse' must be float64"),
     ("read-only export", lambda: C.loss_forward(v3, np.array(0.5), 0.1, torch.zeros(3, requires_grad=True)),
      TypeError, "argument 'out' could not be exported through DLPack"),
 ]  # fmt: skip

@@ -45,7 +45,7 @@ template <typename A> __device__ inline void merge(A &max, A &sum, A other_max, 
 
 template <typename T, typename A = typename acc_of<T>::type>
 __global__ void forward_kernel(const T *logits, napo_logits_layout layout, napo_labels labels, int64_t ignore_index,
-                               A *token_logps, A *lse) {
+                               A *token_logps, double *lse) {
   const int64_t row = blockIdx.x;
   const int64_t b = row / layout.time, t = row % layout.time;
   const int64_t label = labels.data[b * labels.stride_b + t * labels.stride_t];
@@ -80,25 +80,32 @@ __global__ void forward_kernel(const T *logits, napo_logits_layout layout, napo_
     const bool valid = label >= 0 && label < layout.vocab; /* never read outside the row */
     const A label_logit = valid ? (A)to_float(x[label * layout.stride_v]) : (A)NAN;
     token_logps[row] = (label_logit - row_max) - log_sum;
-    lse[row] = valid ? row_max + log_sum : (A)NAN;
+    /* Summed in double: the float sum row_max + log_sum would round the lse to 0.5 ulp of its size. */
+    lse[row] = valid ? (double)row_max + (double)log_sum : (double)NAN;
   }
 }
 
 template <typename T, typename A = typename acc_of<T>::type>
 __global__ void backward_kernel(const T *logits, napo_logits_layout layout, napo_labels labels, int64_t ignore_index,
-                                const A *lse, const A *grad_token, T *grad_logits, napo_logits_layout grad_layout) {
+                                const double *lse, const A *grad_token, T *grad_logits,
+                                napo_logits_layout grad_layout) {
   const int64_t row = blockIdx.x;
   const int64_t b = row / layout.time, t = row % layout.time;
   const int64_t label = labels.data[b * labels.stride_b + t * labels.stride_t];
   const T *x = logits + b * layout.stride_b + t * layout.stride_t;
   T *g = grad_logits + b * grad_layout.stride_b + t * grad_layout.stride_t;
   const bool counted = label != ignore_index;
-  const A grad = counted ? grad_token[row] : (A)0, row_lse = counted ? lse[row] : (A)0;
+  const A grad = counted ? grad_token[row] : (A)0;
+  /* lse as lse_hi + lse_lo in A (lse_lo = 0 for double): x - lse_hi is exact near the top of the
+   * row, so the large probabilities see no rounding of the lse (see csrc/logps_simd.h). */
+  const double row_lse = counted ? lse[row] : 0.0;
+  const A lse_hi = (A)row_lse;
+  const A lse_lo = isfinite(lse_hi) ? (A)(row_lse - (double)lse_hi) : (A)0;
   for (int64_t v = threadIdx.x; v < layout.vocab; v += blockDim.x) {
     A value = 0;
     if (counted) {
-      const A p = exp((A)to_float(x[v * layout.stride_v]) - row_lse);
-      value = v == label ? -grad * expm1((A)to_float(x[v * layout.stride_v]) - row_lse) : -grad * p;
+      const A shifted = ((A)to_float(x[v * layout.stride_v]) - lse_hi) - lse_lo;
+      value = v == label ? -grad * expm1(shifted) : -grad * exp(shifted);
     }
     /* Each element is read before it is written by the same thread: in-place safe. */
     g[v * grad_layout.stride_v] = from_acc<T>(value);
@@ -107,19 +114,19 @@ __global__ void backward_kernel(const T *logits, napo_logits_layout layout, napo
 
 template <typename T>
 void launch_forward(const void *logits, napo_logits_layout layout, napo_labels labels, int64_t ignore_index,
-                    void *token_logps, void *lse, cudaStream_t stream) {
+                    void *token_logps, double *lse, cudaStream_t stream) {
   using A = typename acc_of<T>::type;
   forward_kernel<T><<<(unsigned)(layout.batch * layout.time), kThreads, 0, stream>>>(
-      (const T *)logits, layout, labels, ignore_index, (A *)token_logps, (A *)lse);
+      (const T *)logits, layout, labels, ignore_index, (A *)token_logps, (double *)lse);
 }
 
 template <typename T>
 void launch_backward(const void *logits, napo_logits_layout layout, napo_labels labels, int64_t ignore_index,
-                     const void *lse, const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
+                     const double *lse, const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
                      cudaStream_t stream) {
   using A = typename acc_of<T>::type;
   backward_kernel<T><<<(unsigned)(layout.batch * layout.time), kThreads, 0, stream>>>(
-      (const T *)logits, layout, labels, ignore_index, (const A *)lse, (const A *)grad_token, (T *)grad_logits,
+      (const T *)logits, layout, labels, ignore_index, (const double *)lse, (const A *)grad_token, (T *)grad_logits,
       grad_layout);
 }
 
@@ -145,7 +152,7 @@ napo_status check_launch(const void *logits, napo_logits_layout layout, napo_log
 extern "C" {
 
 napo_status napo_token_logps_cuda(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                  napo_labels labels, int64_t ignore_index, void *token_logps, void *lse, int device,
+                                  napo_labels labels, int64_t ignore_index, void *token_logps, double *lse, int device,
                                   void *stream, int *cuda_error) {
   const napo_status status = check_launch(logits, layout, dtype, labels);
   if (status != NAPO_OK || layout.batch * layout.time == 0) {
@@ -174,7 +181,7 @@ napo_status napo_token_logps_cuda(const void *logits, napo_logits_layout layout,
 }
 
 napo_status napo_token_logps_backward_cuda(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
-                                           napo_labels labels, int64_t ignore_index, const void *lse,
+                                           napo_labels labels, int64_t ignore_index, const double *lse,
                                            const void *grad_token, void *grad_logits, napo_logits_layout grad_layout,
                                            int device, void *stream, int *cuda_error) {
   napo_status status = check_launch(logits, layout, dtype, labels);

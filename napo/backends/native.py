@@ -108,7 +108,7 @@ def token_logps(
         return reference.token_logps(logits, labels, ignore_index, shift, inplace_backward)
     scored = logits.shape[1] - shift
     token = logits.new_empty((logits.shape[0], scored), dtype=_accumulation(logits))
-    lse = torch.empty_like(token)
+    lse = torch.empty_like(token, dtype=torch.float64)
     aligned = labels[:, shift:]
     if logits.device.type == "cuda":
         # The CUDA kernel never reads out of bounds (a bad label gives NaN), but the ValueError that

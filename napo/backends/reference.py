@@ -93,7 +93,8 @@ def token_logps(
     lse = torch.logsumexp(x, dim=-1)
     token = torch.log_softmax(x, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros_like(lse)
-    return torch.where(mask, token, zero), torch.where(mask, lse, zero)
+    # The op's lse is float64; this one is only as exact as a logsumexp in x's dtype.
+    return torch.where(mask, token, zero), torch.where(mask, lse, zero).to(torch.float64)
 
 
 def token_logps_backward(
@@ -106,7 +107,7 @@ def token_logps_backward(
 ) -> torch.Tensor:
     x, _, mask, safe = _aligned(logits, labels, ignore_index, shift)
     g = torch.where(mask, grad_token, torch.zeros_like(grad_token)).unsqueeze(-1)
-    grad = -g * torch.exp(x - lse.unsqueeze(-1))
+    grad = -g * torch.exp(x - lse.to(x.dtype).unsqueeze(-1))
     grad = grad.scatter_add(-1, safe.unsqueeze(-1), g)
     grad = torch.where(mask.unsqueeze(-1), grad, torch.zeros_like(grad))  # exp(x - 0) may be inf where ignored
     out = torch.zeros_like(logits)
