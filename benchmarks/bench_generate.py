@@ -3,7 +3,7 @@
 Same tiny LLaVA (built offline), same sample rows, same settings (greedy beam search, num_beams=3);
 each row gets both biased answers (question_only and image_only). Batched runs use napo's
 generate_biased (left padding, length grouping); the one-at-a-time baseline is generate_biased
-with batch_size=1. Medians over repeats; rows appended to benchmarks/results.csv.
+with batch_size=1. Medians over repeats; rows appended to benchmarks/results/generate.csv.
 
 Run: python benchmarks/bench_generate.py [--rows 48] [--max-new-tokens 32] [--device cpu|cuda] [--dtype ...]
 """
@@ -11,7 +11,6 @@ Run: python benchmarks/bench_generate.py [--rows 48] [--max-new-tokens 32] [--de
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -19,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from results_csv import append_rows, default_path
 
 HERE = Path(__file__).parent
 
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--csv", type=Path, default=HERE / "results.csv")
+    parser.add_argument("--csv", type=Path, default=default_path("generate"))
     args = parser.parse_args()
 
     import napo
@@ -56,14 +56,12 @@ def main() -> None:
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
         f"CPU {platform.machine()} x{os.cpu_count()} (torch threads {torch.get_num_threads()})"
     )  # fmt: skip
-    new_file = not args.csv.exists()
-    with args.csv.open("a", newline="") as handle:
-        writer = csv.writer(handle)
-        if new_file:
-            writer.writerow(["benchmark", "device", "napo", "torch", "variant", "batch", "rows_per_s", "min", "max"])
-        for batch_size, (median, low, high) in results.items():
-            writer.writerow(["generate", device, napo.__version__, torch.__version__, "tiny-llava", batch_size,
-                             f"{median:.2f}", f"{low:.2f}", f"{high:.2f}"])  # fmt: skip
+    append_rows(
+        args.csv,
+        ["benchmark", "device", "napo", "torch", "variant", "batch", "rows_per_s", "min", "max"],
+        [["generate", device, napo.__version__, torch.__version__, "tiny-llava", batch_size, f"{median:.2f}",
+          f"{low:.2f}", f"{high:.2f}"] for batch_size, (median, low, high) in results.items()],
+    )  # fmt: skip
     base = results[args.batch_sizes[0]][0]
     print(f"napo generate on the tiny LLaVA, {args.rows} rows, max_new_tokens={args.max_new_tokens}, "
           f"num_beams={args.num_beams}, {device}, torch {torch.__version__}\n")  # fmt: skip

@@ -15,7 +15,7 @@ Each (variant, case) runs in a fresh subprocess: extra peak memory is the peak r
 what the process held right before; times are medians (with IQR) of forward, backward and
 forward + backward after a warm-up.
 Labels: 25% prompt tokens (ignore_index), then answer tokens, then 0-64 padding tokens.
-Rows are appended to benchmarks/results.csv; a Markdown table is printed for RESULTS.md.
+Rows are appended to benchmarks/results/logps.csv; a Markdown table is printed for RESULTS.md.
 
 On a GPU it also prints the forward's achieved read bandwidth against the device's copy bandwidth.
 
@@ -25,7 +25,6 @@ Run: python benchmarks/bench_logps.py [--device cpu|cuda] [--quick]
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_csv import append_rows, default_path
 
 HERE = Path(__file__).parent
 IGNORE = -100
@@ -196,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no V=128256 case")
-    parser.add_argument("--csv", type=Path, default=HERE / "results.csv")
+    parser.add_argument("--csv", type=Path, default=default_path("logps"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -237,17 +237,14 @@ def main() -> None:
                   file=sys.stderr)  # fmt: skip
 
     name = device_name(args.device)
-    new_file = not args.csv.exists()
-    with args.csv.open("a", newline="") as handle:
-        writer = csv.writer(handle)
-        if new_file:
-            writer.writerow(["benchmark", "device", "napo", "torch", "variant", "batch", "time", "vocab", "hidden",
-                             "dtype", "fwd_ms", "bwd_ms", "total_ms", "total_iqr_ms", "extra_peak_mib"])  # fmt: skip
-        for r in rows:
-            writer.writerow(["logps", name, napo.__version__, torch.__version__, r["variant"], r["batch"], r["time"],
-                             r["vocab"], r.get("hidden", ""), r["dtype"], f"{r['fwd_ms'][0]:.1f}",
-                             f"{r['bwd_ms'][0]:.1f}", f"{r['total_ms'][0]:.1f}", f"{r['total_ms'][1]:.1f}",
-                             f"{r['extra_peak_mib']:.1f}"])  # fmt: skip
+    append_rows(
+        args.csv,
+        ["benchmark", "device", "napo", "torch", "variant", "batch", "time", "vocab", "hidden", "dtype", "fwd_ms",
+         "bwd_ms", "total_ms", "total_iqr_ms", "extra_peak_mib"],
+        [["logps", name, napo.__version__, torch.__version__, r["variant"], r["batch"], r["time"], r["vocab"],
+          r.get("hidden", ""), r["dtype"], f"{r['fwd_ms'][0]:.1f}", f"{r['bwd_ms'][0]:.1f}",
+          f"{r['total_ms'][0]:.1f}", f"{r['total_ms'][1]:.1f}", f"{r['extra_peak_mib']:.1f}"] for r in rows],
+    )  # fmt: skip
 
     print(f"Sequence log-probs, forward + backward, {name}, torch {torch.__version__}, napo {napo.__version__}\n")
     print("| case | variant | fwd ms | bwd ms | fwd+bwd ms (IQR) | time ratio | extra peak MiB | memory ratio |")

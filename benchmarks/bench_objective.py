@@ -8,7 +8,7 @@ Compared on the same inputs and machine:
                   weights pulled to the host with .item() every step
 
 Reports the median time per step with the interquartile range, the ratio to napo-native and, on
-CUDA, the peak memory. Appends one CSV row per measurement to benchmarks/results.csv (device,
+CUDA, the peak memory. Appends one CSV row per measurement to benchmarks/results/objective_step.csv (device,
 versions) and prints a Markdown table for benchmarks/RESULTS.md.
 
 Run: python benchmarks/bench_objective.py [--device cpu|cuda] [--batch-sizes 4 64 4096] [--repeats 200]
@@ -17,7 +17,6 @@ Run: python benchmarks/bench_objective.py [--device cpu|cuda] [--batch-sizes 4 6
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_csv import append_rows, default_path
 
 ANSWERS = ("chosen", "rejected", "language", "vision")
 HERE = Path(__file__).parent
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 64, 4096])
     parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--csv", type=Path, default=HERE / "results.csv")
+    parser.add_argument("--csv", type=Path, default=default_path("objective_step"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -154,15 +154,12 @@ def main() -> None:
         rows.append(measure("paper-style", batch, args.device, args.repeats))
 
     name = device_name(args.device)
-    new_file = not args.csv.exists()
-    with args.csv.open("a", newline="") as handle:
-        writer = csv.writer(handle)
-        if new_file:
-            writer.writerow(["benchmark", "device", "napo", "torch", "variant", "batch", "median_us", "iqr_us",
-                             "peak_bytes"])  # fmt: skip
-        for row in rows:
-            writer.writerow(["objective_step", name, napo.__version__, torch.__version__, row["variant"], row["batch"],
-                             f"{row['median_us']:.1f}", f"{row['iqr_us']:.1f}", row["peak_bytes"]])  # fmt: skip
+    append_rows(
+        args.csv,
+        ["benchmark", "device", "napo", "torch", "variant", "batch", "median_us", "iqr_us", "peak_bytes"],
+        [["objective_step", name, napo.__version__, torch.__version__, row["variant"], row["batch"],
+          f"{row['median_us']:.1f}", f"{row['iqr_us']:.1f}", row["peak_bytes"]] for row in rows],
+    )  # fmt: skip
 
     print(f"NaPO objective step (forward + backward), {name}, torch {torch.__version__}, napo {napo.__version__}\n")
     print("| batch | variant | median µs (IQR) | time / napo-native | peak memory / napo-native |")

@@ -13,7 +13,7 @@ answers are other rows' rejected answers, so every variant sees the same length 
 A step is forward + backward + AdamW update, after warm-up; times are medians (IQR) over repeats.
 Each variant runs in a fresh subprocess; extra peak memory is the peak resident set size during
 the timed steps (VmHWM, reset just before) minus the resident size before them (CPU), or the peak
-CUDA allocation minus the allocation before them (GPU). Rows are appended to results.csv.
+CUDA allocation minus the allocation before them (GPU). Rows are appended to results/train_step.csv.
 
 Run: python benchmarks/bench_train_step.py [--device cpu|cuda] [--vocab 32000] [--repeats 10]
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import os
 import statistics
@@ -31,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_csv import append_rows, default_path
 
 HERE = Path(__file__).parent
 VARIANTS = ("trl-dpo", "napo-as-dpo", "napo-3way")
@@ -167,7 +168,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--csv", type=Path, default=HERE / "results.csv")
+    parser.add_argument("--csv", type=Path, default=default_path("train_step"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,14 +204,13 @@ def main() -> None:
         memory_ratio = r["extra_mib"] / dpo["extra_mib"] if dpo["extra_mib"] > 0 else float("nan")
         print(f"| {r['variant']} | {r['sequences']} | {r['tokens']} | {r['median_ms']:.1f} ({r['iqr_ms']:.1f}) | "
               f"{r['median_ms'] / dpo['median_ms']:.2f} | {r['extra_mib']:.0f} | {memory_ratio:.2f} |")  # fmt: skip
-    with open(args.csv, "a", newline="") as handle:
-        writer = csv.writer(handle)
-        for r in results:
-            # The CSV's columns: benchmark, device, napo, torch, variant, batch, median_us, iqr_us, peak_bytes.
-            writer.writerow(["train_step", name, napo.__version__, torch.__version__, r["variant"],
-                             f"V={args.vocab} H={args.hidden} seqs={r['sequences']} tokens={r['tokens']}",
-                             f"{1e3 * r['median_ms']:.1f}", f"{1e3 * r['iqr_ms']:.1f}",
-                             int(r["extra_mib"] * 2**20)])  # fmt: skip
+    append_rows(
+        args.csv,
+        ["benchmark", "device", "napo", "torch", "variant", "case", "median_us", "iqr_us", "peak_bytes"],
+        [["train_step", name, napo.__version__, torch.__version__, r["variant"],
+          f"V={args.vocab} H={args.hidden} seqs={r['sequences']} tokens={r['tokens']}", f"{1e3 * r['median_ms']:.1f}",
+          f"{1e3 * r['iqr_ms']:.1f}", int(r["extra_mib"] * 2**20)] for r in results],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
