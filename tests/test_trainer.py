@@ -359,3 +359,48 @@ def test_conversational_text_rows_with_a_biased_answer(text_models, processor, s
     assert tokenizer.decode(first["prompt_ids"] + first["question_only_ids"]).endswith("ASSISTANT: Perhaps 0.</s> ")
     trainer.train()
     assert trainer.state.log_history[0]["napo/q_language"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["text", "vision"])
+def test_peft_equivalence_with_trl_dpo(kind, tiny, text_models, processor, sample, tmp_path):
+    """LoRA on the policy, no ref_model: the reference is the base model (adapters off), as in TRL."""
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    if kind == "text":
+        rows, processing = text_rows(sample), AutoTokenizer.from_pretrained(text_models[0])
+
+        def load_policy():
+            return LlamaForCausalLM.from_pretrained(text_models[0])
+    else:
+        rows, processing = conversational(sample), processor
+
+        def load_policy():
+            return AutoModelForImageTextToText.from_pretrained(tiny[0])
+
+    dataset = Dataset.from_list(rows)
+    # Random B (init_lora_weights=False): the adapted policy differs from the base, so the margins are real.
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    results, adapters = [], None
+    runs = ((DPOTrainer, DPOConfig, {}), (NaPOTrainer, NaPOConfig, NAPO_AS_DPO[1]))
+    for trainer_class, config_class, options in runs:
+        args = config_class(output_dir=str(tmp_path / trainer_class.__name__), **TRAINING, **options)
+        trainer = trainer_class(
+            model=load_policy(), args=args, train_dataset=dataset, processing_class=processing,
+            peft_config=LoraConfig(**lora),
+        )  # fmt: skip
+        assert trainer.ref_model is None
+        trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+        if adapters is None:
+            adapters = {n: p.detach().clone() for n, p in trainable.items()}
+        else:  # the same adapter weights in both runs
+            with torch.no_grad():
+                for name, parameter in trainable.items():
+                    parameter.copy_(adapters[name])
+        examples = [trainer.train_dataset[i] for i in range(4)] if kind == "text" else rows[:4]
+        results.append(one_step(trainer, examples))
+    (dpo_loss, dpo_grads), (napo_loss, napo_grads) = results
+    assert abs(dpo_loss.item() - torch.log(torch.tensor(2.0)).item()) > 1e-3  # not log 2: policy != reference
+    torch.testing.assert_close(napo_loss, dpo_loss, rtol=1e-5, atol=0)
+    assert_grads_match(dpo_grads, napo_grads)
