@@ -719,7 +719,7 @@ static int labels_of(const napo_arg *arg, const napo_arg *logits, napo_logits_la
 static int check_row_buffer(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout, int bits) {
   const DLTensor *t = arg->tensor;
   if (t->dtype.code != kDLFloat || t->dtype.bits != bits || t->dtype.lanes != 1) {
-    PyErr_Format(PyExc_LookupError, "argument '%s' must be float%d for %s logits, got %s", arg->name, bits,
+    PyErr_Format(PyExc_LookupError, "argument '%s' must be float%d (for %s logits), got %s", arg->name, bits,
                  dtype_name(logits->tensor->dtype), dtype_name(t->dtype));
     return -1;
   }

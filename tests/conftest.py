@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -41,8 +43,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, a
 
 @pytest.fixture
 def generator() -> torch.Generator:
-    """A fresh random stream per test (inputs differ between tests, not between runs)."""
-    return torch.Generator().manual_seed(torch.seed() % (2**31))
+    """A fresh random stream per test and per run. The seed is printed (pytest shows it with a
+    failure); NAPO_TEST_SEED=<seed> replays it."""
+    seed = int(os.environ.get("NAPO_TEST_SEED", torch.seed() % (2**31)))
+    print(f"random inputs from seed {seed} (NAPO_TEST_SEED={seed} replays them)")
+    return torch.Generator().manual_seed(seed)
 
 
 def random_logps(batch: int, dtype: torch.dtype, generator: torch.Generator, scale: float = 30.0) -> torch.Tensor:

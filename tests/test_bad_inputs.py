@@ -113,7 +113,7 @@ NATIVE_CASES = [
     ("w_min", lambda: C.dynamic_weights(v3, -0.1, 1e-8, v3), ValueError, "w_min must be"),
     ("missing argument", lambda: C.loss_forward(v3, np.array(0.5), 0.1), TypeError, "out"),
     ("lse_out float32", lambda: C.token_logps(*_logps_args(lse=np.zeros((2, 3), dtype=np.float32))), LookupError,
-     "'lse_out' must be float64 for float32 logits, got float32"),
+     "'lse_out' must be float64 \\(for float32 logits\\), got float32"),
     ("token_out float64", lambda: C.token_logps(*_logps_args(token=np.zeros((2, 3)))), LookupError,
      "'token_out' must be float32"),
     ("backward lse float32", lambda: C.token_logps_backward(

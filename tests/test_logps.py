@@ -19,8 +19,8 @@ GRAD_TOL = {
     torch.float64: {"rtol": 1e-12, "atol": 1e-15},
 }
 # float32 gradients: within FLOAT32_GRAD_ULPS ulps of the largest gradient of the float64 truth
-# (measured worst over 300 inputs per shape: 1.6), and never more than one such ulp further
-# from it than TRL's own float32 recipe (measured: 0.17).
+# (measured worst over 1000 inputs per shape, 8 and 4 lanes: 1.95), and never more than one such
+# ulp further from it than TRL's own float32 recipe (measured worst: 0.44).
 FLOAT32_GRAD_ULPS = 3.0
 
 

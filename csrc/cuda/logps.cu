@@ -77,11 +77,13 @@ __global__ void forward_kernel(const T *logits, napo_logits_layout layout, napo_
   }
   if (threadIdx.x == 0) {
     const A row_max = shared_max[0], log_sum = log(shared_sum[0]);
+    /* The block sums in A (float32 for 16/32-bit logits): only its logarithm and the final addition are
+     * taken in double, so this lse is as exact as that float32 sum, short of the CPU kernel's. */
+    const double lse_value = (double)row_max + log((double)shared_sum[0]);
     const bool valid = label >= 0 && label < layout.vocab; /* never read outside the row */
     const A label_logit = valid ? (A)to_float(x[label * layout.stride_v]) : (A)NAN;
     token_logps[row] = (label_logit - row_max) - log_sum;
-    /* Summed in double: the float sum row_max + log_sum would round the lse to 0.5 ulp of its size. */
-    lse[row] = valid ? (double)row_max + (double)log_sum : (double)NAN;
+    lse[row] = valid ? lse_value : (double)NAN;
   }
 }
 

@@ -3,6 +3,7 @@
  * `make test-c`. The fast kernel is compared with the float64 serial kernel,
  * and both with closed forms (uniform logits: lse = log V).
  */
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -145,6 +146,43 @@ done:
   free(buffers);
 }
 
+/* Rows dominated by one logit other than the label, around 20 + r/3: the backward's largest
+ * gradient is -grad * p of that logit, whose exponent x - lse would carry the float32 rounding
+ * of lse (up to 1e-6 here, ~8 ulps of p) without the hi/lo split. Held to 2 ulps of the row's
+ * largest gradient against the float64 serial kernel. */
+static void test_backward_precision(tally *t) {
+  enum { ROWS = 16, V = 200 };
+  float logits[ROWS * V], grad_fast[ROWS * V], grad_serial[ROWS * V], token[ROWS], grad_token[ROWS];
+  double lse[ROWS];
+  int64_t labels[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    for (int v = 0; v < V; ++v) {
+      logits[r * V + v] = (float)(20.0 + r / 3.0 + 2.0 * uniform());
+    }
+    logits[r * V + 7] += 8.0f; /* the dominant logit */
+    labels[r] = 100 + r;
+    grad_token[r] = 1.0f;
+  }
+  const napo_logits_layout layout = {ROWS, 1, V, V, V, 1};
+  const napo_labels lab = {labels, 1, 1};
+  napo_label_error bad;
+  CHECK(t, napo_token_logps_serial(logits, layout, NAPO_LOGITS_F32, lab, -100, token, lse, &bad) == NAPO_OK);
+  CHECK(t, napo_token_logps_backward(logits, layout, NAPO_LOGITS_F32, lab, -100, lse, grad_token, grad_fast, layout, 1,
+                                     &bad) == NAPO_OK);
+  CHECK(t, napo_token_logps_backward_serial(logits, layout, NAPO_LOGITS_F32, lab, -100, lse, grad_token, grad_serial,
+                                            layout, &bad) == NAPO_OK);
+  double worst_ulps = 0.0;
+  for (int r = 0; r < ROWS; ++r) {
+    double largest = 0.0, error = 0.0;
+    for (int v = 0; v < V; ++v) {
+      largest = fmax(largest, fabs((double)grad_serial[r * V + v]));
+      error = fmax(error, fabs((double)grad_fast[r * V + v] - (double)grad_serial[r * V + v]));
+    }
+    worst_ulps = fmax(worst_ulps, error / (FLT_EPSILON * largest));
+  }
+  CHECK(t, worst_ulps <= 2.0);
+}
+
 static void test_uniform_logits(tally *t) {
   enum { V = 5000 };
   float *logits = malloc(sizeof(float) * V * 2);
@@ -234,6 +272,7 @@ int main(void) {
     }
   }
   test_uniform_logits(&t);
+  test_backward_precision(&t);
   test_extremes(&t);
   test_bad_input(&t);
   printf("C logps: %d passed, %d failed\n", t.passed, t.failed);
