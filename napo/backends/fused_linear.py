@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from napo._ops import accumulation_dtype
+from napo._ops import LSE_DTYPE, accumulation_dtype
 
 
 def _counted_rows(
@@ -70,7 +70,7 @@ def fused_linear_token_logps(
     scored = time - shift
     _check_labels(labels, weight.shape[0], ignore_index, shift)
     token = torch.zeros(batch * scored, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
-    lse = torch.zeros_like(token, dtype=torch.float64)
+    lse = torch.zeros_like(token, dtype=LSE_DTYPE)
     rows, hidden_index, row_labels = _counted_rows(labels, ignore_index, shift)
     flat_hidden = hidden.reshape(-1, width)
     buffer = _logits_buffer(rows.numel(), chunk_size, weight)

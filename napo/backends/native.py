@@ -19,6 +19,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from napo._native import native
+from napo._ops import LSE_DTYPE, accumulation_dtype
 from napo.backends import reference
 
 
@@ -97,18 +98,14 @@ def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> t
 # ---- sequence log-probs ----
 
 
-def _accumulation(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def token_logps(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: int, inplace_backward: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if _cuda_fallback(logits):
         return reference.token_logps(logits, labels, ignore_index, shift, inplace_backward)
     scored = logits.shape[1] - shift
-    token = logits.new_empty((logits.shape[0], scored), dtype=_accumulation(logits))
-    lse = torch.empty_like(token, dtype=torch.float64)
+    token = logits.new_empty((logits.shape[0], scored), dtype=accumulation_dtype(logits.dtype))
+    lse = torch.empty_like(token, dtype=LSE_DTYPE)
     aligned = labels[:, shift:]
     if logits.device.type == "cuda":
         # The CUDA kernel never reads out of bounds (a bad label gives NaN), but the ValueError that
