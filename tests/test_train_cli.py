@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,6 +162,54 @@ def test_resume_after_sigkill(workdir, scored, tmp_path):
     assert f"resuming from {run / f'checkpoint-{complete}'}" in result.stdout
     steps = [h["step"] for h in log_history(run) if "loss" in h]
     assert steps == list(range(1, complete + 3))  # the first run's steps, then the two new ones
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two saved models hold the same weights (1e-6 relative to each tensor's largest entry: the same CPU
+    ops on the same data, so in practice they are bit-identical)."""
+    first, second = (AutoModelForImageTextToText.from_pretrained(path).state_dict() for path in (a, b))
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=0, atol=1e-6 * tensor.abs().max().item(), msg=name)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(workdir, scored, tmp_path):
+    """A run cut right after its step-3 checkpoint (what SIGKILL leaves) and rerun ends with the uninterrupted
+    run's weights and logs its steps 4-6 with the same metrics. (Before the fix, the resumed steps restarted
+    from the initial weights: step 4 logged margin 0 and q = 1, like step 1.)"""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    command = ["train", "--model", str(workdir / "model"), "--data", str(scored), "--max-steps", "6",
+               "--batch-size", "2", "--save-steps", "3", "--logging-steps", "1", "--learning-rate", "1e-3",
+               "--seed", "5", "--no-progress"]  # fmt: skip
+    assert main([*command, "--output", str(full)]) == 0
+    shutil.copytree(full / "checkpoint-3", cut / "checkpoint-3")
+    assert main([*command, "--output", str(cut)]) == 0
+    assert_same_weights(full, cut)
+    expected = {h["step"]: h for h in log_history(full) if "loss" in h}
+    resumed = {h["step"]: h for h in log_history(cut) if "loss" in h}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert resumed[4]["napo/q_language"] < 1.0  # the trained weights came back: step 4 has margins
+    for step in (4, 5, 6):
+        for key, value in expected[step].items():
+            if key.startswith(("napo/", "rewards/", "logps/")) or key == "loss":
+                assert resumed[step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_resume_refuses_a_checkpoint_that_leaves_weights_unrestored(workdir, scored, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    command = ["train", "--model", str(workdir / "model"), "--data", str(scored), "--max-steps", "2",
+               "--batch-size", "2", "--save-steps", "1", "--output", str(run), "--no-progress"]  # fmt: skip
+    assert main(command) == 0
+    weights = run / "checkpoint-2" / "model.safetensors"
+    state = load_file(weights)
+    dropped = next(name for name in state if "layers.1" in name)
+    save_file({k: v for k, v in state.items() if k != dropped}, weights, metadata={"format": "pt"})
+    command[command.index("2")] = "3"
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "does not restore every weight" in err and "refusing to resume" in err
 
 
 def test_two_gloo_processes_compute_the_same_q_as_one(workdir, scored, tmp_path):

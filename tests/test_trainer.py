@@ -243,6 +243,57 @@ def test_plain_dpo_data_is_noise_robust_dpo(text_models, sample, tmp_path):
     assert list(trainer.napo_terms) == ["original"] and config.loss == "napo" and config.q == "adaptive"
 
 
+def test_text_model_resumed_from_a_checkpoint_ends_with_the_uninterrupted_weights(text_models, sample, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_models[0])
+    dataset = Dataset.from_list(text_rows(sample, extra=True))
+    options = {**TRAINING, "max_steps": 4, "per_device_train_batch_size": 2, "save_strategy": "steps",
+               "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3, "seed": 7}  # fmt: skip
+
+    def run(output, resume=None):
+        args = NaPOConfig(output_dir=str(output), **options)
+        model = LlamaForCausalLM.from_pretrained(text_models[0])
+        trainer = NaPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full")
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    resumed = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
+    expected = dict(full.model.named_parameters())
+    for name, parameter in resumed.model.named_parameters():
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(parameter, expected[name], rtol=0, atol=1e-6 * scale, msg=name)
+    last = next(h for h in full.state.log_history if h.get("step") == 4 and "loss" in h)
+    again = next(h for h in resumed.state.log_history if h.get("step") == 4 and "loss" in h)
+    assert again["loss"] == pytest.approx(last["loss"], rel=1e-5)
+    assert again["napo/q_language"] == pytest.approx(last["napo/q_language"], rel=1e-5)
+
+
+def test_best_model_at_end_restores_the_best_checkpoints_weights(tiny, processor, sample, tmp_path):
+    from safetensors.torch import load_file
+
+    rows = conversational(sample)
+    args = NaPOConfig(output_dir=str(tmp_path), **{**TRAINING, "max_steps": 2, "per_device_train_batch_size": 2,
+                      "save_strategy": "steps", "save_steps": 1, "eval_strategy": "steps", "eval_steps": 1,
+                      "load_best_model_at_end": True, "metric_for_best_model": "loss", "greater_is_better": True,
+                      "learning_rate": 1e-3})  # fmt: skip
+    trainer = NaPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny[0]), args=args,
+                          train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:2]),
+                          processing_class=processor)  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    # Compared through the model's own loader (the saved keys are in the original layout, not the module tree's).
+    reference = AutoModelForImageTextToText.from_pretrained(best).state_dict()
+    assert set(load_file(f"{best}/model.safetensors")) != set(reference)  # the layouts differ: the case that broke
+    for name, tensor in trainer.model.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=name)
+
+
 # ---------------------------------------------------------------- bad input, before training starts
 
 

@@ -35,6 +35,7 @@ except ImportError as error:  # pragma: no cover - exercised by test_import_with
     ) from error
 
 from napo.losses import NaPOObjective, NaPOOutput, TermConfig
+from napo.train.checkpoint import has_full_weights, restore_weights
 from napo.train.collator import NaPOTextCollator, NaPOVisionCollator, reference_columns
 from napo.train.lm_head import SequenceLogps, add_napo_lm_head, completion_logps, model_inputs
 
@@ -343,6 +344,32 @@ class NaPOTrainer(DPOTrainer):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _plain_weights(self, model: Any, directory: str) -> Any:
+        """The model to restore through :func:`napo.train.checkpoint.restore_weights`, or None where the
+        Trainer's own loading applies (adapters, DeepSpeed and FSDP states keep their native loaders)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or is_peft_model(unwrapped):
+            return None
+        return unwrapped if has_full_weights(directory) else None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        # The Trainer loads the saved keys as they are (strict=False), which for models whose saved layout
+        # differs from their module tree (LLaVA in transformers 5) restores nothing and says nothing.
+        target = self._plain_weights(self.model if model is None else model, resume_from_checkpoint)
+        if target is None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            restore_weights(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        target = self._plain_weights(self.model, self.state.best_model_checkpoint)
+        if target is None:
+            super()._load_best_model()
+        else:
+            restore_weights(target, self.state.best_model_checkpoint)
 
     # ------------------------------------------------------------------ dataset hooks
 
