@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu", help="(--objective-only) cpu, cuda or cuda:N")
     demo.add_argument("--workdir", default="napo-demo", help="where the tiny model, sample set and answers go")
+    demo.add_argument("--rows", type=_positive_int, default=16, help="rows of the sample set the demo trains on")
     demo.add_argument(
         "--objective-only", action="store_true", help="only the objective, on a simulated toy policy (no model)"
     )
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.objective_only and not trl_missing:
             from napo.demo import run_training_demo
 
-            data = run_data_demo(args.workdir)
+            data = run_data_demo(args.workdir, rows=args.rows)
             if data is not None:
                 run_training_demo(args.workdir, data, learning_rate=args.learning_rate or 1e-3, seed=args.seed)
                 return 0

@@ -174,4 +174,25 @@ def run_training_demo(workdir: str | Path, data: Path, learning_rate: float = 1e
     print(f"\nTrained in {time.perf_counter() - start:.1f} s -> {output} (loads with from_pretrained).")
     print("q: adaptive noise-robustness (1 = MAE at step 1, falling toward DPO as margins grow; 0 for the DPO term);")
     print("w: dynamic weights (uniform at step 1); m: mean reward margin beta*M per term.")
+    print("\nNext, on what the demo made:")
+    for command in next_commands(workdir):
+        print(f"  {command}")
     return output
+
+
+def next_commands(workdir: str | Path) -> list[str]:
+    """The commands a user runs next on the demo's outputs, with its real paths (each works as printed)."""
+    import shlex
+
+    workdir = Path(workdir)
+    run, scored = workdir / "napo-run", workdir / "napo-run" / "reference-logps"
+
+    def command(*words: object) -> str:
+        return " ".join(shlex.quote(str(word)) for word in words)
+
+    return [
+        # the reference's margins and the run's q / weights / margins per step (Figures 4 and 7)
+        command("napo", "analyze", "--data", scored, "--run", run, "--output", workdir / "report"),
+        # the trained policy's reward margins against the cached reference
+        command("napo", "analyze", "--data", scored, "--model", run, "--output", workdir / "report-trained"),
+    ]

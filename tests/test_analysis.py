@@ -224,3 +224,29 @@ def test_napo_analyze_end_to_end(biased, tmp_path, capsys):
     assert len(table) == 3 * len(idx) and set(table["noise"]) == {"noisy", "clean"}
     assert main(["analyze", "--data", str(biased / "biased"), "--output", str(tmp_path / "x")]) == 2
     assert "pass --model" in capsys.readouterr().err
+
+
+def test_margin_histograms_count_whole_pairs():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figure = plot_margin_hist(margins(cached_rows(), noise_labels="is_noisy"))  # 3 rows: counts of 0, 1 or 2
+    for axis in figure.axes:
+        ticks = axis.get_yticks()
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), (axis.get_title(), list(ticks))
+
+
+def test_analyze_refuses_before_writing_anything(tmp_path):
+    from napo.analysis import analyze
+
+    data = tmp_path / "cached.parquet"
+    cached_rows().to_parquet(data)
+    no_state = tmp_path / "run-without-state"
+    no_state.mkdir()
+    output = tmp_path / "report"
+    with pytest.raises(FileNotFoundError, match=r"no trainer_state\.json"):
+        analyze(data, output, run=no_state, progress=False)
+    with pytest.raises(FileNotFoundError, match="noise labels"):
+        analyze(data, output, noise_labels=str(tmp_path / "no-such-labels.csv"), progress=False)
+    assert not output.exists()
+    assert analyze(data, output, progress=False).is_file()  # the same data with good inputs is fine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,28 @@ def test_make_commands_write_loadable_artifacts(tmp_path, capsys):
 
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
     AutoProcessor.from_pretrained(tmp_path / "m")
+
+
+def test_demo_prints_next_commands_that_work_as_printed(capsys, tmp_path, monkeypatch):
+    import os
+    import shlex
+
+    pytest.importorskip("trl")
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--rows", "8"]) == 0  # the default workdir, relative, as a user runs it
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("Next, on what the demo made:")
+    commands = [shlex.split(line) for line in lines[start + 1 :] if line.startswith("  napo ")]
+    assert len(commands) >= 2 and any("--run" in words for words in commands)
+    assert (tmp_path / "napo-demo" / "napo-run" / "trainer_state.json").is_file()  # no checkpoints, still a state
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    for words in commands:
+        result = subprocess.run([sys.executable, "-m", *words], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=600)  # fmt: skip
+        assert result.returncode == 0, (words, result.stderr[-2000:])
+        output = Path(tmp_path, words[words.index("--output") + 1])
+        assert (output / "report.md").is_file()
+        if "--run" in words:
+            assert (output / "training_curves.png").is_file() and "training_curves.png" in (
+                output / "report.md"
+            ).read_text()

@@ -75,6 +75,12 @@ def _label(value: Any, where: str) -> str:
     raise ValueError(f"{where}: a noise label must be noisy/clean, true/false or 1/0, got {value!r}")
 
 
+def noise_label_sources(noise_labels: Any, terms: Any) -> dict[str, Any]:
+    """term -> its label source: ``noise_labels`` is one source for every term, or a dict term -> source."""
+    per_term = isinstance(noise_labels, Mapping) and set(noise_labels) <= set(TERM_COLUMNS)
+    return dict(noise_labels) if per_term else dict.fromkeys(terms, noise_labels)
+
+
 def read_noise_labels(source: Any, data: Any = None) -> dict[Any, str]:
     """idx -> "noisy" | "clean" from: a column name of ``data``; a mapping or pandas Series idx -> label;
     or a CSV / JSON / Parquet file with an ``idx`` column and one of ``noisy``, ``noise``, ``label``."""
@@ -243,8 +249,7 @@ def margins(
         pieces.append(piece)
     result = pd.concat(pieces, ignore_index=True)
     if noise_labels is not None:
-        per_term = isinstance(noise_labels, Mapping) and set(noise_labels) <= set(TERM_COLUMNS)
-        sources = noise_labels if per_term else dict.fromkeys(active, noise_labels)
+        sources = noise_label_sources(noise_labels, active)
         result["noise"] = None
         for term, source in sources.items():
             labels = read_noise_labels(source, frame)

@@ -58,6 +58,7 @@ def plot_margin_hist(frame, kind: str = "auto", terms: Sequence[str] | None = No
         terms: which terms (default: all in the frame).
     """
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     terms = list(terms or dict.fromkeys(frame["term"]))
     if not terms:
@@ -85,6 +86,7 @@ def plot_margin_hist(frame, kind: str = "auto", terms: Sequence[str] | None = No
         axis.set_title(title + (f" ({dropped} non-finite left out)" if dropped else ""))
         axis.set_xlabel(column.replace("_", " "))
         axis.set_ylabel("pairs")
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no tick at 1.75 pairs
     return figure
 
 

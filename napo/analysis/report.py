@@ -6,7 +6,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from napo.analysis.margins import margins, noise_ranking, summarize
+from napo.analysis.margins import (
+    TERM_COLUMNS,
+    margins,
+    noise_label_sources,
+    noise_ranking,
+    read_noise_labels,
+    summarize,
+)
 from napo.analysis.plots import plot_margin_hist, plot_q_curve, plot_training_curves
 
 __all__ = ["analyze", "markdown_table"]
@@ -51,14 +58,19 @@ def analyze(
     from napo.train.reference import DEFAULT_MAX_LENGTH, cached_settings
 
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    # Every input is checked before anything is written: a refused run leaves no partial report behind.
     frame = _as_frame(data)
     answers = [c for c in ("chosen", "rejected", "question_only", "image_only") if c in frame.columns]
     cached = all(n in frame.columns for c in answers for n in reference_columns(c))
+    if not cached and model is None:
+        raise ValueError("the data has no reference log-prob columns: pass --model to score them (napo logps)")
+    training_figure = plot_training_curves(run) if run is not None else None
+    if noise_labels is not None:
+        for source in noise_label_sources(noise_labels, TERM_COLUMNS).values():
+            read_noise_labels(source, frame)
+    output.mkdir(parents=True, exist_ok=True)
     policy = model
     if not cached:
-        if model is None:
-            raise ValueError("the data has no reference log-prob columns: pass --model to score them (napo logps)")
         from napo.train.reference import compute_reference_logps
 
         options = {"batch_size": batch_size, "device": device, "dtype": dtype, "progress": progress}
@@ -74,8 +86,8 @@ def analyze(
         "length_margin_hist.png": plot_margin_hist(table, kind="length_margin"),
         "q_curve.png": plot_q_curve(table),
     }
-    if run is not None:
-        figures["training_curves.png"] = plot_training_curves(run)
+    if training_figure is not None:
+        figures["training_curves.png"] = training_figure
     for name, figure in figures.items():
         figure.savefig(output / name, dpi=110)
 

@@ -175,6 +175,7 @@ def train(
         print(f"napo train: resuming from {last}")
     trainer.train(resume_from_checkpoint=None if last is None else str(last))
     trainer.save_model(str(output))
+    trainer.save_state()  # OUTPUT/trainer_state.json: the log history napo analyze --run reads, checkpoints or not
     if state.is_main_process:
         processor.save_pretrained(str(output))
     state.wait_for_everyone()
