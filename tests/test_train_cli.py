@@ -24,6 +24,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from napo.cli import main
 from napo.data import generate_biased, make_sample_data, make_tiny_model
+from napo.train.run import last_complete_checkpoint
 
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -143,7 +144,7 @@ def test_resume_after_sigkill(workdir, scored, tmp_path):
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     try:
-        while not list(run.glob("checkpoint-*/trainer_state.json")):
+        while last_complete_checkpoint(run) is None:
             assert process.poll() is None, "the run ended before its first checkpoint"
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -151,7 +152,8 @@ def test_resume_after_sigkill(workdir, scored, tmp_path):
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL
-    complete = max(int(p.parent.name.split("-")[1]) for p in run.glob("checkpoint-*/trainer_state.json"))
+    # The kill may land while a trainer_state.json is half written: the newest *complete* one is what resumes.
+    complete = int(last_complete_checkpoint(run).name.removeprefix("checkpoint-"))
     assert complete < 400
     (run / "checkpoint-999").mkdir()  # what a kill while saving leaves: no trainer_state.json
     (run / "checkpoint-999" / "model.safetensors").write_bytes(b"partial")
@@ -267,7 +269,7 @@ def test_cached_reference_truncated_otherwise_is_scored_again(workdir, scored, t
     run = tmp_path / "run"
     assert main(["train", "--model", str(workdir / "model"), "--data", str(scored), "--output", str(run),
                  "--config", str(config), "--max-steps", "1", "--no-progress"]) == 0  # fmt: skip
-    assert "truncated at max_length=1024, training uses 512: scoring them again" in capsys.readouterr().out
+    assert "truncated at max_length=2048, training uses 512: scoring them again" in capsys.readouterr().out
     from napo.train.reference import cached_settings
 
     assert cached_settings(run / "reference-logps")["max_length"] == 512
