@@ -68,6 +68,7 @@ def _run_stage(command: str, verb: str, run) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from napo import __version__
+    from napo.train.reference import DEFAULT_MAX_LENGTH
 
     parser = argparse.ArgumentParser(prog="napo", description="Noise-Aware Preference Optimization (NaPO) toolkit.")
     parser.add_argument("--version", action="version", version=f"napo {__version__}")
@@ -114,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     logps.add_argument(
         "--max-length",
         type=int,
-        default=1024,
-        help="truncate prompt + answer as the trainer will (default 1024 = NaPOConfig's max_length; 0: no truncation)",
+        default=DEFAULT_MAX_LENGTH,
+        help="truncate prompt + answer as the trainer will (default 2048 = NaPOConfig's max_length; 0: no truncation)",
     )
     _add_run_arguments(logps)
 

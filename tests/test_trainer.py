@@ -455,3 +455,148 @@ def test_peft_equivalence_with_trl_dpo(kind, tiny, text_models, processor, sampl
     assert abs(dpo_loss.item() - torch.log(torch.tensor(2.0)).item()) > 1e-3  # not log 2: policy != reference
     torch.testing.assert_close(napo_loss, dpo_loss, rtol=1e-5, atol=0)
     assert_grads_match(dpo_grads, napo_grads)
+
+
+# ---------------------------------------------------------------- TRL parity (issue 10)
+
+
+def test_defaults_are_the_papers_recipe(tmp_path):
+    args = NaPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    # The authors' llava15_train_bias.sh: cosine schedule, 10% warmup, weight decay 0.01, 2048 tokens, lr 5e-7,
+    # 4 epochs of batch 4, beta 0.1.
+    assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.1  # SchedulerType is a str enum
+    assert args.weight_decay == 0.01 and args.max_length == 2048 and args.learning_rate == 5e-7
+    assert args.num_train_epochs == 4 and args.per_device_train_batch_size == 4 and args.beta == 0.1
+    assert args.get_warmup_steps(100) == 10  # the fraction is a share of the run's steps
+    assert DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).max_length == 1024  # TRL: another default
+
+
+def text_trainer(text_models, tmp_path, rows, **options):
+    from transformers import AutoTokenizer
+
+    args = NaPOConfig(output_dir=str(tmp_path), **{**TRAINING, **options})
+    return NaPOTrainer(model=LlamaForCausalLM.from_pretrained(text_models[0]), args=args,
+                       train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(
+                           text_models[0]))  # fmt: skip
+
+
+@pytest.mark.parametrize("vision", [False, True], ids=["text", "vision"])
+def test_evaluate_a_new_dataset_with_precomputed_reference(vision, tiny, processor, text_models, sample, tmp_path):
+    """A dataset passed to evaluate() gets its reference log-probs computed then (TRL's behaviour): the same
+    eval loss as when it was given at construction; after a full fine-tuning step TRL's error."""
+    rows = conversational(sample) if vision else text_rows(sample, extra=True)
+    train_rows, eval_rows = rows[:4], rows[4:]
+    options = {"precompute_ref_log_probs": True, "per_device_eval_batch_size": 2, "learning_rate": 1e-3}
+
+    def make(eval_dataset=None):
+        if not vision:
+            trainer = text_trainer(text_models, tmp_path, train_rows, **options)
+            if eval_dataset is not None:  # the same trainer, given the eval set at construction
+                from transformers import AutoTokenizer
+
+                trainer = NaPOTrainer(model=LlamaForCausalLM.from_pretrained(text_models[0]),
+                                      args=NaPOConfig(output_dir=str(tmp_path), **{**TRAINING, **options}),
+                                      train_dataset=Dataset.from_list(train_rows), eval_dataset=eval_dataset,
+                                      processing_class=AutoTokenizer.from_pretrained(text_models[0]))  # fmt: skip
+            return trainer
+        args = NaPOConfig(output_dir=str(tmp_path), **{**TRAINING, **options})
+        return NaPOTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny[0]), args=args,
+                           train_dataset=Dataset.from_list(train_rows), eval_dataset=eval_dataset,
+                           processing_class=processor)  # fmt: skip
+
+    given_late = make().evaluate(eval_dataset=Dataset.from_list(eval_rows))
+    given_early = make(Dataset.from_list(eval_rows)).evaluate()
+    assert given_late["eval_loss"] == pytest.approx(given_early["eval_loss"], rel=1e-5)
+    assert "eval_napo/q_original" in given_late
+    trainer = make()
+    trainer.train()
+    with pytest.raises(ValueError, match=r"Cannot compute reference log-probs for a dataset passed to `evaluate\(\)`"):
+        trainer.evaluate(eval_dataset=Dataset.from_list(eval_rows))
+
+
+def test_compute_metrics_receives_per_row_rewards(text_models, sample, tmp_path):
+    seen = {}
+
+    def compute_metrics(prediction):
+        rewards, preferred = prediction.predictions, prediction.label_ids
+        seen.update(rewards=rewards, preferred=preferred)
+        return {"chosen_wins": float((rewards.argmax(-1) == preferred).mean())}
+
+    rows = text_rows(sample, extra=True)
+    reference = LlamaForCausalLM.from_pretrained(text_models[1])  # differs from the policy: non-zero rewards
+    from transformers import AutoTokenizer
+
+    # Batches of equal size (8 rows, 4 a batch): the mean of the batch means is the mean over rows.
+    args = NaPOConfig(output_dir=str(tmp_path), **{**TRAINING, "per_device_eval_batch_size": 4})
+    trainer = NaPOTrainer(model=LlamaForCausalLM.from_pretrained(text_models[0]), ref_model=reference, args=args,
+                          train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
+                          processing_class=AutoTokenizer.from_pretrained(text_models[0]),
+                          compute_metrics=compute_metrics)  # fmt: skip
+    metrics = trainer.evaluate()
+    rewards, preferred = seen["rewards"], seen["preferred"]
+    assert rewards.shape == (len(rows), 3) and (preferred == 0).all()  # chosen, rejected, question_only
+    assert metrics["eval_chosen_wins"] == pytest.approx(float((rewards.argmax(-1) == 0).mean()))
+    assert abs(rewards).max() > 0
+    # The DPO reward margin of the rows, averaged, is what TRL logs as rewards/margins.
+    assert float((rewards[:, 0] - rewards[:, 1]).mean()) == pytest.approx(metrics["eval_rewards/margins"], rel=1e-4)
+
+
+def test_trls_messages_for_the_refusals_trl_makes_too(text_models, sample, tmp_path):
+    from datasets import IterableDataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_models[0])
+    model = LlamaForCausalLM.from_pretrained(text_models[0])
+    with pytest.raises(ValueError, match="`train_dataset` is required"):
+        NaPOTrainer(model=model, args=NaPOConfig(output_dir=str(tmp_path), **TRAINING), processing_class=tokenizer)
+    rows = text_rows(sample)
+    iterable = IterableDataset.from_generator(lambda: iter(rows))
+    args = NaPOConfig(output_dir=str(tmp_path), **TRAINING, precompute_ref_log_probs=True)
+    with pytest.raises(ValueError, match="`precompute_ref_log_probs=True` is not supported with IterableDataset"):
+        NaPOTrainer(model=model, args=args, train_dataset=iterable, processing_class=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def moe_models(tiny, tmp_path_factory):
+    """(policy, reference) tiny Qwen3-MoE causal LMs (4 experts, top 2) with the tiny LLaVA's tokenizer."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tokenizer = AutoProcessor.from_pretrained(tiny[0]).tokenizer
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                            router_aux_loss_coef=0.5, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path_factory.mktemp(f"moe{seed}")
+        Qwen3MoeForCausalLM(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs.append(path)
+    return dirs
+
+
+def test_moe_router_aux_loss_is_added_as_trl_adds_it(moe_models, sample, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(moe_models[0])
+    dataset = Dataset.from_list(text_rows(sample))
+    results, trainers = [], []
+    for trainer_class, config_class, options in ((DPOTrainer, DPOConfig, {}), (NaPOTrainer, NaPOConfig,
+                                                 {"original_loss": "dpo"})):  # fmt: skip
+        args = config_class(output_dir=str(tmp_path / trainer_class.__name__), **TRAINING, **options)
+        trainer = trainer_class(model=AutoModelForCausalLM.from_pretrained(moe_models[0]),
+                                ref_model=AutoModelForCausalLM.from_pretrained(moe_models[1]), args=args,
+                                train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+        assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.5
+        prepared = [trainer.train_dataset[i] for i in range(4)]
+        results.append(one_step(trainer, prepared))
+        trainers.append(trainer)
+    (dpo_loss, dpo_grads), (napo_loss, napo_grads) = results
+    torch.testing.assert_close(napo_loss, dpo_loss, rtol=1e-5, atol=0)
+    assert_grads_match(dpo_grads, napo_grads)
+    aux = trainers[1]._metrics["train"]["aux_loss"]
+    assert aux == pytest.approx(trainers[0]._metrics["train"]["aux_loss"], rel=1e-5) and aux[0] > 0
+    # Without the aux term the losses would differ by coef * aux: the test sees the term.
+    assert abs(napo_loss.item() - 0.5 * aux[0] - dpo_loss.item()) > 1e-4

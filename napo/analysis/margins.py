@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from napo.losses import PAPER_TERMS, TermConfig
+from napo.train.reference import DEFAULT_MAX_LENGTH
 
 __all__ = ["TERM_COLUMNS", "margins", "noise_ranking", "q_at", "read_noise_labels", "summarize"]
 
@@ -144,7 +145,7 @@ def margins(
     noise_labels: Any = None,
     q_min: float = 0.001,
     batch_size: int = 8,
-    max_length: int | None = 1024,
+    max_length: int | None = DEFAULT_MAX_LENGTH,
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = False,
@@ -164,7 +165,7 @@ def margins(
         noise_labels: optional: a column of ``data``, a mapping/Series idx -> label, or a file (see
             :func:`read_noise_labels`); or a dict term -> any of those, for labels that differ per term.
         max_length: when scoring a model, truncate prompt + answer as the reference columns were
-            (``napo logps`` records it; 1024 is its and the trainer's default).
+            (``napo logps`` records it; 2048 is its and the trainer's default).
     Returns:
         Columns ``idx, term, answer, chosen_logps, answer_logps, chosen_avg_logps, answer_avg_logps,
         logp_margin, avg_logp_margin, length_margin, q`` (+ ``reward_margin, avg_reward_margin`` when a

@@ -35,10 +35,25 @@ _NON_MODEL_KEYS = ("completion_mask",)
 
 
 class SequenceLogps(NamedTuple):
-    """What the patched forward returns with ``napo_logps=True``: ``[N]`` sums and averages over labelled tokens."""
+    """What the patched forward returns with ``napo_logps=True``: ``[N]`` sums and averages over labelled tokens,
+    and for a Mixture-of-Experts model asked for ``output_router_logits=True``, its router load-balancing loss."""
 
     logps: torch.Tensor
     avg_logps: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+
+
+def _router_aux_loss(model: Any, outputs: Any, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The load-balancing loss a HF MoE model adds in its own forward, from the backbone's router logits: the
+    model's module defines it (``load_balancing_loss_func``); None where that or the router logits are absent."""
+    import sys
+
+    compute = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    router_logits = getattr(outputs, "router_logits", None)
+    experts, top_k = getattr(model, "num_experts", None), getattr(model, "num_experts_per_tok", None)
+    if compute is None or router_logits is None or experts is None or top_k is None:
+        return None
+    return compute(router_logits, experts, top_k, attention_mask)
 
 
 def _fused_head_applies(model: Any) -> bool:
@@ -77,16 +92,25 @@ def add_napo_lm_head(model: Any, chunk_size: int = 256) -> Any:
         if labels is None:
             raise ValueError("napo_logps=True needs labels (-100 where a token does not count)")
         kwargs["use_cache"] = False
+
+        def through_the_models_logits() -> SequenceLogps:
+            outputs = original_forward(*args, **kwargs)
+            logits = outputs.logits[:, -labels.shape[1] :]  # prompt-learning PEFT prepends virtual tokens
+            return SequenceLogps(*sequence_logps(logits, labels.to(logits.device)), getattr(outputs, "aux_loss", None))
+
         if not fused:
-            logits = original_forward(*args, **kwargs).logits
-            logits = logits[:, -labels.shape[1] :]  # prompt-learning PEFT prepends virtual tokens
-            return SequenceLogps(*sequence_logps(logits, labels.to(logits.device)))
+            return through_the_models_logits()
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if not _plain_weight(weight):  # sharded (ZeRO-3, FSDP): the head's own forward gathers it
-            logits = original_forward(*args, **kwargs).logits[:, -labels.shape[1] :]
-            return SequenceLogps(*sequence_logps(logits, labels.to(logits.device)))
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, -labels.shape[1] :]
+            return through_the_models_logits()
+        outputs = self.base_model(*args, **kwargs)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _router_aux_loss(self, outputs, kwargs.get("attention_mask"))
+            if aux_loss is None:  # a MoE layout napo does not know: the model's own forward computes it
+                return through_the_models_logits()
+        hidden = outputs.last_hidden_state[:, -labels.shape[1] :]
         if torch.is_autocast_enabled(hidden.device.type):  # mixed precision: the head runs in the autocast dtype
             dtype = torch.get_autocast_dtype(hidden.device.type)
         else:
@@ -96,7 +120,7 @@ def add_napo_lm_head(model: Any, chunk_size: int = 256) -> Any:
         logps, avg_logps = fused_linear_sequence_logps(
             hidden, weight, labels.to(hidden.device), bias=bias, chunk_size=chunk_size
         )
-        return SequenceLogps(logps, avg_logps)
+        return SequenceLogps(logps, avg_logps, aux_loss)
 
     model.forward = forward.__get__(model)
     model._napo_lm_head = True
@@ -109,14 +133,21 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def completion_logps(
-    model: Any, batch: dict[str, Any], columns: Sequence[str], inputs: dict[str, Any] | None = None
-) -> dict[str, SequenceLogps]:
+    model: Any,
+    batch: dict[str, Any],
+    columns: Sequence[str],
+    inputs: dict[str, Any] | None = None,
+    *,
+    return_aux_loss: bool = False,
+) -> Any:
     """One forward over a collated K-completion batch; per column, the ``[B]`` log-prob sums and averages.
 
-    ``model`` must have :func:`add_napo_lm_head` (possibly under a DDP/PEFT wrapper).
+    ``model`` must have :func:`add_napo_lm_head` (possibly under a DDP/PEFT wrapper). With
+    ``return_aux_loss=True``: ``(per column, the forward's MoE router loss or None)``.
     """
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     out = model(**(model_inputs(batch) if inputs is None else inputs), labels=labels, napo_logps=True)
     sums = out.logps.chunk(len(columns), dim=0)
     avgs = out.avg_logps.chunk(len(columns), dim=0)
-    return {column: SequenceLogps(s, a) for column, s, a in zip(columns, sums, avgs, strict=True)}
+    per_column = {column: SequenceLogps(s, a) for column, s, a in zip(columns, sums, avgs, strict=True)}
+    return (per_column, out.aux_loss) if return_aux_loss else per_column

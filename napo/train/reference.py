@@ -43,8 +43,9 @@ __all__ = [
 ]
 
 MANIFEST = "_napo_logps.json"
-DEFAULT_MAX_LENGTH = 1024
-"""DPOConfig's (and so NaPOConfig's) default max_length: cached and live log-probs truncate alike."""
+DEFAULT_MAX_LENGTH = 2048
+"""NaPOConfig's default max_length (the authors' 2048; DPOConfig's is 1024): cached and live log-probs
+truncate alike."""
 METADATA_KEY = b"napo_logps"
 ANSWER_COLUMNS = ("chosen", "rejected", "question_only", "image_only", "question_only_white", "question_only_black")
 """The answer columns scored when the data has them, in this order."""
@@ -94,7 +95,7 @@ def compute_reference_logps(
         columns: the answer columns to score (default: every one of :data:`ANSWER_COLUMNS` present).
         batch_size: rows per forward (each row is ``len(columns)`` sequences).
         max_length: truncate prompt + answer to this many tokens; None: no truncation. It must be the
-            trainer's ``max_length`` (TRL's default, 1024, here too) for the cached values to be the reference
+            trainer's ``max_length`` (NaPOConfig's default, 2048, here too) for the cached values to be the reference
             log-probs of the sequences the policy trains on; it is recorded in the output's metadata.
         limit, num_shards, shard_index, rows_per_part, overwrite, progress: as for ``napo generate``.
         device, dtype: where and in what precision the model runs (auto: CUDA in bfloat16 when present).

@@ -38,6 +38,7 @@ from napo.losses import NaPOObjective, NaPOOutput, TermConfig
 from napo.train.checkpoint import has_full_weights, restore_weights
 from napo.train.collator import NaPOTextCollator, NaPOVisionCollator, reference_columns
 from napo.train.lm_head import SequenceLogps, add_napo_lm_head, completion_logps, model_inputs
+from napo.train.reference import DEFAULT_MAX_LENGTH
 
 __all__ = ["NaPOConfig", "NaPOTrainer"]
 
@@ -73,13 +74,27 @@ class NaPOConfig(DPOConfig):
     ``napo_weights``: ``"dynamic"`` (Eq. 13), ``"none"`` (all 1) or comma-separated floats, one per active term.
     ``q_min`` / ``w_min``: the clip floors of q and of the dynamic weights.
 
-    Paper defaults replacing TRL's: ``learning_rate=5e-7``, ``num_train_epochs=4``,
-    ``per_device_train_batch_size=4`` (beta is 0.1 in both).
+    The defaults are the authors' training recipe (zhangzef/NaPO, ``llava15_train_bias.sh``), which differs
+    from DPOConfig's in: ``learning_rate=5e-7`` (TRL: 1e-6), ``num_train_epochs=4`` (3),
+    ``per_device_train_batch_size=4`` (8), ``lr_scheduler_type="cosine"`` (linear), ``warmup_steps=0.1``
+    (a 10% warmup; TRL: none), ``weight_decay=0.01`` (0) and ``max_length=2048`` (1024: with LLaVA-1.5's
+    576 image tokens, 1024 cuts long answers). beta is 0.1 in both. ``original_loss="dpo"`` with the
+    biased terms off gives TRL's sigmoid DPO objective exactly; on a plain DPO dataset the default
+    (``"auto"``) is adaptive NaPO, the noise-robust DPO.
     """
 
     learning_rate: float = field(default=5e-7, metadata={"help": "Paper: 5e-7 (LLaVA-v1.5)."})
     num_train_epochs: float = field(default=4.0, metadata={"help": "Paper: 4 (1 for 13B)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Paper: 4."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine."})
+    warmup_steps: float = field(
+        default=0.1, metadata={"help": "Warmup: a number of steps, or a fraction of all steps when < 1. Paper: 0.1."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "Paper: 0.01."})
+    max_length: int | None = field(
+        default=DEFAULT_MAX_LENGTH,
+        metadata={"help": "Prompt + answer tokens (image tokens included) kept. Paper: 2048."},
+    )
 
     original_loss: str = _term_field("original", "auto", "dpo, napo, none or auto")
     original_q: str = _term_field("original", "adaptive", "adaptive or a float in [0, 1]")
@@ -241,7 +256,7 @@ class NaPOTrainer(DPOTrainer):
             )
         _check_dpo_options(args)
         if train_dataset is None:
-            raise ValueError("train_dataset is required")
+            raise ValueError("`train_dataset` is required")  # TRL's words: code matching them keeps working
         sample = _first_example(train_dataset)
         names = list(getattr(train_dataset, "column_names", None) or sample)
         self.napo_terms = resolve_terms(args, names)
@@ -282,11 +297,6 @@ class NaPOTrainer(DPOTrainer):
             )
         finally:
             args.precompute_ref_log_probs = requested_precompute
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "NaPOTrainer does not add the MoE router auxiliary loss yet: set router_aux_loss_coef=0 to train "
-                "this Mixture-of-Experts model without it"
-            )
         unwrapped = self.accelerator.unwrap_model(self.model)
         add_napo_lm_head(unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped)
         if self.ref_model is not None:
@@ -453,7 +463,10 @@ class NaPOTrainer(DPOTrainer):
         from tqdm.auto import tqdm
 
         if not isinstance(dataset, Dataset):
-            raise ValueError("precompute_ref_log_probs=True needs a map-style datasets.Dataset")
+            raise ValueError(  # TRL's words first, so code matching them keeps working
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
+                "Dataset or set `precompute_ref_log_probs=False`."
+            )
         loader = self.accelerator.prepare(
             DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
         )
@@ -497,7 +510,10 @@ class NaPOTrainer(DPOTrainer):
     def _napo_loss(self, model, inputs) -> tuple[torch.Tensor, NaPOOutput]:
         mode = "train" if self.model.training else "eval"
         model_kwargs = model_inputs(inputs)
-        policy = completion_logps(model, inputs, self.napo_columns, model_kwargs)
+        # MoE: the policy's forward also returns the router load-balancing loss (as TRL adds it); the frozen
+        # reference does not compute one.
+        policy_kwargs = {**model_kwargs, "output_router_logits": True} if self.aux_loss_enabled else model_kwargs
+        policy, aux_loss = completion_logps(model, inputs, self.napo_columns, policy_kwargs, return_aux_loss=True)
         if self.napo_uses_cached_reference:
             reference = {}
             for column in self.napo_columns:
@@ -522,7 +538,16 @@ class NaPOTrainer(DPOTrainer):
             kwargs.update(policy_rejected_logps=None, reference_rejected_logps=None)
         output = self.napo_objective(**kwargs)
         self._record_metrics(mode, output, policy, inputs)
-        return output.loss, output
+        if not self.aux_loss_enabled:
+            return output.loss, output
+        if aux_loss is None:
+            raise ValueError(
+                f"{type(self.accelerator.unwrap_model(model)).__name__} returned no router auxiliary loss although "
+                "it declares output_router_logits; set router_aux_loss_coef=0 to train without it"
+            )
+        aux_loss = aux_loss.to(output.loss.device)
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        return output.loss + self.router_aux_loss_coef * aux_loss, output
 
     def _record_metrics(
         self, mode: str, output: NaPOOutput, policy: dict[str, SequenceLogps], inputs: dict[str, Any]
@@ -560,11 +585,50 @@ class NaPOTrainer(DPOTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation computes the NaPO loss only: there are no logits to return (they are never formed)."""
+        """The NaPO loss, and unless ``prediction_loss_only`` what ``compute_metrics`` receives.
+
+        The logits TRL passes on never exist here; instead ``EvalPrediction.predictions`` is ``[N, K]``, the
+        implicit rewards ``beta * (log pi - log pi_ref)`` of each row's answers in the order of
+        ``self.napo_columns`` (``chosen`` first, then ``rejected`` and the biased answers), and
+        ``EvalPrediction.label_ids`` is ``[N]`` zeros: the column of the preferred answer. So
+        ``(predictions.argmax(-1) == label_ids).mean()`` is the share of rows whose chosen answer the policy
+        prefers to all the others, and ``predictions[:, 0] - predictions[:, 1]`` the DPO reward margins.
+        """
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, output = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        by_column = {self._answer_columns[answer]: reward for answer, reward in output.rewards.items()}
+        rewards = torch.stack([by_column[column] for column in self.napo_columns], dim=1).detach()
+        preferred = torch.zeros(rewards.shape[0], dtype=torch.long, device=rewards.device)
+        return loss.detach(), rewards, preferred
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """TRL's ``evaluate``; a dataset passed here when the reference log-probs are cached (``napo logps``
+        columns, or ``precompute_ref_log_probs``) gets them computed now, as TRL does. The reference is then
+        the policy before training (or the base model under PEFT adapters), so after a full fine-tuning step
+        it no longer exists and this raises, as TRL does."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str) and self.napo_uses_cached_reference:
+            named = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+            lacking = [name for name, dataset in named.items() if not self._has_reference_columns(dataset)]
+            if lacking:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                if self.ref_model is None and not is_peft_model(unwrapped) and self.state.global_step > 0:
+                    raise ValueError(  # TRL's words first, so code matching them keeps working
+                        "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training has "
+                        "started: the reference log-probs are cached and the reference model (the policy before "
+                        "training) is gone. Give the dataset its ref_* columns (napo logps), pass it as "
+                        "eval_dataset when constructing the trainer, or pass an explicit ref_model."
+                    )
+                batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+                for name in lacking:
+                    dataset = named[name]
+                    if not self._is_vision_dataset:
+                        dataset = self._prepare_dataset(dataset, self.processing_class, self.args, name)
+                    named[name] = self.add_reference_logps(dataset, batch_size, name)
+                eval_dataset = named if isinstance(eval_dataset, dict) else named["eval"]
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
 
 @functools.cache
