@@ -165,7 +165,7 @@ napo_status napo_token_logps_cuda(const void *logits, napo_logits_layout layout,
     return NAPO_ERR_NULL_POINTER;
   }
   const cudaStream_t s = (cudaStream_t)stream;
-  return napo_cuda::on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, stream, cuda_error, [&] {
     switch (dtype) {
     case NAPO_LOGITS_F32:
       launch_forward<float>(logits, layout, labels, ignore_index, token_logps, lse, s);
@@ -194,7 +194,7 @@ napo_status napo_token_logps_backward_cuda(const void *logits, napo_logits_layou
     return status;
   }
   const cudaStream_t s = (cudaStream_t)stream;
-  return napo_cuda::on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, stream, cuda_error, [&] {
     switch (dtype) {
     case NAPO_LOGITS_F32:
       launch_backward<float>(logits, layout, labels, ignore_index, lse, grad_token, grad_logits, grad_layout, s);
