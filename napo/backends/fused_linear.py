@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from napo._ops import LSE_DTYPE, accumulation_dtype
+from napo.backends import label_check
 
 
 def _counted_rows(
@@ -46,15 +47,16 @@ def _logits_buffer(rows: int, chunk_size: int, weight: torch.Tensor) -> torch.Te
     return weight.new_empty((min(rows, chunk_size), weight.shape[0]))
 
 
-def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, shift: int) -> None:
-    if labels.device.type == "cpu":
+def _check_labels_once(labels: torch.Tensor, vocab: int, ignore_index: int, shift: int) -> torch.Tensor | None:
+    """The batch's labels, checked once before chunking: by the C check on the CPU (no sync); on CUDA
+    a flag read after _counted_rows' nonzero, the sync the fused head needs anyway (see label_check)."""
+    aligned = labels[:, shift:]
+    if not label_check.on_cuda(labels):
         from napo._native import native
 
-        native().check_labels(labels[:, shift:], vocab, ignore_index, shift)
-    else:
-        from napo.backends.reference import check_labels
-
-        check_labels(labels[:, shift:], vocab, ignore_index, shift)
+        native().check_labels(aligned, vocab, ignore_index, shift)
+        return None
+    return label_check.pending_flag(aligned, vocab, ignore_index) if label_check.enabled(labels) else None
 
 
 def fused_linear_token_logps(
@@ -68,13 +70,15 @@ def fused_linear_token_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, time, width = hidden.shape
     scored = time - shift
-    _check_labels(labels, weight.shape[0], ignore_index, shift)
+    bad_label = _check_labels_once(labels, weight.shape[0], ignore_index, shift)
     token = torch.zeros(batch * scored, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
     lse = torch.zeros_like(token, dtype=LSE_DTYPE)
-    rows, hidden_index, row_labels = _counted_rows(labels, ignore_index, shift)
+    rows, hidden_index, row_labels = _counted_rows(labels, ignore_index, shift)  # the call's one sync
+    if bad_label is not None and bool(bad_label):
+        label_check.host_check(labels[:, shift:], weight.shape[0], ignore_index, shift)  # raises, naming it
     flat_hidden = hidden.reshape(-1, width)
     buffer = _logits_buffer(rows.numel(), chunk_size, weight)
-    with torch.no_grad():
+    with torch.no_grad(), label_check.already_checked():  # the chunks' labels are the batch's, checked
         for start in range(0, rows.numel(), chunk_size):
             index = rows[start : start + chunk_size]
             chunk_hidden = flat_hidden.index_select(0, hidden_index[start : start + chunk_size])
