@@ -195,3 +195,71 @@ def test_cpu_labels_are_checked_by_the_c_kernels_even_when_switched_off(monkeypa
     monkeypatch.setenv("NAPO_CHECK_LABELS", "0")
     with pytest.raises(ValueError, match=r"labels\[0, 2\] = 9"):
         napo.sequence_logps(torch.zeros(1, 4, 5), torch.tensor([[0, 1, 9, 2]]))
+
+
+# ---- 4. the fused head's weight gradient: half-precision matmul, float32 accumulation ----
+
+
+def _weight_grad_inputs(dtype):
+    generator = torch.Generator().manual_seed(4)
+    grad_logits = (torch.randn(96, 300, generator=generator) / 10).to(dtype)  # [chunk, V]
+    hidden = torch.randn(96, 48, generator=generator).to(dtype)  # [chunk, H]
+    return grad_logits, hidden
+
+
+def test_half_precision_weight_grad_takes_the_fp32_output_matmul_without_copies(monkeypatch):
+    """Where torch has addmm(out_dtype=float32) (CUDA, torch >= 2.9), the half-precision operands go
+    to it as they are: no float32 copy of the [chunk, V] gradient. CPU torch has no such kernel, so
+    a dispatch mode logs the aten ops and stands in for it (float32 products of the same values)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from napo.backends import fused_linear
+
+    class EmulatedFp32OutMatmul(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            self.ops.append(str(func))
+            if func is torch.ops.aten.addmm.dtype_out:
+                acc, a, b, out_dtype = args[:4]
+                assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32
+                return kwargs["out"].copy_(acc + a.float() @ b.float())
+            return func(*args, **kwargs)
+
+    monkeypatch.setattr(fused_linear, "_has_fp32_out_matmul", lambda device, dtype: True)
+    grad_logits, hidden = _weight_grad_inputs(torch.bfloat16)
+    got = torch.zeros(300, 48)
+    with EmulatedFp32OutMatmul() as mode:
+        fused_linear._accumulate_weight_grad(got, grad_logits, hidden)
+    assert [op for op in mode.ops if "mm" in op] == ["aten.addmm.dtype_out"], mode.ops
+    assert not any("_to_copy" in op for op in mode.ops), mode.ops
+    expected = grad_logits.t().double() @ hidden.double()
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_fp32_output_matmul_is_detected_per_device():
+    from napo.backends import fused_linear
+
+    cpu = fused_linear._has_fp32_out_matmul(torch.device("cpu"), torch.bfloat16)
+    assert cpu == fused_linear._has_fp32_out_matmul(torch.device("cpu"), torch.bfloat16)  # cached
+    assert ("cpu", torch.bfloat16) in fused_linear._fp32_out_matmul
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weight_grad_matches_the_fp32_path(dtype):
+    """Both paths of _accumulate_weight_grad against float32 products of the same half-precision
+    values: they differ only in summation order, so within 1e-5 of the largest |entry| (float32
+    rounding of a 96-term sum), accumulated over two chunks. On CPU torch has no out_dtype matmul,
+    and the upcast path runs; on a GPU (make gpu-check) the out_dtype one."""
+    from napo.backends import fused_linear
+
+    grad_logits, hidden = _weight_grad_inputs(dtype)
+    expected = 2 * (grad_logits.t().double() @ hidden.double())
+    got = torch.zeros(300, 48)
+    fused_linear._accumulate_weight_grad(got, grad_logits, hidden)
+    fused_linear._accumulate_weight_grad(got, grad_logits, hidden)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * scale)

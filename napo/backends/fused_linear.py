@@ -59,6 +59,37 @@ def _check_labels_once(labels: torch.Tensor, vocab: int, ignore_index: int, shif
     return label_check.pending_flag(aligned, vocab, ignore_index) if label_check.enabled(labels) else None
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+_fp32_out_matmul: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _has_fp32_out_matmul(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch can multiply ``dtype`` matrices into a float32 output accumulated in float32
+    (addmm's out_dtype, CUDA in torch >= 2.9: tensor cores, no float32 copies). Tried once per
+    device type and dtype; CPU kernels do not have it yet."""
+    key = (device.type, dtype)
+    if key not in _fp32_out_matmul:
+        try:
+            acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+            ones = torch.ones(2, 2, dtype=dtype, device=device)
+            torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
+            _fp32_out_matmul[key] = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _fp32_out_matmul[key] = False
+    return _fp32_out_matmul[key]
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden_rows: torch.Tensor) -> None:
+    """grad_weight (float32/64) += grad_logits.T @ hidden_rows, accumulated in grad_weight's dtype.
+    Half-precision inputs are multiplied as they are where torch can accumulate them into float32
+    (tensor cores, and no [V, chunk] float32 copy of the logits); otherwise both are upcast."""
+    half = grad_logits.dtype in _HALF_DTYPES and grad_weight.dtype == torch.float32
+    if half and _has_fp32_out_matmul(grad_logits.device, grad_logits.dtype):
+        torch.addmm(grad_weight, grad_logits.t(), hidden_rows, out_dtype=torch.float32, out=grad_weight)
+        return
+    grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), hidden_rows.to(grad_weight.dtype))
+
+
 def fused_linear_token_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -128,7 +159,7 @@ def fused_linear_token_logps_backward(
                 0,
             )  # logits now hold d logps / d logits
             grad_rows.index_copy_(0, chunk_rows, (logits @ weight).to(hidden.dtype))
-            grad_weight.addmm_(logits.t().to(acc), chunk_hidden.to(acc))
+            _accumulate_weight_grad(grad_weight, logits, chunk_hidden)
             if grad_bias is not None:
                 grad_bias += logits.sum(0, dtype=acc)
     empty = weight.new_empty((0,))
