@@ -263,3 +263,44 @@ def test_half_precision_weight_grad_matches_the_fp32_path(dtype):
     fused_linear._accumulate_weight_grad(got, grad_logits, hidden)
     scale = expected.abs().max().item()
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * scale)
+
+
+# ---- 6. the fused head's chunk size ----
+
+
+def test_chunk_size_is_256_on_cpu_and_from_a_memory_budget_on_cuda():
+    from napo.backends.fused_linear import choose_chunk_size
+
+    assert choose_chunk_size("cpu", 128256, 2) == 256
+    gib = 1 << 30
+    # H200 (141 GiB total), bf16, V = 128256: 1/64 of 141 GiB over 6 bytes a logit -> 3074, so 3072 rows.
+    assert choose_chunk_size("cuda", 128256, 2, 141 * gib) == 3072
+    assert choose_chunk_size("cuda", 32000, 2, 141 * gib) == 4096  # capped
+    assert choose_chunk_size("cuda", 128256, 2, 24 * gib) == 1024  # floored: a small card
+    assert choose_chunk_size("cuda", 128256, 4, 80 * gib) == 1280  # float32 logits, 80 GiB
+    assert choose_chunk_size("cuda", 128256, 2, None) == 1024  # memory unknown
+    for memory in (8 * gib, 40 * gib, 80 * gib, 96 * gib, 141 * gib, 192 * gib):
+        rows = choose_chunk_size("cuda", 50000, 2, memory)
+        assert 1024 <= rows <= 4096 and rows % 256 == 0
+
+
+def test_fused_head_without_chunk_size_uses_the_device_default(monkeypatch):
+    from napo.backends import fused_linear
+
+    seen = []
+    real = fused_linear._logits_buffer
+
+    def spy(rows, chunk_size, weight):
+        seen.append(chunk_size)
+        return real(rows, chunk_size, weight)
+
+    monkeypatch.setattr(fused_linear, "_logits_buffer", spy)
+    hidden, weight, labels = _fused_inputs()
+    hidden.requires_grad_(True)
+    logps, _ = napo.fused_linear_sequence_logps(hidden, weight, labels)
+    logps.sum().backward()
+    assert seen == [256, 256]  # forward and backward, CPU
+    expected, _ = napo.fused_linear_sequence_logps(hidden.detach(), weight, labels, chunk_size=3)
+    torch.testing.assert_close(logps.detach(), expected)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+        napo.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=0)

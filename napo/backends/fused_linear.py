@@ -18,6 +18,37 @@ import torch
 from napo._ops import LSE_DTYPE, accumulation_dtype
 from napo.backends import label_check
 
+CPU_CHUNK_ROWS = 256
+GPU_CHUNK_ROWS = (1024, 4096)
+GPU_CHUNK_BUDGET_FRACTION = 1 / 64  # of the device's memory, for one chunk's [chunk, V] blocks
+
+
+def choose_chunk_size(device_type: str, vocab: int, itemsize: int, device_memory: int | None = None) -> int:
+    """Tokens per chunk of the fused head when the caller gives none.
+
+    CPU: 256 (a chunk's logits stay cache-friendly and BLAS is already efficient at that size). CUDA:
+    as many rows as fit in 1/64 of the device's memory, counting per row the logits in their dtype
+    plus a float32 copy (the weight gradient's upcast where torch has no float32-output matmul),
+    rounded down to a multiple of 256 and kept within 1024-4096: below ~1k rows the bf16 matmuls
+    sit under the tensor cores' ridge point and the token kernel gets too few rows to fill an
+    H100/H200; above 4k the logits block grows with nothing left to gain.
+    """
+    if device_type != "cuda":
+        return CPU_CHUNK_ROWS
+    low, high = GPU_CHUNK_ROWS
+    if not device_memory:
+        return low
+    rows = int(device_memory * GPU_CHUNK_BUDGET_FRACTION) // (vocab * (itemsize + 4))
+    return max(low, min(high, rows // 256 * 256))
+
+
+def default_chunk_size(weight: torch.Tensor) -> int:
+    """choose_chunk_size for the LM head ``weight`` [V, H] on its device."""
+    memory = None
+    if weight.device.type == "cuda":
+        memory = torch.cuda.get_device_properties(weight.device).total_memory
+    return choose_chunk_size(weight.device.type, weight.shape[0], weight.element_size(), memory)
+
 
 def _counted_rows(
     labels: torch.Tensor, ignore_index: int, shift: int
@@ -101,6 +132,7 @@ def fused_linear_token_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, time, width = hidden.shape
     scored = time - shift
+    chunk_size = chunk_size if chunk_size > 0 else default_chunk_size(weight)
     bad_label = _check_labels_once(labels, weight.shape[0], ignore_index, shift)
     token = torch.zeros(batch * scored, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
     lse = torch.zeros_like(token, dtype=LSE_DTYPE)
@@ -134,6 +166,7 @@ def fused_linear_token_logps_backward(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, time, width = hidden.shape
+    chunk_size = chunk_size if chunk_size > 0 else default_chunk_size(weight)  # as in the forward
     rows, hidden_index, row_labels = _counted_rows(labels, ignore_index, shift)
     flat_hidden = hidden.reshape(-1, width)
     flat_grad, flat_lse = grad_token.reshape(-1), lse.reshape(-1)
