@@ -12,7 +12,7 @@ C_SOURCES := csrc/objective.c csrc/logps.c
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: demo test test-c test-py lint format cuda-check check-cpu-build bench clean install
+.PHONY: demo test test-c test-py lint format cuda-check gpu-check check-cpu-build bench clean install
 
 $(VENV)/.installed: pyproject.toml setup.py requirements/ci-constraints.txt $(wildcard csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ else
 	done
 	@echo "CUDA sources compiled: $(CUDA_SOURCES)"
 endif
+
+# The whole GPU verification, offline, in under 8 minutes: build, CUDA tests, GPU benchmarks, one
+# table (build/gpu-check/gpu_check.md). Without a GPU: build, test collection, and "no GPU".
+gpu-check: $(VENV)/.installed
+	$(PY) benchmarks/gpu_check.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -2,14 +2,23 @@
 
 NAPO_CUDA=auto (default) compiles csrc/cuda/*.cu if nvcc is found, NAPO_CUDA=1
 requires it, NAPO_CUDA=0 never uses it. NAPO_CUDA_ARCHS overrides the target
-architectures (e.g. "80;90"). The CUDA runtime is linked statically so the
-module imports on machines without CUDA libraries; the same module serves CPU
-and CUDA tensors.
+architectures (e.g. "80;90"). The same module serves CPU and CUDA tensors.
+
+The CUDA runtime is linked statically, so the module imports on machines
+without CUDA libraries (a shared libcudart.so.N would have to be found at
+import, and torch's wheels ship only their own major). A static runtime needs a
+driver at least as new as that runtime (CUDA 13 needs R580), so the toolkit
+should be the CUDA major version torch was built with: without CUDA_HOME, a
+/usr/local/cuda-<torch's major>.* toolkit is preferred to the nvcc on PATH, and
+a build whose nvcc differs from torch's major prints a warning. At run time a
+runtime that cannot start (cudaErrorInsufficientDriver) makes CUDA tensors fall
+back to the pure-PyTorch kernels with one warning (napo/backends/native.py).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,11 +31,48 @@ C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidde
 DEFAULT_CUDA_ARCHS = "80;90"
 
 
+def _torch_cuda_major() -> int | None:
+    """The CUDA major version of the installed torch (None: CPU torch, or torch not importable here)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    version = torch.version.cuda
+    return int(version.split(".")[0]) if version else None
+
+
+def _nvcc_version(nvcc: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def _find_nvcc() -> str | None:
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
         return str(Path(cuda_home) / "bin" / "nvcc")
+    major = _torch_cuda_major()
+    if major is not None:  # the newest installed toolkit of torch's major version
+        for home in sorted(Path("/usr/local").glob(f"cuda-{major}.*"), key=lambda p: p.name, reverse=True):
+            if (home / "bin" / "nvcc").exists():
+                return str(home / "bin" / "nvcc")
     return shutil.which("nvcc")
+
+
+def _warn_on_cuda_mismatch(nvcc: str) -> None:
+    built, torch_major = _nvcc_version(nvcc), _torch_cuda_major()
+    if built is None or torch_major is None or built[0] == torch_major:
+        return
+    print(
+        f"\nWARNING: napo's CUDA kernels are being built with CUDA {built[0]}.{built[1]} ({nvcc}), but torch "
+        f"uses CUDA {torch_major}. napo links the CUDA {built[0]} runtime statically; on a driver older than it "
+        f"napo's CUDA ops fall back to the (slower) pure-PyTorch kernels. For kernels that run wherever torch "
+        f"runs, set CUDA_HOME to a CUDA {torch_major}.x toolkit and reinstall.\n",
+        flush=True,
+    )
 
 
 def _cudart_static_dir(nvcc: str) -> Path:
@@ -55,6 +101,7 @@ class BuildWithOptionalCuda(build_ext):
         if _cuda_mode() == "1" and nvcc is None:
             raise SystemExit("NAPO_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
         if nvcc is not None:
+            _warn_on_cuda_mismatch(nvcc)
             self._add_cuda(ext, nvcc)
         super().build_extension(ext)
 

@@ -21,6 +21,7 @@
 
 #include "napo.h"
 #include "napo_dtype.h"
+#include "napo_math.h"
 
 enum { CHUNK = 1024, SUM_BLOCK = 8, MAX_LANES = 8, MAX_THREADS = 64 };
 
@@ -358,7 +359,7 @@ static void forward_row_serial(const job *work, int64_t row, float *buf) {
   double max = -INFINITY;
   for (int64_t v = 0; v < vocab; ++v) {
     const double x = load_logit(logits_row, work->dtype, v * stride);
-    max = x > max ? x : max;
+    max = x > max || x != x ? x : max; /* a NaN logit makes max, and so the lse, NaN */
   }
   double sum = 0.0;
   for (int64_t v = 0; v < vocab && max != -INFINITY; ++v) {

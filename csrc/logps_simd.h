@@ -104,34 +104,34 @@ static void NAPO_SIMD(store_chunk)(void *row, napo_logits_dtype dtype, int64_t s
 
 /* log-sum-exp of a row as (max, log of the shifted sum): kept apart so that a
  * token's log-prob, (x - max) - log_sum, keeps its precision for huge logits.
- * Online over chunks: the logits are read once. */
+ * Online over chunks: the logits are read once. Each chunk's (max, sum) is
+ * folded into the running pair by napo_lse_merge, which keeps a chunk of NaN
+ * logits (whose max is NaN here) from being skipped as "all -inf". */
 static double NAPO_SIMD(row_lse)(const void *row, napo_logits_dtype dtype, int64_t vocab, float *buf, double *max_out) {
-  float running_max = -INFINITY;
-  double running_sum = 0.0;
+  double running_max = -INFINITY, running_sum = 0.0;
   for (int64_t start = 0; start < vocab; start += CHUNK) {
     const int64_t n = vocab - start < CHUNK ? vocab - start : CHUNK;
     const int64_t padded = NAPO_SIMD(load_chunk)(row, dtype, start, n, buf);
+    /* NaN-sticky maximum: a NaN lane wins and stays (x > NaN is false, NaN != NaN is true). */
     VF lanes_max = NAPO_SIMD(splat)(-INFINITY);
     for (int64_t i = 0; i < padded; i += NAPO_SIMD_LANES) {
       const VF x = NAPO_SIMD(load)(buf + i);
-      lanes_max = NAPO_SIMD(blend)(x > lanes_max, x, lanes_max);
+      lanes_max = NAPO_SIMD(blend)((x > lanes_max) | (x != x), x, lanes_max);
     }
     float chunk_max = lanes_max[0];
     for (int lane = 1; lane < NAPO_SIMD_LANES; ++lane) {
-      chunk_max = lanes_max[lane] > chunk_max ? lanes_max[lane] : chunk_max;
+      const float m = lanes_max[lane];
+      chunk_max = m > chunk_max || m != m ? m : chunk_max;
     }
-    if (chunk_max > running_max) {
-      running_sum = running_sum == 0.0 ? 0.0 : running_sum * exp((double)running_max - (double)chunk_max);
-      running_max = chunk_max;
-    }
-    if (running_max == -INFINITY) {
-      continue; /* everything so far is -inf: nothing to add */
+    if (chunk_max != chunk_max || chunk_max == -INFINITY) { /* (NaN, NaN) or the empty (-inf, 0) */
+      napo_lse_merge(&running_max, &running_sum, chunk_max, chunk_max != chunk_max ? NAN : 0.0);
+      continue;
     }
     /* Four float32 accumulators (independent add chains) of SUM_BLOCK vectors each, flushed into
      * double lanes: one float32 sum over a whole chunk (128 terms a lane) drifts by several ulps
      * of the lse, and every gradient with it. */
     VD lanes_sum = {0};
-    const VF shift = NAPO_SIMD(splat)(running_max);
+    const VF shift = NAPO_SIMD(splat)(chunk_max);
     const int64_t block = 4 * SUM_BLOCK * NAPO_SIMD_LANES;
     int64_t i = 0;
     for (; i + block <= padded; i += block) {
@@ -148,9 +148,11 @@ static double NAPO_SIMD(row_lse)(const void *row, napo_logits_dtype dtype, int64
     for (; i < padded; i += NAPO_SIMD_LANES) { /* the tail: fewer than `block` */
       lanes_sum += __builtin_convertvector(NAPO_SIMD(exp)(NAPO_SIMD(load)(buf + i) - shift), VD);
     }
+    double chunk_sum = 0.0;
     for (int lane = 0; lane < NAPO_SIMD_LANES; ++lane) {
-      running_sum += lanes_sum[lane];
+      chunk_sum += lanes_sum[lane];
     }
+    napo_lse_merge(&running_max, &running_sum, chunk_max, chunk_sum);
   }
   *max_out = running_max;
   return log(running_sum);

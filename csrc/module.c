@@ -377,13 +377,24 @@ static int raise_status(napo_status status, int cuda_error, const napo_arg *q) {
     const double value = q->tensor->dtype.bits == 32 ? (double)*(const float *)data_of(q) : *(const double *)data_of(q);
     return raise_parameter("q", value, "in [0, 1]");
   }
-  case NAPO_ERR_CUDA:
+  case NAPO_ERR_CUDA: {
+    const int code = cuda_error & ~NAPO_CUDA_FOREIGN_ERROR;
 #ifdef NAPO_WITH_CUDA
-    PyErr_Format(PyExc_RuntimeError, "napo CUDA kernel failed: %s", napo_cuda_error_string(cuda_error));
+    const char *what = napo_cuda_error_string(code);
 #else
-    PyErr_Format(PyExc_RuntimeError, "napo CUDA kernel failed (CUDA error %d)", cuda_error);
+    const char *what = "unknown";
 #endif
+    if (cuda_error & NAPO_CUDA_FOREIGN_ERROR) {
+      PyErr_Format(PyExc_RuntimeError,
+                   "a CUDA error was already pending before napo's kernel launch, left by earlier CUDA work (not by "
+                   "napo; napo did not launch): %s (CUDA error %d). NAPO_CUDA_DEBUG=1 and CUDA_LAUNCH_BLOCKING=1 help "
+                   "find its source.",
+                   what, code);
+    } else {
+      PyErr_Format(PyExc_RuntimeError, "napo CUDA kernel failed: %s (CUDA error %d)", what, code);
+    }
     return -1;
+  }
   case NAPO_ERR_NO_CUDA:
     PyErr_SetString(PyExc_RuntimeError,
                     "napo was built without CUDA kernels; rebuild with nvcc on PATH (NAPO_CUDA=1) to use CUDA tensors");
@@ -937,6 +948,46 @@ static PyObject *py_cuda_available(PyObject *self, PyObject *unused) {
 #endif
 }
 
+PyDoc_STRVAR(cuda_runtime_info_doc,
+             "cuda_runtime_info()\n--\n\n"
+             "None without CUDA kernels; else a dict: runtime_version (the CUDA runtime napo links, e.g. 13000),\n"
+             "driver_version (the newest CUDA the driver supports, 0 without a driver), device_count, and\n"
+             "error (why the runtime cannot start, or None).");
+
+static PyObject *py_cuda_runtime_info(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+#ifdef NAPO_WITH_CUDA
+  int cuda_error = 0;
+  const int count = napo_cuda_device_count(&cuda_error);
+  if (cuda_error != 0) {
+    return Py_BuildValue("{s:i,s:i,s:i,s:s}", "runtime_version", napo_cuda_runtime_version(), "driver_version",
+                         napo_cuda_driver_version(), "device_count", count, "error",
+                         napo_cuda_error_string(cuda_error));
+  }
+  return Py_BuildValue("{s:i,s:i,s:i,s:O}", "runtime_version", napo_cuda_runtime_version(), "driver_version",
+                       napo_cuda_driver_version(), "device_count", count, "error", Py_None);
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
+PyDoc_STRVAR(set_cuda_debug_doc, "set_cuda_debug(enabled)\n--\n\n"
+                                 "Debug mode: synchronise and check errors after every napo CUDA launch (a fault is\n"
+                                 "then reported by the napo call that caused it). No effect without CUDA kernels.");
+
+static PyObject *py_set_cuda_debug(PyObject *self, PyObject *arg) {
+  (void)self;
+  const int enabled = PyObject_IsTrue(arg);
+  if (enabled < 0) {
+    return NULL;
+  }
+#ifdef NAPO_WITH_CUDA
+  napo_cuda_set_debug(enabled);
+#endif
+  Py_RETURN_NONE;
+}
+
 static PyObject *py_built_with_cuda(PyObject *self, PyObject *unused) {
   (void)self;
   (void)unused;
@@ -960,6 +1011,8 @@ static PyMethodDef napo_methods[] = {
     {"check_labels", (PyCFunction)(void (*)(void))py_check_labels, METH_VARARGS | METH_KEYWORDS, check_labels_doc},
     {"built_with_cuda", py_built_with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
     {"cuda_available", py_cuda_available, METH_NOARGS, "True when compiled with CUDA and a device is visible."},
+    {"cuda_runtime_info", py_cuda_runtime_info, METH_NOARGS, cuda_runtime_info_doc},
+    {"set_cuda_debug", py_set_cuda_debug, METH_O, set_cuda_debug_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -169,6 +169,17 @@ napo_status napo_token_logps_backward_serial(const void *logits, napo_logits_lay
  */
 int napo_cuda_available(void);
 const char *napo_cuda_error_string(int cuda_error);
+
+/* Or'ed into *cuda_error when the error was already pending before napo's launch: it belongs to
+ * earlier CUDA work (someone else's kernel), and napo did not launch. */
+#define NAPO_CUDA_FOREIGN_ERROR 0x40000000
+
+/* ---- the runtime (csrc/cuda/runtime.cu) ---- */
+int napo_cuda_runtime_version(void);         /* CUDART_VERSION napo was built with, e.g. 13000 */
+int napo_cuda_driver_version(void);          /* the newest CUDA the driver supports; 0 without a driver */
+int napo_cuda_device_count(int *cuda_error); /* 0 with the cudaError_t when the runtime cannot start */
+void napo_cuda_set_debug(int enabled);       /* sync and check after every napo launch (NAPO_CUDA_DEBUG) */
+int napo_cuda_debug(void);
 napo_status napo_loss_forward_f32_cuda(const float *margins, napo_layout layout, const float *q, int64_t q_stride,
                                        double beta, float *loss, float *grad_factor, int device, void *stream,
                                        int *cuda_error);

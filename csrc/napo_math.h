@@ -61,6 +61,43 @@ NAPO_HD double napo_q_value(double mean, double gamma, double q_min, double q_ma
 /* q outside [0, 1] is an error; NaN is not (it propagates into the loss). */
 NAPO_HD int napo_q_in_range(double q) { return !(q < 0.0 || q > 1.0); }
 
+/*
+ * Online log-sum-exp: a partial over some logits is (max, sum of exp(x - max)).
+ * The empty partial, or one whose logits are all -inf, is (-inf, 0); a partial
+ * that saw a NaN has sum NaN (its max may be anything, even -inf). merge folds
+ * (other_max, other_sum) into (*max, *sum) in either order with the same
+ * result, and
+ *  - propagates NaN from either side: the test is on both sums and maxes, not
+ *    on which max is larger, so an all-NaN partial (max -inf, sum NaN) is not
+ *    dropped as "nothing to add" when it is the other side;
+ *  - never evaluates exp(-inf - -inf) (NaN): a -inf side contributes 0.
+ * A +inf logit gives NaN (exp(inf - inf)), as in the CPU kernels.
+ * Defined for double (CPU kernels, float64 CUDA) and float (the CUDA kernels'
+ * float32 accumulator), with the same body.
+ */
+#define NAPO_DEFINE_LSE_MERGE(name, real, exp_fn)                                                                      \
+  NAPO_HD void name(real *max, real *sum, real other_max, real other_sum) {                                            \
+    const real m = *max, s = *sum;                                                                                     \
+    if (isnan(s) || isnan(other_sum) || isnan(m) || isnan(other_max)) {                                                \
+      *max = (real)NAN;                                                                                                \
+      *sum = (real)NAN;                                                                                                \
+      return;                                                                                                          \
+    }                                                                                                                  \
+    const real top = m > other_max ? m : other_max;                                                                    \
+    if (top == (real) - INFINITY) {                                                                                    \
+      *max = top;                                                                                                      \
+      *sum = (real)0;                                                                                                  \
+      return;                                                                                                          \
+    }                                                                                                                  \
+    *sum = (m == (real) - INFINITY ? (real)0 : s * exp_fn(m - top)) +                                                  \
+           (other_max == (real) - INFINITY ? (real)0 : other_sum * exp_fn(other_max - top));                           \
+    *max = top;                                                                                                        \
+  }
+
+NAPO_DEFINE_LSE_MERGE(napo_lse_merge, double, exp)
+NAPO_DEFINE_LSE_MERGE(napo_lse_merge_f32, float, expf)
+#undef NAPO_DEFINE_LSE_MERGE
+
 /* Neumaier-compensated running sum: the mean behind q stays exact to a few
  * ulps however long the batch, at the cost of two extra adds per element. */
 typedef struct {

@@ -12,11 +12,28 @@ import functools
 import os
 from types import ModuleType
 
-__all__ = ["NativeUnavailableError", "native", "native_available", "use_reference_backend"]
+__all__ = ["NativeUnavailableError", "env_flag", "native", "native_available", "use_reference_backend"]
 
 
 class NativeUnavailableError(RuntimeError):
     """napo's compiled extension could not be loaded."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off (any case), unset or empty
+    for ``default``; anything else is a ValueError naming the variable and the value."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name} must be one of 1/0, true/false, yes/no, on/off; got {os.environ[name]!r}")
 
 
 def use_reference_backend() -> bool:

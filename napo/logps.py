@@ -98,7 +98,7 @@ def fused_linear_sequence_logps(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs straight from the last hidden states and the LM head, never holding [B, T, V].
 
@@ -115,8 +115,9 @@ def fused_linear_sequence_logps(
         labels: ``[B, T]`` int64, as for :func:`sequence_logps`.
         bias: optional ``[V]``.
         ignore_index: the label of positions that do not count.
-        chunk_size: tokens per chunk, >= 1. The default keeps a chunk's logits at 256 * V values
-            (31 MiB in float32 for V = 32000) while each matmul stays large enough for BLAS.
+        chunk_size: tokens per chunk, >= 1. None (default) picks it from the device: 256 on the
+            CPU (a chunk's logits are 31 MiB in float32 for V = 32000); on CUDA 1024-4096, as many
+            as fit in 1/64 of the device's memory (``napo.backends.fused_linear.choose_chunk_size``).
     Returns:
         ``(logps, avg_logps)``, each ``[B]`` float32 (float64 for float64 inputs), differentiable
         w.r.t. hidden, weight and bias.
@@ -139,7 +140,9 @@ def fused_linear_sequence_logps(
         raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
     _check_labels_tensor(labels, batch, time, hidden.device)
     ignore_index = _check_ignore_index(ignore_index)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    token, _ = torch.ops.napo.fused_linear_token_logps(hidden, weight, bias, labels, ignore_index, 1, chunk_size)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    # The op's chunk_size 0 means "the device's default", resolved by the backend.
+    chunk = 0 if chunk_size is None else chunk_size
+    token, _ = torch.ops.napo.fused_linear_token_logps(hidden, weight, bias, labels, ignore_index, 1, chunk)
     return _sequence_sums(token, labels[:, 1:], ignore_index)

@@ -5,6 +5,8 @@ Skipped (and reported as skipped, not passed) on machines without a GPU.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import TOLERANCES, assert_close
@@ -192,3 +194,95 @@ def test_bad_label_on_cuda_raises_value_error():
     labels = torch.tensor([[0, 1, 9, 2]], device="cuda")
     with pytest.raises(ValueError, match=r"labels\[0, 2\] = 9"):
         napo.sequence_logps(logits, labels)
+
+
+# ---- issue 11: NaN propagation, label checks, weight gradient, chunk size, debug mode ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("vocab", [7, 123, 1000])
+def test_one_nan_logit_gives_nan_on_cuda_in_every_position(dtype, vocab):
+    """The block reduction used to drop a thread whose logits were all NaN (max -inf, sum NaN)."""
+    logits = torch.randn(1, vocab, vocab, device="cuda").to(dtype)
+    logits[0, torch.arange(vocab), torch.arange(vocab)] = float("nan")
+    labels = torch.full((1, vocab), (vocab - 1) // 2, device="cuda")
+    token, lse = torch.ops.napo.token_logps(logits, labels, -100, 0, False)
+    assert torch.isnan(token).all() and torch.isnan(lse).all()
+
+
+def test_unchecked_bad_label_gives_nan_not_an_out_of_bounds_read(monkeypatch):
+    monkeypatch.setenv("NAPO_CHECK_LABELS", "0")
+    logits = torch.randn(2, 5, 11, device="cuda", requires_grad=True)
+    labels = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 10**9, -7, 5]], device="cuda")
+    logps, _ = napo.sequence_logps(logits, labels)
+    logps.sum().backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(logps[0]) and torch.isnan(logps[1])
+    assert torch.isfinite(logits.grad[0]).all()
+
+
+def test_sequence_logps_captures_in_a_cuda_graph():
+    """While a stream is captured the label check (a sync) is skipped."""
+    logits = torch.randn(2, 9, 50, device="cuda")
+    labels = torch.randint(0, 50, (2, 9), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        napo.sequence_logps(logits, labels)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _ = napo.sequence_logps(logits, labels)
+    logits.mul_(1.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(captured, napo.sequence_logps(logits, labels)[0], rtol=1e-6, atol=1e-5, what="replayed logps")
+
+
+def test_fused_head_forward_syncs_once():
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 64, 32, generator=generator).cuda()
+    weight = torch.randn(500, 32, generator=generator).cuda()
+    labels = torch.randint(0, 500, (4, 64), generator=generator).cuda()
+    napo.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=16)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            napo.fused_linear_sequence_logps(hidden, weight, labels, chunk_size=16)  # 16 chunks
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, [str(w.message) for w in syncs]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weight_grad_on_cuda_matches_float64(dtype):
+    from napo.backends import fused_linear
+
+    grad_logits = (torch.randn(256, 1000, device="cuda") / 10).to(dtype)
+    hidden = torch.randn(256, 64, device="cuda").to(dtype)
+    got = torch.zeros(1000, 64, device="cuda")
+    fused_linear._accumulate_weight_grad(got, grad_logits, hidden)
+    expected = grad_logits.t().double() @ hidden.double()
+    assert_close(got.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item(), what="grad weight")
+
+
+def test_default_chunk_size_on_this_gpu():
+    from napo.backends import fused_linear
+
+    weight = torch.empty(128256, 8, device="cuda", dtype=torch.bfloat16)
+    assert 1024 <= fused_linear.default_chunk_size(weight) <= 4096
+
+
+def test_debug_mode_runs_and_syncs():
+    from napo import _C
+
+    _C.set_cuda_debug(True)
+    try:
+        logits = torch.randn(2, 5, 50, device="cuda")
+        labels = torch.randint(0, 50, (2, 5), device="cuda")
+        assert torch.isfinite(napo.sequence_logps(logits, labels)[0]).all()
+    finally:
+        _C.set_cuda_debug(False)

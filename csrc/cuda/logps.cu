@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "../napo.h"
+#include "../napo_math.h"
 #include "launch.cuh"
 
 namespace {
@@ -33,14 +34,14 @@ template <> __device__ inline __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { r
 template <> __device__ inline __half from_acc<__half>(float x) { return __float2half(x); }
 template <typename T> __device__ inline T from_acc(double x) { return (T)x; }
 
-/* Merges two (max, sum of exp(x - max)) pairs. */
-template <typename A> __device__ inline void merge(A &max, A &sum, A other_max, A other_sum) {
-  if (other_max > max) {
-    sum = sum * exp(max - other_max) + other_sum;
-    max = other_max;
-  } else if (other_max > -INFINITY || other_max != other_max) {
-    sum += other_sum * exp(other_max - max);
-  }
+/* Merges two (max, sum of exp(x - max)) pairs with the shared, NaN-propagating merge of
+ * napo_math.h (the C tests exercise it): a thread whose logits were all NaN holds (-inf, NaN),
+ * which a merge testing only "other max > -inf" would drop. */
+__device__ inline void merge(float &max, float &sum, float other_max, float other_sum) {
+  napo_lse_merge_f32(&max, &sum, other_max, other_sum);
+}
+__device__ inline void merge(double &max, double &sum, double other_max, double other_sum) {
+  napo_lse_merge(&max, &sum, other_max, other_sum);
 }
 
 template <typename T, typename A = typename acc_of<T>::type>
@@ -164,7 +165,7 @@ napo_status napo_token_logps_cuda(const void *logits, napo_logits_layout layout,
     return NAPO_ERR_NULL_POINTER;
   }
   const cudaStream_t s = (cudaStream_t)stream;
-  return napo_cuda::on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, stream, cuda_error, [&] {
     switch (dtype) {
     case NAPO_LOGITS_F32:
       launch_forward<float>(logits, layout, labels, ignore_index, token_logps, lse, s);
@@ -193,7 +194,7 @@ napo_status napo_token_logps_backward_cuda(const void *logits, napo_logits_layou
     return status;
   }
   const cudaStream_t s = (cudaStream_t)stream;
-  return napo_cuda::on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, stream, cuda_error, [&] {
     switch (dtype) {
     case NAPO_LOGITS_F32:
       launch_backward<float>(logits, layout, labels, ignore_index, lse, grad_token, grad_logits, grad_layout, s);

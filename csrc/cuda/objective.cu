@@ -109,7 +109,7 @@ napo_status loss_forward(const T *margins, napo_layout layout, const T *q, int64
   if (q == nullptr || loss == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return napo_cuda::on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, stream, cuda_error, [&] {
     loss_forward_kernel<T><<<blocks_for(total), kThreads, 0, (cudaStream_t)stream>>>(margins, layout, q, q_stride, beta,
                                                                                      loss, grad_factor);
   });
@@ -129,7 +129,7 @@ napo_status loss_backward(const T *grad_loss, napo_layout grad_layout, const T *
   if (grad_factor == nullptr || grad_margins == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return napo_cuda::on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, stream, cuda_error, [&] {
     loss_backward_kernel<T>
         <<<blocks_for(total), kThreads, 0, (cudaStream_t)stream>>>(grad_loss, grad_layout, grad_factor, grad_margins);
   });
@@ -145,7 +145,7 @@ napo_status adaptive_q(const T *margins, int64_t stride, int64_t n, double gamma
   if (q_out == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return napo_cuda::on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, stream, cuda_error, [&] {
     adaptive_q_kernel<T><<<1, kThreads, 0, (cudaStream_t)stream>>>(margins, stride, n, gamma, q_min, q_max, q_out);
   });
 }
@@ -163,7 +163,7 @@ napo_status q_from_mean(const T *means, int64_t n, int64_t stride, double gamma,
   if (q_out == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return napo_cuda::on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, stream, cuda_error, [&] {
     q_from_mean_kernel<T>
         <<<blocks_for(n), kThreads, 0, (cudaStream_t)stream>>>(means, n, stride, gamma, q_min, q_max, q_out);
   });
@@ -179,7 +179,7 @@ napo_status dynamic_weights(const T *reward_margins, int64_t stride, int64_t k, 
   if (weights == nullptr) {
     return NAPO_ERR_NULL_POINTER;
   }
-  return napo_cuda::on_device(device, cuda_error, [&] {
+  return napo_cuda::on_device(device, stream, cuda_error, [&] {
     dynamic_weights_kernel<T><<<1, kThreads, 0, (cudaStream_t)stream>>>(reward_margins, stride, k, w_min, eps, weights);
   });
 }

@@ -12,6 +12,7 @@
 #include "check.h"
 #include "napo.h"
 #include "napo_dtype.h"
+#include "napo_math.h"
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 
@@ -260,6 +261,148 @@ static void test_bad_input(tally *t) {
                             -100, NULL, NULL, 4, &bad) == NAPO_OK);
 }
 
+/* ---- the (max, sum) log-sum-exp merge shared by the CPU and CUDA kernels ---- */
+
+typedef struct {
+  double max, sum;
+} lse_partial;
+
+static int has_nan(lse_partial p) { return isnan(p.max) || isnan(p.sum); }
+
+/* Every ordered pair and every order of three among normal, empty (-inf, 0), all -inf (-inf, 1),
+ * all-NaN (-inf, NaN: the partial that the old CUDA merge dropped) and NaN-max partials: NaN in,
+ * NaN out, whatever its position; otherwise sum * exp(max) is the total, and the order is
+ * irrelevant (bitwise). Run for the double and the float32 (CUDA accumulator) variants. */
+static void test_lse_merge(tally *t) {
+  enum { N = 8 };
+  const lse_partial parts[N] = {{1.5, 2.0},       {-3.0, 1.25}, {-INFINITY, 0.0}, {-INFINITY, 1.0},
+                                {-INFINITY, NAN}, {NAN, NAN},   {0.5, NAN},       {40.0, 3.0}};
+  int pairs_ok = 1, pairs_f32_ok = 1, triples_ok = 1;
+  for (int i = 0; i < N; ++i) {
+    for (int j = 0; j < N; ++j) {
+      const lse_partial a = parts[i], b = parts[j];
+      double m1 = a.max, s1 = a.sum, m2 = b.max, s2 = b.sum;
+      napo_lse_merge(&m1, &s1, b.max, b.sum);
+      napo_lse_merge(&m2, &s2, a.max, a.sum);
+      float f_max = (float)a.max, f_sum = (float)a.sum;
+      napo_lse_merge_f32(&f_max, &f_sum, (float)b.max, (float)b.sum);
+      if (has_nan(a) || has_nan(b)) {
+        pairs_ok &= isnan(s1) && isnan(s2) && isnan(m1) && isnan(m2);
+        pairs_f32_ok &= isnan(f_sum) && isnan(f_max);
+        continue;
+      }
+      const double total =
+          (a.max == -INFINITY ? 0.0 : a.sum * exp(a.max)) + (b.max == -INFINITY ? 0.0 : b.sum * exp(b.max));
+      const double merged = m1 == -INFINITY ? 0.0 : s1 * exp(m1);
+      pairs_ok &= m1 == m2 && s1 == s2 && fabs(merged - total) <= 1e-14 * total;
+      pairs_ok &= m1 == fmax(a.max, b.max) && (m1 != -INFINITY || s1 == 0.0);
+      const double merged_f32 = f_max == -INFINITY ? 0.0 : (double)f_sum * exp((double)f_max);
+      pairs_f32_ok &= fabs(merged_f32 - total) <= 1e-6 * total;
+      for (int k = 0; k < N; ++k) {
+        const int order[6][3] = {{i, j, k}, {i, k, j}, {j, i, k}, {j, k, i}, {k, i, j}, {k, j, i}};
+        const int nan_in = has_nan(parts[k]);
+        for (int o = 0; o < 6; ++o) {
+          double m = -INFINITY, sum = 0.0;
+          for (int p = 0; p < 3; ++p) {
+            napo_lse_merge(&m, &sum, parts[order[o][p]].max, parts[order[o][p]].sum);
+          }
+          triples_ok &= nan_in ? isnan(sum) : !isnan(sum);
+        }
+      }
+    }
+  }
+  CHECK(t, pairs_ok);
+  CHECK(t, pairs_f32_ok);
+  CHECK(t, triples_ok);
+}
+
+/* The CUDA forward's reduction, emulated: 256 threads each fold their strided logits one at a
+ * time, then a tree merges shared[i] with shared[i + width]. With V = 7 or 123 most threads see at
+ * most one logit, so a NaN logit makes its thread's partial (-inf, NaN), the other side of some
+ * merge: the row's lse must still be NaN, for the NaN in every position. Without NaN, it matches
+ * the float64 serial lse. */
+static double emulated_block_lse(const float *row, int64_t vocab) {
+  enum { THREADS = 256 };
+  float max[THREADS], sum[THREADS];
+  for (int thread = 0; thread < THREADS; ++thread) {
+    max[thread] = -INFINITY;
+    sum[thread] = 0.0f;
+    for (int64_t v = thread; v < vocab; v += THREADS) {
+      napo_lse_merge_f32(&max[thread], &sum[thread], row[v], 1.0f);
+    }
+  }
+  for (int width = THREADS / 2; width > 0; width /= 2) {
+    for (int thread = 0; thread < width; ++thread) {
+      napo_lse_merge_f32(&max[thread], &sum[thread], max[thread + width], sum[thread + width]);
+    }
+  }
+  return (double)max[0] + log((double)sum[0]);
+}
+
+static void test_block_reduction_keeps_nan(tally *t) {
+  const int64_t vocabs[3] = {7, 123, 1000};
+  int nan_ok = 1, finite_ok = 1, masked_ok = 1;
+  for (int c = 0; c < 3; ++c) {
+    const int64_t vocab = vocabs[c];
+    float row[1000];
+    for (int64_t v = 0; v < vocab; ++v) {
+      row[v] = (float)(4.0 * uniform() - 2.0);
+    }
+    double serial = 0.0, max = -INFINITY;
+    for (int64_t v = 0; v < vocab; ++v) {
+      max = fmax(max, (double)row[v]);
+    }
+    for (int64_t v = 0; v < vocab; ++v) {
+      serial += exp((double)row[v] - max);
+    }
+    finite_ok &= fabs(emulated_block_lse(row, vocab) - (max + log(serial))) <= 1e-5;
+    for (int64_t position = 0; position < vocab; ++position) {
+      const float kept = row[position];
+      row[position] = NAN;
+      nan_ok &= isnan(emulated_block_lse(row, vocab));
+      row[position] = -INFINITY; /* a masked logit is simply absent */
+      masked_ok &= isfinite(emulated_block_lse(row, vocab));
+      row[position] = kept;
+    }
+  }
+  CHECK(t, nan_ok);
+  CHECK(t, finite_ok);
+  CHECK(t, masked_ok);
+}
+
+/* The CPU kernels merge per-chunk (1024 logits) partials: a chunk of only NaN (or NaN and -inf)
+ * followed by finite chunks must still give NaN, on the fast and the serial kernel alike. */
+static void test_nan_chunk_propagates(tally *t) {
+  enum { V = 3000 };
+  float *logits = malloc(sizeof(float) * V * 3);
+  if (logits == NULL) {
+    CHECK(t, 0);
+    return;
+  }
+  for (int r = 0; r < 3; ++r) {
+    for (int v = 0; v < V; ++v) {
+      logits[r * V + v] = (float)uniform();
+    }
+  }
+  for (int v = 0; v < 1024; ++v) {
+    logits[v] = NAN;                         /* row 0: its whole first chunk */
+    logits[V + v] = v % 2 ? NAN : -INFINITY; /* row 1: NaN and -inf */
+  }
+  logits[2 * V + 2500] = NAN; /* row 2: one NaN in the last chunk */
+  const int64_t labels[3] = {2000, 1500, 10};
+  float token[3];
+  double lse[3];
+  napo_label_error bad;
+  const napo_logits_layout layout = {3, 1, V, V, V, 1};
+  CHECK(t, napo_token_logps(logits, layout, NAPO_LOGITS_F32, (napo_labels){labels, 1, 1}, -100, token, lse, 1, &bad) ==
+               NAPO_OK);
+  CHECK(t, isnan(token[0]) && isnan(lse[0]) && isnan(token[1]) && isnan(lse[1]) && isnan(token[2]) && isnan(lse[2]));
+  CHECK(t, napo_token_logps_serial(logits, layout, NAPO_LOGITS_F32, (napo_labels){labels, 1, 1}, -100, token, lse,
+                                   &bad) == NAPO_OK);
+  CHECK(t, isnan(token[0]) && isnan(lse[0]) && isnan(token[1]) && isnan(lse[1]) && isnan(token[2]) && isnan(lse[2]));
+  free(logits);
+}
+
 int main(void) {
   tally t = {0, 0};
   const napo_logits_dtype dtypes[4] = {NAPO_LOGITS_F32, NAPO_LOGITS_BF16, NAPO_LOGITS_F16, NAPO_LOGITS_F64};
@@ -274,6 +417,9 @@ int main(void) {
   test_uniform_logits(&t);
   test_backward_precision(&t);
   test_extremes(&t);
+  test_lse_merge(&t);
+  test_block_reduction_keeps_nan(&t);
+  test_nan_chunk_propagates(&t);
   test_bad_input(&t);
   printf("C logps: %d passed, %d failed\n", t.passed, t.failed);
   return t.failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;

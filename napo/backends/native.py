@@ -7,7 +7,8 @@ tensors that require grad). The capsule path skips the two Python-level
 streams. Outputs are allocated here, by torch, so that on CUDA they come from
 the caching allocator and a graph capture sees only kernel launches on the
 current stream. A CUDA tensor on a build without CUDA kernels falls back to the
-reference kernels, with one warning.
+reference kernels, with one warning; so does every CUDA tensor when the CUDA runtime napo links
+cannot start (a driver older than that runtime).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from napo._native import native
+from napo._native import env_flag, native
 from napo._ops import LSE_DTYPE, accumulation_dtype
-from napo.backends import reference
+from napo.backends import label_check, reference
 
 
 def _capsule(tensor: torch.Tensor) -> Any:
@@ -34,23 +35,63 @@ def _launch(tensor: torch.Tensor) -> dict[str, int]:
     return {"stream": torch.cuda.current_stream(tensor.device).cuda_stream}
 
 
-_warned_no_cuda_kernels = False
+# Why CUDA tensors cannot use napo's CUDA kernels in this process (None: they can), decided once.
+_cuda_problem: str | None = None
+_cuda_checked = False
+_warned_cuda_fallback = False
+
+
+def _find_cuda_problem() -> str | None:
+    """None when napo's CUDA kernels can run here; otherwise why not and what to do, for the warning."""
+    module = native()
+    if not module.built_with_cuda():
+        return (
+            "napo was built without CUDA kernels (no nvcc at build time). Reinstall with nvcc on PATH "
+            "(NAPO_CUDA=1) for the fused kernels."
+        )
+    if module.cuda_available():
+        return None
+    info = module.cuda_runtime_info() or {}
+    runtime, driver = info.get("runtime_version", 0), info.get("driver_version", 0)
+    built = f"{runtime // 1000}.{runtime % 1000 // 10}"
+    supports = f"CUDA {driver // 1000}.{driver % 1000 // 10}" if driver else "no CUDA (no driver found)"
+    return (
+        f"napo's CUDA kernels cannot start: {info.get('error') or 'no CUDA device visible to them'}. They link "
+        f"the CUDA {built} runtime statically, and this machine's driver supports {supports}; torch uses CUDA "
+        f"{torch.version.cuda}. Rebuild napo with a CUDA toolkit no newer than the driver (the major version "
+        f"torch reports) on PATH: pip install --no-build-isolation --force-reinstall ."
+    )
 
 
 def _cuda_fallback(tensor: torch.Tensor) -> bool:
-    """True when a CUDA tensor must take the reference path (no CUDA kernels built)."""
-    global _warned_no_cuda_kernels
-    if tensor.device.type != "cuda" or native().built_with_cuda():
+    """True when a CUDA tensor must take the pure-PyTorch path: no CUDA kernels built, or the CUDA
+    runtime they link cannot start here (e.g. a driver older than that runtime). One warning per
+    process. The first CUDA call also applies NAPO_CUDA_DEBUG."""
+    global _cuda_problem, _cuda_checked, _warned_cuda_fallback
+    if tensor.device.type != "cuda":
         return False
-    if not _warned_no_cuda_kernels:
-        _warned_no_cuda_kernels = True
+    if not _cuda_checked:
+        _cuda_problem = _find_cuda_problem()
+        if _cuda_problem is None:
+            native().set_cuda_debug(cuda_debug_requested())
+        _cuda_checked = True
+    if _cuda_problem is None:
+        return False
+    if not _warned_cuda_fallback:
+        _warned_cuda_fallback = True
         warnings.warn(
-            "napo was built without CUDA kernels (no nvcc at build time); CUDA tensors use the pure-PyTorch "
-            "implementation. Reinstall with nvcc on PATH (NAPO_CUDA=1) for the fused kernels.",
+            f"{_cuda_problem} Until then CUDA tensors use napo's pure-PyTorch implementation (slower, same results).",
             RuntimeWarning,
             stacklevel=3,
         )
     return True
+
+
+def cuda_debug_requested() -> bool:
+    """NAPO_CUDA_DEBUG=1: napo synchronises and checks for errors after each of its CUDA kernels, so a
+    fault is reported by the call that caused it (and one pending from earlier work is named as not
+    napo's). Read on the first CUDA call; ``native().set_cuda_debug`` changes it later."""
+    return env_flag("NAPO_CUDA_DEBUG", False)
 
 
 def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,10 +148,10 @@ def token_logps(
     token = logits.new_empty((logits.shape[0], scored), dtype=accumulation_dtype(logits.dtype))
     lse = torch.empty_like(token, dtype=LSE_DTYPE)
     aligned = labels[:, shift:]
-    if logits.device.type == "cuda":
-        # The CUDA kernel never reads out of bounds (a bad label gives NaN), but the ValueError that
-        # names the label needs the host: one device-wide check and sync per call.
-        reference.check_labels(aligned, logits.shape[-1], ignore_index, shift)
+    # The CUDA kernel never reads out of bounds (a bad label gives NaN), but the ValueError that
+    # names the label needs the host: one sync per call, or none (see label_check). The C kernel
+    # checks CPU labels itself.
+    label_check.check_on_device(aligned, logits.shape[-1], ignore_index, shift)
     native().token_logps(
         _capsule(logits[:, :scored]), _capsule(aligned), ignore_index, _capsule(token), _capsule(lse),
         num_threads=torch.get_num_threads(), position_offset=shift, **_launch(logits),
