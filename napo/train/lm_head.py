@@ -70,13 +70,14 @@ def _plain_weight(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.numel() > 0
 
 
-def add_napo_lm_head(model: Any, chunk_size: int = 256) -> Any:
+def add_napo_lm_head(model: Any, chunk_size: int | None = None) -> Any:
     """Adds the ``napo_logps=True`` mode to ``model.forward`` (in place; returns the model).
 
     With ``napo_logps=True`` and ``labels`` (``[N, T]``, ``-100`` where a token does not count; the
     usual causal shift), the forward returns :class:`SequenceLogps`. Without it the forward is the
     model's own (generation is unchanged). Patch the base model before wrapping it with PEFT.
-    Calling it twice is harmless.
+    Calling it twice is harmless. ``chunk_size``: token rows per LM-head chunk; None: chosen for the
+    device (see :func:`napo.fused_linear_sequence_logps`).
     """
     if getattr(model, "_napo_lm_head", False):
         return model
