@@ -4,34 +4,100 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import pickle
 import sys
 from collections.abc import Sequence
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _integer(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum], with the range in the error (the ranges are
+    those the Python functions enforce, through the same check)."""
+    from napo.data.inputs import int_problem
+
+    def parse(text: str) -> int:
+        try:
+            value: object = int(text)
+        except ValueError:
+            value = text
+        problem = int_problem(value, minimum, maximum)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    from napo.data.inputs import float_problem
+
+    try:
+        value: object = float(text)
+    except ValueError:
+        value = text
+    problem = float_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return value
+
+
+_positive_int = _integer(1)
+
+
+def _seed(text: str) -> int:
+    from napo.data.inputs import SEED_RANGE
+
+    return _integer(*SEED_RANGE)(text)
+
+
+def _output_dir(text: str) -> str:
+    from napo.data.inputs import check_output_dir
+
+    try:
+        check_output_dir(text, name="")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).strip()) from None
+    return text
+
+
+def _column_list(text: str) -> list[str]:
+    """--columns: comma-separated names, each non-empty and given once."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"an empty column name in {text!r}; give comma-separated names, e.g. chosen,rejected"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"column(s) {', '.join(repeated)} given more than once in {text!r}")
+    return names
+
+
+def _error(command: str, error: BaseException) -> int:
+    """The one line a user error prints (multi-line library messages folded), and exit code 2."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    print(f"napo {command}: error: {text or type(error).__name__}", file=sys.stderr)
+    return 2
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every resumable row stage (generate, logps) shares."""
-    parser.add_argument("--limit", type=_positive_int, default=None, help="only the first N input rows")
+    parser.add_argument("--limit", type=_integer(0), default=None, help="only the first N input rows")
     parser.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
-    parser.add_argument("--shard-index", type=int, default=None, help="default: RANK or 0")
+    parser.add_argument("--shard-index", type=_integer(0), default=None, help="default: RANK or 0")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--rows-per-part", type=_positive_int, default=256, help="rows per Parquet part file")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_image_argument(parser)
+
+
+def _add_image_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-outside-images",
+        action="store_true",
+        help="read image paths that point outside the data's directory (../x.png, /abs/path): trusted data only",
+    )
 
 
 def _run_options(args: argparse.Namespace) -> dict:
@@ -45,6 +111,7 @@ def _run_options(args: argparse.Namespace) -> dict:
         "rows_per_part": args.rows_per_part,
         "overwrite": args.overwrite,
         "progress": not args.no_progress,
+        "allow_outside_images": args.allow_outside_images,
     }
 
 
@@ -53,15 +120,16 @@ def _run_stage(command: str, verb: str, run) -> int:
     try:
         summary = run()
     except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"napo {command}: error: {error}", file=sys.stderr)
-        return 2
+        return _error(command, error)
     print(
         f"napo {command}: shard {summary.shard_index}/{summary.num_shards}: {summary.written} rows {verb}, "
         f"{summary.failed} skipped with errors, {summary.already_done} already done, "
         f"{summary.seconds:.1f} s ({summary.rows_per_second:.2f} rows/s) -> {summary.output_dir}"
     )
     if summary.failed:
-        print(f"napo {command}: the skipped rows and why are in {summary.output_dir / '_errors.jsonl'}")
+        from napo.data.store import ERRORS
+
+        print(f"napo {command}: the skipped rows and why are in {summary.output_dir / ERRORS}")
     nothing_succeeded = summary.written == 0 and summary.already_done == 0 and summary.failed > 0
     return 1 if nothing_succeeded else 0
 
@@ -83,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=_positive_int, default=32, help="(--objective-only) toy batch size")
     demo.add_argument("--learning-rate", type=_positive_float, default=None, help="default 1e-3 (0.05 for the toy)")
     demo.add_argument("--beta", type=_positive_float, default=0.1)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--device", default="cpu", help="(--objective-only) cpu, cuda or cuda:N")
     demo.add_argument("--workdir", default="napo-demo", help="where the tiny model, sample set and answers go")
     demo.add_argument("--rows", type=_positive_int, default=16, help="rows of the sample set the demo trains on")
@@ -97,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--model", required=True, help="LLaVA checkpoint directory (or hub id where reachable)")
     generate.add_argument("--data", required=True, help="Parquet file, directory of Parquet files, or saved dataset")
-    generate.add_argument("--output", required=True, help="output directory (rerunning resumes)")
+    generate.add_argument("--output", required=True, type=_output_dir, help="output directory (rerunning resumes)")
     generate.add_argument("--batch-size", type=_positive_int, default=8)
     generate.add_argument("--max-new-tokens", type=_positive_int, default=1024)
     generate.add_argument("--num-beams", type=_positive_int, default=3)
@@ -109,12 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logps.add_argument("--model", required=True, help="reference model: LLaVA checkpoint directory (or hub id)")
     logps.add_argument("--data", required=True, help="napo generate's output (Parquet with the RLAIF-V columns)")
-    logps.add_argument("--output", required=True, help="output directory (rerunning resumes)")
-    logps.add_argument("--columns", default=None, help="comma-separated answer columns (default: all present)")
+    logps.add_argument("--output", required=True, type=_output_dir, help="output directory (rerunning resumes)")
+    logps.add_argument(
+        "--columns", type=_column_list, default=None, help="comma-separated answer columns (default: all present)"
+    )
     logps.add_argument("--batch-size", type=_positive_int, default=8)
     logps.add_argument(
         "--max-length",
-        type=int,
+        type=_integer(0),
         default=DEFAULT_MAX_LENGTH,
         help="truncate prompt + answer as the trainer will (default 2048 = NaPOConfig's max_length; 0: no truncation)",
     )
@@ -125,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--model", required=True, help="LLaVA checkpoint directory (or hub id): policy and reference")
     train.add_argument("--data", required=True, help="napo generate / napo logps output")
-    train.add_argument("--output", required=True, help="checkpoints and the final model (rerunning resumes)")
+    train.add_argument(
+        "--output", required=True, type=_output_dir, help="checkpoints and the final model (rerunning resumes)"
+    )
     train.add_argument("--config", default=None, help="JSON or YAML file of NaPOConfig fields")
     train.add_argument("--max-steps", type=_positive_int, default=None)
     train.add_argument("--epochs", type=_positive_float, default=None, help="paper: 4")
@@ -134,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--beta", type=_positive_float, default=None, help="paper: 0.1")
     train.add_argument("--save-steps", type=_positive_int, default=None, help="checkpoint every N steps")
     train.add_argument("--logging-steps", type=_positive_int, default=None)
-    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--seed", type=_seed, default=None)
     train.add_argument("--logps-batch-size", type=_positive_int, default=8, help="rows per reference forward")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -142,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze", help="a Markdown report (tables + PNG figures) of margins, q and noise for a dataset and a run"
     )
     analyze.add_argument("--data", required=True, help="napo generate / napo logps output")
-    analyze.add_argument("--output", required=True, help="where report.md, margins.csv and the figures go")
+    analyze.add_argument(
+        "--output", required=True, type=_output_dir, help="where report.md, margins.csv and the figures go"
+    )
     analyze.add_argument("--model", default=None, help="scores the reference columns if missing, else the policy")
     analyze.add_argument("--run", default=None, help="a napo train output directory or trainer_state.json")
     analyze.add_argument("--noise-labels", default=None, help="a column of the data, or a CSV/JSON/Parquet file")
@@ -151,15 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     analyze.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     analyze.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_image_argument(analyze)
 
     tiny = commands.add_parser("make-tiny-model", help="write the tiny random LLaVA (offline) to a directory")
     tiny.add_argument("path")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=_seed, default=0)
 
     sample = commands.add_parser("make-sample-data", help="write the embedded RLAIF-V-schema sample set as Parquet")
     sample.add_argument("path")
     sample.add_argument("--rows", type=_positive_int, default=32)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0)
     return parser
 
 
@@ -239,7 +314,6 @@ def _generate(args: argparse.Namespace) -> int:
 def _logps(args: argparse.Namespace) -> int:
     from napo.train.reference import compute_reference_logps
 
-    columns = None if args.columns is None else [c.strip() for c in args.columns.split(",") if c.strip()]
     return _run_stage(
         "logps",
         "scored",
@@ -247,7 +321,7 @@ def _logps(args: argparse.Namespace) -> int:
             args.model,
             args.data,
             args.output,
-            columns=columns,
+            columns=args.columns,
             max_length=args.max_length or None,
             **_run_options(args),
         ),
@@ -270,8 +344,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         from napo.train.run import load_config_file, train
     except ImportError as error:
-        print(f"napo train: error: {error}", file=sys.stderr)
-        return 2
+        return _error("train", error)
     try:
         config = load_config_file(args.config) if args.config else {}
         config.update(
@@ -285,9 +358,10 @@ def _train(args: argparse.Namespace) -> int:
             logps_batch_size=args.logps_batch_size,
             progress=not args.no_progress,
         )
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
-        print(f"napo train: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, KeyError, pickle.UnpicklingError) as error:
+        # OSError: a path the user named (the data, the model) cannot be read; UnpicklingError: torch's
+        # weights-only loader refused a pickled checkpoint of the policy.
+        return _error("train", error)
     print(f"napo train: model saved to {output}")
     return 0
 
@@ -310,9 +384,9 @@ def _analyze(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             progress=not args.no_progress,
+            allow_outside_images=args.allow_outside_images,
         )
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"napo analyze: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, KeyError) as error:
+        return _error("analyze", error)
     print(f"napo analyze: report written to {report}")
     return 0

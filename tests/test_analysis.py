@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 
 import pytest
 
@@ -250,3 +251,60 @@ def test_analyze_refuses_before_writing_anything(tmp_path):
         analyze(data, output, noise_labels=str(tmp_path / "no-such-labels.csv"), progress=False)
     assert not output.exists()
     assert analyze(data, output, progress=False).is_file()  # the same data with good inputs is fine
+
+
+# ---------------------------------------------------------------- user data in the report, user errors (issue 15)
+
+INJECTION = "1\n\n![x](http://attacker.example/p.png) <img src=x onerror=alert(1)> | *b* `c`"
+
+
+def test_data_derived_strings_are_escaped_in_the_report(tmp_path):
+    from napo.analysis import analyze
+
+    rows = cached_rows()
+    rows["idx"] = [INJECTION, "8", "9"]
+    data = tmp_path / "data`s\n# heading.parquet"
+    rows.to_parquet(data)
+    report = analyze(data, tmp_path / "report", progress=False).read_text()
+    assert not re.search(r"(?<!\\)(!\[x\]|<img)", report) and "\n# heading" not in report  # nothing unescaped
+    assert (
+        r"1 \!\[x\]\(http\:\/\/attacker\.example\/p\.png\) \<img src\=x onerror\=alert\(1\)\> \| \*b\* \`c\`" in report
+    )
+    lines = report.splitlines()
+    for table_line in (line for line in lines if line.startswith("|")):
+        assert table_line.endswith("|")  # no row broken across lines
+    assert "Data: `` " in report  # the path as a code span fenced past its own backtick
+
+
+def test_markdown_table_escapes_cells_and_headers_but_not_numbers():
+    frame = pd.DataFrame({"idx": ["a|b", "<b>"], "n|x": [1, 2], "m": [0.5, float("nan")]})
+    table = markdown_table(frame)
+    assert table.splitlines() == [
+        "| idx | n\\|x | m |",
+        "|---|---|---|",
+        "| a\\|b | 1 | 0.5 |",
+        "| \\<b\\> | 2 | nan |",
+    ]
+
+
+def test_analyze_refuses_an_output_that_is_a_file(tmp_path):
+    from napo.analysis import analyze
+
+    cached_rows().to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "report").write_text("not a directory")
+    with pytest.raises(ValueError, match="report is a file, not a directory"):
+        analyze(tmp_path / "d.parquet", tmp_path / "report", progress=False)
+
+
+def test_analyze_with_a_model_names_the_row_whose_image_is_undecodable(biased, tmp_path, capsys):
+    from napo.cli import main
+    from napo.train.reference import compute_reference_logps
+
+    compute_reference_logps(biased / "model", biased / "biased", tmp_path / "scored", progress=False)
+    frame = pd.read_parquet(tmp_path / "scored")
+    frame.at[1, "image"] = {"bytes": b"not an image", "path": None}
+    frame.to_parquet(tmp_path / "broken.parquet")
+    code = main(["analyze", "--data", str(tmp_path / "broken.parquet"), "--model", str(biased / "model"),
+                 "--output", str(tmp_path / "report"), "--device", "cpu", "--no-progress"])  # fmt: skip
+    errors = [line for line in capsys.readouterr().err.splitlines() if "napo analyze" in line]  # past progress bars
+    assert code == 2 and len(errors) == 1 and f"row idx {frame.at[1, 'idx']}: undecodable image" in errors[0]

@@ -146,7 +146,7 @@ def test_bad_rows_are_logged_and_skipped(tiny, sample, loaded, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), data)
     summary = generate_biased(tiny, data, tmp_path / "o", max_new_tokens=3, loaded=loaded, **QUIET)
     assert (summary.written, summary.failed) == (4, 2)
-    errors = [json.loads(line) for line in (tmp_path / "o" / "_errors.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (tmp_path / "o" / "__napo__" / "errors.jsonl").read_text().splitlines()]
     reasons = {entry["idx"]: entry["reason"] for entry in errors}
     assert set(reasons) == {rows[1]["idx"], rows[4]["idx"]}
     assert reasons[rows[1]["idx"]].startswith("undecodable image") and reasons[rows[4]["idx"]] == "empty question"
@@ -250,3 +250,126 @@ def test_sigkill_mid_run_then_rerun_gives_every_row_once(tiny, tmp_path):
     frame = pd.read_parquet(out)
     assert len(frame) == 40 and frame["idx"].is_unique and set(frame["idx"]) == set(range(40))
     assert not list(out.glob(".tmp-*"))  # no stray temporary files visible as parts
+
+
+# ---------------------------------------------------------------- input the run must refuse or keep intact (issue 15)
+
+
+def _write(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_a_duplicate_idx_is_refused_whatever_the_sharding(tiny, sample, loaded, tmp_path):
+    rows = pq.read_table(sample).to_pylist()[:6]
+    rows[2]["idx"] = rows[1]["idx"]  # rows 1 and 2 land in different shards of 2
+    data = _write(rows, tmp_path / "dup.parquet")
+    for index in range(2):
+        with pytest.raises(ValueError, match=rf"idx {rows[1]['idx']} appears more than once"):
+            generate_biased(tiny, data, tmp_path / "o", max_new_tokens=2, num_shards=2, shard_index=index,
+                            loaded=loaded, **QUIET)  # fmt: skip
+    assert not list((tmp_path / "o").glob("part-*"))  # refused before any row ran
+
+
+def test_an_idx_of_lists_is_refused_with_exit_code_2(tiny, sample, tmp_path, capsys):
+    from napo.cli import main
+
+    rows = pq.read_table(sample).to_pylist()[:2]
+    for row in rows:
+        row["idx"] = [row["idx"]]
+    data = _write(rows, tmp_path / "lists.parquet")
+    code = main(["generate", "--model", str(tiny), "--data", str(data), "--output", str(tmp_path / "o"),
+                 "--device", "cpu", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "column 'idx' is of type list<" in err and len(err.splitlines()) == 1
+
+
+def test_an_input_column_named_like_napos_internals_is_kept(tiny, sample, loaded, tmp_path):
+    rows = pq.read_table(sample).to_pylist()[:3]
+    for row in rows:
+        row["_image"] = f"user value {row['idx']}"
+    data = _write(rows, tmp_path / "underscore.parquet")
+    generate_biased(tiny, data, tmp_path / "o", max_new_tokens=2, loaded=loaded, **QUIET)
+    assert read_output(tmp_path / "o")["_image"].tolist() == [f"user value {r['idx']}" for r in rows]
+
+
+def test_a_parquet_directory_keeps_every_files_columns(tiny, sample, loaded, tmp_path):
+    table = pq.read_table(sample).slice(0, 4)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    pq.write_table(table.slice(0, 2).drop(["image_path"]), folder / "a.parquet")
+    pq.write_table(table.slice(2, 2).append_column("note", pa.array(["x", "y"])), folder / "b.parquet")
+    generate_biased(tiny, folder, tmp_path / "o", max_new_tokens=2, loaded=loaded, **QUIET)
+    frame = read_output(tmp_path / "o")
+    assert frame["note"].isna().tolist() == [True, True, False, False] and frame["note"].tolist()[2:] == ["x", "y"]
+    assert frame["image_path"].isna().sum() == 2
+    assert frame["image_path"].tolist()[2:] == table["image_path"].to_pylist()[2:]
+
+
+def test_a_parquet_directory_with_clashing_column_types_is_one_clear_error(tiny, sample, loaded, tmp_path):
+    table = pq.read_table(sample).slice(0, 4)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    pq.write_table(table.slice(0, 2), folder / "a.parquet")
+    as_text = table.slice(2, 2).set_column(table.schema.get_field_index("image_path"), "image_path",
+                                          pa.array([1, 2]))  # fmt: skip
+    pq.write_table(as_text, folder / "b.parquet")
+    with pytest.raises(ValueError, match=r"column 'image_path' is string in .*a\.parquet but int64 in .*b\.parquet"):
+        generate_biased(tiny, folder, tmp_path / "o", max_new_tokens=2, loaded=loaded, **QUIET)
+
+
+def test_a_zero_row_output_reads_as_zero_rows(tiny, sample, loaded, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    empty = tmp_path / "empty"
+    assert generate_biased(tiny, sample, empty, max_new_tokens=2, limit=0, loaded=loaded, **QUIET).written == 0
+    # No row, no part: datasets says so (it cannot read a 0-row Parquet file) rather than reading napo's manifest.
+    with pytest.raises(datasets.data_files.EmptyDatasetError, match="doesn't contain any data files"):
+        datasets.load_dataset(str(empty), split="train")
+    assert len(pd.read_parquet(empty)) == 0
+    full = tmp_path / "full"
+    generate_biased(tiny, sample, full, max_new_tokens=2, limit=3, loaded=loaded, **QUIET)
+    assert len(datasets.load_dataset(str(full), split="train")) == 3
+    files = sorted(str(p) for p in full.glob("*.parquet"))
+    assert len(datasets.load_dataset("parquet", data_files=files, split="train")) == 3
+
+
+def test_a_manifest_of_the_previous_layout_still_resumes(tiny, sample, loaded, tmp_path):
+    from napo.data.generate import MANIFEST
+
+    out = tmp_path / "o"
+    generate_biased(tiny, sample, out, max_new_tokens=2, limit=2, loaded=loaded, **QUIET)
+    (out / "__napo__" / MANIFEST).rename(out / "_napo_generate.json")  # where napo <= 0.1 kept it
+    again = generate_biased(tiny, sample, out, max_new_tokens=2, limit=4, loaded=loaded, **QUIET)
+    assert (again.already_done, again.written) == (2, 2)
+    with pytest.raises(ValueError, match="other settings"):
+        generate_biased(tiny, sample, out, max_new_tokens=3, limit=4, loaded=loaded, **QUIET)
+
+
+@pytest.mark.parametrize("column", ["question", "chosen"])
+def test_a_non_string_text_column_is_refused_naming_it(tiny, sample, loaded, tmp_path, column):
+    rows = pq.read_table(sample).to_pylist()[:2]
+    for row in rows:
+        row[column] = 7
+    data = _write(rows, tmp_path / "ints.parquet")
+    with pytest.raises(ValueError, match=rf"column '{column}' is of type int64; it must hold strings"):
+        generate_biased(tiny, data, tmp_path / "o", max_new_tokens=2, loaded=loaded, **QUIET)
+
+
+def test_image_paths_outside_the_data_directory_are_refused_unless_allowed(tiny, sample, loaded, tmp_path):
+    png = pq.read_table(sample).column("image").to_pylist()[0]["bytes"]
+    (tmp_path / "outside.png").write_bytes(png)
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "images" / "inside.png").write_bytes(png)
+    rows = pq.read_table(sample).to_pylist()[:3]
+    paths = ["images/inside.png", "../outside.png", str(tmp_path / "outside.png")]
+    for row, path in zip(rows, paths, strict=True):
+        row["image"] = {"bytes": None, "path": path}
+    data = _write(rows, tmp_path / "data" / "paths.parquet")
+    summary = generate_biased(tiny, data, tmp_path / "o", max_new_tokens=2, loaded=loaded, **QUIET)
+    assert (summary.written, summary.failed) == (1, 2)
+    reasons = [e["reason"] for e in summary.errors]
+    assert all("outside the data directory" in r and "allow_outside_images" in r for r in reasons), reasons
+    allowed = generate_biased(tiny, data, tmp_path / "o2", max_new_tokens=2, allow_outside_images=True,
+                              loaded=loaded, **QUIET)  # fmt: skip
+    assert (allowed.written, allowed.failed) == (3, 0)

@@ -10,7 +10,7 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from napo.data.store import RowError, RowJob, open_input, run_rows, start_run  # noqa: E402
+from napo.data.store import ERRORS, RowError, RowJob, open_input, run_rows, start_run  # noqa: E402
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def done(rows):
 
 
 def logged(output):
-    path = output / "_errors.jsonl"
+    path = output / ERRORS
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 

@@ -50,12 +50,20 @@ def _as_frame(data: Any):
         return data.copy()
     if hasattr(data, "to_pandas"):  # datasets.Dataset, pyarrow.Table
         return data.to_pandas()
-    from napo.data.store import parquet_files
+    from napo.data.store import parquet_dataset
 
     path = Path(data)
     if path.is_file() or path.is_dir():
-        return pd.concat([pd.read_parquet(f) for f in parquet_files(path)], ignore_index=True)
+        return parquet_dataset(path).to_table().to_pandas()
     raise FileNotFoundError(f"no such file or directory: {data}")
+
+
+def _data_root(data: Any) -> Path | None:
+    """Where the data's relative image paths resolve: its directory (None for in-memory data)."""
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        return path.parent if path.is_file() else path if path.is_dir() else None
+    return None
 
 
 def _label(value: Any, where: str) -> str:
@@ -109,12 +117,21 @@ def read_noise_labels(source: Any, data: Any = None) -> dict[Any, str]:
 
 def _score_model(
     model: Any, frame, columns: list[str], batch_size: int, device: str, dtype: str, progress: bool,
-    max_length: int | None,
+    max_length: int | None, data_root: Path | None = None, allow_outside_images: bool = False,
 ):  # fmt: skip
     """Per answer column, (sums, averages) lists under ``model`` (a directory or a loaded (model, processor))."""
     from tqdm.auto import tqdm
 
     from napo.data.generate import decode_image, load_model
+    from napo.data.store import RowError
+
+    def image(row: dict):
+        try:
+            return decode_image(row["image"], data_root, allow_outside_images)
+        except RowError as error:
+            # Every row needs a margin here (no skipping as napo logps does): name the row to fix or drop.
+            raise ValueError(f"row idx {row.get('idx')!r}: {error}; scoring a model needs every row's image") from None
+
     from napo.train.collator import NaPOVisionCollator
     from napo.train.lm_head import add_napo_lm_head
     from napo.train.reference import check_vocabulary, score_examples
@@ -128,8 +145,7 @@ def _score_model(
     records = frame.to_dict("records")
     for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc="napo: scoring", unit="batch"):
         rows = records[start : start + batch_size]
-        examples = [{"image": decode_image(r["image"]), "question": r["question"], **{c: r[c] for c in columns}}
-                    for r in rows]  # fmt: skip
+        examples = [{"image": image(r), "question": r["question"], **{c: r[c] for c in columns}} for r in rows]
         for column, scored in score_examples(policy, collator, examples).items():
             out[column][0].extend(scored.logps.float().tolist())
             out[column][1].extend(scored.avg_logps.float().tolist())
@@ -149,6 +165,7 @@ def margins(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = False,
+    allow_outside_images: bool = False,
 ):
     """A DataFrame with one row per (data row, term) and the margins NaPO works from.
 
@@ -165,7 +182,8 @@ def margins(
         noise_labels: optional: a column of ``data``, a mapping/Series idx -> label, or a file (see
             :func:`read_noise_labels`); or a dict term -> any of those, for labels that differ per term.
         max_length: when scoring a model, truncate prompt + answer as the reference columns were
-            (``napo logps`` records it; 2048 is its and the trainer's default).
+            (``napo logps`` records it; 2048 is its and the trainer's default); None: no truncation.
+        allow_outside_images: when scoring a model, read image paths outside the data's directory.
     Returns:
         Columns ``idx, term, answer, chosen_logps, answer_logps, chosen_avg_logps, answer_avg_logps,
         logp_margin, avg_logp_margin, length_margin, q`` (+ ``reward_margin, avg_reward_margin`` when a
@@ -177,8 +195,12 @@ def margins(
     import numpy as np
     import pandas as pd
 
+    from napo.data.inputs import check_answer_columns, check_int
     from napo.train.collator import reference_columns
 
+    check_int("batch_size", batch_size, 1)
+    if max_length is not None:
+        check_int("max_length", max_length, 1)
     frame = _as_frame(data)
     if "idx" not in frame.columns:
         raise ValueError(f"the data needs an 'idx' column (has: {', '.join(map(str, frame.columns))})")
@@ -214,7 +236,9 @@ def margins(
         scored = {c: (frame[reference_columns(c)[0]].to_numpy(float), frame[reference_columns(c)[1]].to_numpy(float))
                   for c in needed}  # fmt: skip
     else:
-        lists = _score_model(model, frame, needed, batch_size, device, dtype, progress, max_length)
+        check_answer_columns(frame.columns, list(dict.fromkeys(needed)))  # no prompt column scored as an answer
+        lists = _score_model(model, frame, needed, batch_size, device, dtype, progress, max_length, _data_root(data),
+                             allow_outside_images)  # fmt: skip
         scored = {c: (np.asarray(s, dtype=float), np.asarray(a, dtype=float)) for c, (s, a) in lists.items()}
 
     def tokens(sums, avgs):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +18,40 @@ from napo.analysis.margins import (
 )
 from napo.analysis.plots import plot_margin_hist, plot_q_curve, plot_training_curves
 
-__all__ = ["analyze", "markdown_table"]
+__all__ = ["analyze", "code_span", "escape_markdown", "markdown_table"]
+
+# Line breaks end a table row or a paragraph; the other control characters have no business in a report.
+_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def escape_markdown(value: Any) -> str:
+    """``value`` as literal text on one line of Markdown: every ASCII punctuation character backslash-escaped
+    (CommonMark renders each as itself), so data can open no link, image, HTML tag, emphasis or table cell."""
+    return _PUNCTUATION.sub(r"\\\1", _BREAKS.sub(" ", str(value)))
+
+
+def code_span(value: Any) -> str:
+    """``value`` (a path, say) as an inline code span on one line: nothing inside one is interpreted but a
+    run of backticks as long as its fence, so the fence is made longer than any run in the text."""
+    text = _BREAKS.sub(" ", str(value))
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
 
 
 def markdown_table(frame, digits: int = 4) -> str:
-    """A DataFrame as a GitHub Markdown table (floats to ``digits`` significant digits)."""
+    """A DataFrame as a GitHub Markdown table (floats to ``digits`` significant digits). Every other cell
+    and every header is escaped: idx values and labels come from the user's data."""
 
     def cell(value: Any) -> str:
-        if isinstance(value, float):
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+            value = float(value)
             return "nan" if math.isnan(value) else f"{value:.{digits}g}"
-        return str(value).replace("|", "\\|")
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return str(int(value))
+        return escape_markdown(value)
 
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    header = "| " + " | ".join(map(escape_markdown, frame.columns)) + " |"
     rule = "|" + "---|" * len(frame.columns)
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *rows])
@@ -45,6 +69,7 @@ def analyze(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
+    allow_outside_images: bool = False,
 ) -> Path:
     """Writes ``report.md``, ``margins.csv`` and the figures under ``output``; returns the report's path.
 
@@ -54,9 +79,13 @@ def analyze(
     a model nor the columns, the data's own margins are not defined and this raises.
     """
     from napo.analysis.margins import _as_frame
+    from napo.data.inputs import check_int, check_output_dir
     from napo.train.collator import reference_columns
     from napo.train.reference import DEFAULT_MAX_LENGTH, cached_settings
 
+    check_int("top", top, 1)
+    check_int("batch_size", batch_size, 1)
+    check_output_dir(output)
     output = Path(output)
     # Every input is checked before anything is written: a refused run leaves no partial report behind.
     frame = _as_frame(data)
@@ -73,13 +102,15 @@ def analyze(
     if not cached:
         from napo.train.reference import compute_reference_logps
 
-        options = {"batch_size": batch_size, "device": device, "dtype": dtype, "progress": progress}
+        options = {"batch_size": batch_size, "device": device, "dtype": dtype, "progress": progress,
+                   "allow_outside_images": allow_outside_images}  # fmt: skip
         summary = compute_reference_logps(model, data, output / "reference-logps", columns=answers, **options)
         frame, policy = _as_frame(summary.output_dir), None
     settings = cached_settings(data) if cached else None  # score a policy truncated as the reference was
     max_length = settings.get("max_length", DEFAULT_MAX_LENGTH) if settings else DEFAULT_MAX_LENGTH
     table = margins(frame, policy, noise_labels=noise_labels, batch_size=batch_size, max_length=max_length,
-                    device=device, dtype=dtype, progress=progress)  # fmt: skip
+                    device=device, dtype=dtype, progress=progress,
+                    allow_outside_images=allow_outside_images)  # fmt: skip
     table.to_csv(output / "margins.csv", index=False)
     figures = {
         "margin_hist.png": plot_margin_hist(table),
@@ -95,8 +126,8 @@ def analyze(
     lines = [
         "# NaPO margin report",
         "",
-        f"Data: `{data}` ({frame.shape[0]} rows). Margins under {source}"
-        + (f" (`{model}`)." if model is not None else " (cached `ref_*` columns)."),
+        f"Data: {code_span(data)} ({frame.shape[0]} rows). Margins under {source}"
+        + (f" ({code_span(model)})." if model is not None else " (cached `ref_*` columns)."),
         "A margin is log p(chosen) - log p(answer): negative where the model prefers the other answer.",
         "",
         "## Summary",
@@ -115,7 +146,7 @@ def analyze(
         "",
     ]
     if run is not None:
-        lines += ["## Training run", "", f"Run: `{run}`.", "", "![training curves](training_curves.png)", ""]
+        lines += ["## Training run", "", f"Run: {code_span(run)}.", "", "![training curves](training_curves.png)", ""]
     lines += ["## The pairs NaPO treats as most likely noisy", ""]
     for term in [t for t in ("language", "vision", "original") if t in set(table["term"])]:
         ranked = noise_ranking(table, term, top=top)

@@ -11,23 +11,27 @@ stays small), sharded (``num_shards`` / ``shard_index``, or the ``WORLD_SIZE`` /
 torchrun and accelerate set), and resumable: finished rows go to Parquet part files written
 atomically (temporary file, fsync, rename), so a run killed at any moment and rerun ends with
 every row exactly once. Rows that cannot be processed (undecodable image, empty question, a
-generation error) are logged to ``_errors.jsonl`` (the underscore keeps Parquet readers off it)
-and skipped.
+generation error) are logged to ``__napo__/errors.jsonl`` (a folder Parquet and `datasets` readers
+skip) and skipped. An image given by path is read only from inside the data's directory unless
+``allow_outside_images`` says otherwise.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from napo.data.inputs import REQUIRED_COLUMNS, check_idx_values, check_int, check_rlaif_schema
 from napo.data.store import (
     RowError,
     RowJob,
     RunSummary,
+    check_run_options,
     extend_schema,
     open_input,
     run_rows,
@@ -36,9 +40,9 @@ from napo.data.store import (
 
 GenerationSummary = RunSummary  # the name this module's callers know
 
-REQUIRED_COLUMNS = ("image", "question", "chosen", "rejected", "idx")
-# Leading underscores: Parquet readers (pyarrow, pandas.read_parquet(output_dir)) skip such files.
-MANIFEST = "_napo_generate.json"
+__all__ = ["REQUIRED_COLUMNS", "GenerationSettings", "decode_image", "generate_biased", "load_model"]
+
+MANIFEST = "generate.json"  # in the output's __napo__/ folder
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,8 @@ class GenerationSettings:
     blank_images: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_int("num_beams", self.num_beams, 1)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -64,17 +66,32 @@ class GenerationSettings:
 # ---------------------------------------------------------------- input
 
 
-def check_columns(names: list[str]) -> None:
-    missing = [column for column in REQUIRED_COLUMNS if column not in names]
-    if missing:
-        raise ValueError(
-            f"the input lacks the RLAIF-V column(s) {', '.join(missing)} (has: {', '.join(names)}); "
-            f"napo generate needs {', '.join(REQUIRED_COLUMNS)}"
+def check_input(source: Any, limit: int | None = None) -> None:
+    """Refuses, before any model loads, an input ``napo generate`` cannot process: see
+    :func:`napo.data.inputs.check_rlaif_schema` and :func:`napo.data.inputs.check_idx_values`."""
+    check_rlaif_schema(source.schema, ("chosen", "rejected"), "napo generate")
+    check_idx_values(source, limit)
+
+
+def image_path(path: str, data_root: Path | None, allow_outside: bool = False) -> Path:
+    """Where an image path of the data points: relative to ``data_root`` (the data's directory), and inside
+    it unless ``allow_outside``. A path such as ``../x.png`` or ``/etc/passwd`` (or a link pointing out)
+    would otherwise let a dataset make napo open any file the user can read."""
+    if data_root is None:
+        raise RowError(f"image path {path!r} but no data directory to resolve it against (give image bytes)")
+    root = data_root.resolve()
+    resolved = (root / path).resolve()
+    if not allow_outside and not resolved.is_relative_to(root):
+        raise RowError(
+            f"image path {path!r} points outside the data directory {root}; move the image under it, or pass "
+            "--allow-outside-images (allow_outside_images=True) if the data is trusted"
         )
+    return resolved
 
 
-def decode_image(value: Any, data_root: Path | None = None):
-    """A PIL RGB image from {"bytes", "path"}, raw bytes, or a path; RowError if it cannot be decoded."""
+def decode_image(value: Any, data_root: Path | None = None, allow_outside: bool = False):
+    """A PIL RGB image from {"bytes", "path"}, raw bytes, or a path (see :func:`image_path`); RowError if it
+    cannot be decoded."""
     from PIL import Image
 
     raw, path = None, None
@@ -87,8 +104,8 @@ def decode_image(value: Any, data_root: Path | None = None):
     try:
         if raw:
             image = Image.open(io.BytesIO(raw))
-        elif path and data_root is not None and (data_root / path).is_file():
-            image = Image.open(data_root / path)
+        elif path and (resolved := image_path(path, data_root, allow_outside)).is_file():
+            image = Image.open(resolved)
         else:
             raise RowError("no image bytes (and no readable image path)")
         return image.convert("RGB")
@@ -138,7 +155,15 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
     device = resolve_device(device)
     processor = AutoProcessor.from_pretrained(str(model))
     processor.tokenizer.padding_side = "left"  # decoder-only generation: pad before the prompt
-    loaded = ModelClass.from_pretrained(str(model), dtype=resolve_dtype(dtype, device))
+    try:
+        loaded = ModelClass.from_pretrained(str(model), dtype=resolve_dtype(dtype, device))
+    except pickle.UnpicklingError as error:
+        # torch's weights-only loader refused a pickled checkpoint (it would run code): the user's to fix.
+        reason = [line for line in str(error).splitlines() if line.strip()][-1]
+        raise ValueError(
+            f"{model}: its PyTorch checkpoint holds more than weights and was not loaded ({reason}); "
+            "convert it to safetensors from a trusted copy"
+        ) from None
     loaded.to(device).eval()
     return loaded, processor
 
@@ -173,22 +198,23 @@ def generate_answers(
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def _requests(column: str, rows: list[dict], processor) -> tuple[list[str], list | None]:
+def _requests(column: str, rows: list[dict], images: list, processor) -> tuple[list[str], list | None]:
     from PIL import Image
 
     if column == "question_only":
         return [_prompt(processor, question=r["question"], with_image=False) for r in rows], None
     if column == "image_only":
-        return [_prompt(processor, question=None, with_image=True) for r in rows], [r["_image"] for r in rows]
+        return [_prompt(processor, question=None, with_image=True) for r in rows], images
     color = (255, 255, 255) if column == "question_only_white" else (0, 0, 0)
-    blanks = [Image.new("RGB", r["_image"].size, color) for r in rows]
+    blanks = [Image.new("RGB", image.size, color) for image in images]
     return [_prompt(processor, question=r["question"], with_image=True) for r in rows], blanks
 
 
-def _answer_rows(model, processor, rows: list[dict], settings: GenerationSettings) -> list[dict]:
+def _answer_rows(model, processor, rows: list[dict], images: list, settings: GenerationSettings) -> list[dict]:
+    """``images``: the rows' decoded images, in order (kept beside the rows: see :class:`RowJob`)."""
     for column in settings.columns:
-        prompts, images = _requests(column, rows, processor)
-        for row, answer in zip(rows, generate_answers(model, processor, prompts, images, settings), strict=True):
+        prompts, column_images = _requests(column, rows, images, processor)
+        for row, answer in zip(rows, generate_answers(model, processor, prompts, column_images, settings), strict=True):
             row[column] = answer
     return rows
 
@@ -213,6 +239,7 @@ def generate_biased(
     rows_per_part: int = 256,
     overwrite: bool = False,
     progress: bool = True,
+    allow_outside_images: bool = False,
     loaded: tuple | None = None,
 ) -> RunSummary:
     """Adds ``question_only`` and ``image_only`` (and, with ``blank_images``, ``question_only_white``
@@ -229,6 +256,7 @@ def generate_biased(
             default from WORLD_SIZE / RANK.
         rows_per_part: rows per Parquet part: what a crash can lose (it is regenerated on rerun).
         overwrite: start again in an output directory that holds a run with other settings.
+        allow_outside_images: read image paths that point outside the data's directory (trusted data only).
         loaded: an already loaded ``(model, processor)`` pair (``model`` is then only recorded).
     Returns:
         A :class:`napo.data.store.RunSummary`.
@@ -236,8 +264,10 @@ def generate_biased(
     import pyarrow as pa
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, blank_images=blank_images)
+    check_run_options(batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
+                      shard_index=shard_index)  # fmt: skip
     source, total_rows = open_input(data)
-    check_columns(list(source.schema.names))
+    check_input(source, limit)
     output = Path(output)
     run = start_run(model, data, output, asdict(settings), manifest_name=MANIFEST, overwrite=overwrite,
                     batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
@@ -250,16 +280,14 @@ def generate_biased(
     schema = extend_schema(source.schema, answer_fields, b"napo", {**run.manifest, "columns": list(settings.columns)})
     data_root = run.data_root
 
-    def prepare(row: dict) -> dict:
+    def prepare(row: dict) -> tuple[dict, Any]:
         if not isinstance(row["question"], str) or not row["question"].strip():
             raise RowError("empty question")
-        row["_image"] = decode_image(row["image"], data_root)
-        return row
+        return row, decode_image(row["image"], data_root, allow_outside_images)
 
-    def answer(rows: list[dict]) -> list[dict]:
-        for row in _answer_rows(llava, processor, rows, settings):
-            row.pop("_image", None)
-        return rows
+    def answer(items: list[tuple[dict, Any]]) -> list[dict]:
+        rows, images = [row for row, _ in items], [image for _, image in items]
+        return _answer_rows(llava, processor, rows, images, settings)
 
     job = RowJob(
         name="napo generate",

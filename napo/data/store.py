@@ -2,8 +2,10 @@
 
 Finished rows go to part files written atomically (temporary file, fsync, rename), named
 ``part-sSSSS-NNNNNN.parquet`` by shard and sequence number; a run killed at any moment and rerun
-with the same settings ends with every row exactly once. A manifest (underscore-prefixed, so
-Parquet readers skip it) records the settings and refuses a rerun with other ones.
+with the same settings ends with every row exactly once. A manifest records the settings and
+refuses a rerun with other ones; it and the log of skipped rows live in ``__napo__/``, a folder
+that pyarrow, pandas and `datasets` all skip (each reads a JSON file beside the parts as data when
+there is no part, so a run with no row written would read as a one-row dataset).
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ERRORS = "_errors.jsonl"
+BOOKKEEPING = "__napo__"
+ERRORS = f"{BOOKKEEPING}/errors.jsonl"
+LEGACY_ERRORS = "_errors.jsonl"  # where napo <= 0.1 kept it, beside the parts
 PART_PATTERN = re.compile(r"^part-s(\d{4})-(\d{6})\.parquet$")
 
 
 def open_input(data: str | Path) -> tuple[Any, int]:
     """(a pyarrow dataset or table to stream RecordBatches from, row count) for a Parquet file, a
     directory of Parquet files, a saved `datasets` directory or (where a hub is reachable) a hub id."""
-    import pyarrow.dataset as pads
-
     path = Path(data)
     if path.is_file():
-        dataset = pads.dataset(str(path), format="parquet")
+        dataset = parquet_dataset(path)
         return dataset, dataset.count_rows()
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
@@ -37,7 +39,7 @@ def open_input(data: str | Path) -> tuple[Any, int]:
 
             table = datasets.load_from_disk(str(path)).data.table
             return table, table.num_rows
-        dataset = pads.dataset(parquet_files(path), format="parquet")
+        dataset = parquet_dataset(path)
         return dataset, dataset.count_rows()
     if "/" in str(data) and not str(data).startswith((".", "/")):
         import datasets
@@ -61,6 +63,41 @@ def parquet_files(path: str | Path) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no Parquet files under {path}")
     return files
+
+
+def parquet_schema(files: list[str]) -> Any:
+    """One schema for all ``files``: every column of every file (missing ones read as null), with types
+    widened where that loses nothing (int32 and int64 -> int64). pyarrow's default is the first file's
+    schema, which silently drops the columns only later files have. Reads only the files' footers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = [pq.read_schema(f) for f in files]
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    seen: dict[str, tuple[Any, str]] = {}
+    for file, schema in zip(files, schemas, strict=True):
+        for arrow_field in schema:
+            first = seen.setdefault(arrow_field.name, (arrow_field.type, file))
+            try:
+                pa.unify_schemas([pa.schema([pa.field("x", first[0])]), pa.schema([pa.field("x", arrow_field.type)])],
+                                 promote_options="permissive")  # fmt: skip
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                raise ValueError(
+                    f"column {arrow_field.name!r} is {first[0]} in {first[1]} but {arrow_field.type} in {file}; "
+                    "give the column one type in every file"
+                ) from None
+    raise ValueError(f"the Parquet files under {Path(files[0]).parent} have schemas that cannot be merged")
+
+
+def parquet_dataset(path: str | Path) -> Any:
+    """A pyarrow dataset over :func:`parquet_files` with the :func:`parquet_schema` of all of them."""
+    import pyarrow.dataset as pads
+
+    files = parquet_files(path)
+    return pads.dataset(files, schema=parquet_schema(files), format="parquet")
 
 
 def record_batches(source: Any, size: int) -> Iterator[Any]:
@@ -118,9 +155,22 @@ def done_indices(output: Path) -> set:
     return done
 
 
+def _move_legacy_bookkeeping(output: Path, manifest_name: str) -> None:
+    """Outputs written before ``__napo__/`` existed resume too: their manifest and error log move in."""
+    legacy = {
+        output / LEGACY_ERRORS: output / ERRORS,
+        output / f"_napo_{manifest_name}": output / BOOKKEEPING / manifest_name,
+    }
+    for old, new in legacy.items():
+        if old.exists() and not new.exists():
+            os.replace(old, new)
+
+
 def prepare_output(output: Path, manifest: dict, overwrite: bool, manifest_name: str) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / manifest_name
+    """``manifest_name``: the manifest's file name inside ``__napo__/`` (``generate.json``, ``logps.json``)."""
+    (output / BOOKKEEPING).mkdir(parents=True, exist_ok=True)
+    _move_legacy_bookkeeping(output, manifest_name)
+    path = output / BOOKKEEPING / manifest_name
     if overwrite:
         for part in existing_parts(output):
             part.unlink()
@@ -172,14 +222,17 @@ class RunSummary:
 class RowJob:
     """What a stage does to rows.
 
-    name: the progress bar's label. prepare(row) -> row, raising :class:`RowError` for a row to skip.
-    process(rows) -> rows: one batch, completed in place. sort_key: orders the rows of a window
-    (similar lengths batch together). failure: the log reason prefix when ``process`` raises.
+    name: the progress bar's label. prepare(row) -> item: what ``process`` needs of one row (the row and
+    whatever the stage derives from it, such as the decoded image), raising :class:`RowError` for a row
+    to skip. process(items) -> rows: one batch, the finished rows to write. Derived values travel in the
+    item, never in the row under a made-up key: any such key could be one of the user's columns.
+    sort_key: orders the rows of a window (similar lengths batch together). failure: the log reason
+    prefix when ``process`` raises.
     """
 
     name: str
-    prepare: Callable[[dict], dict]
-    process: Callable[[list[dict]], list[dict]]
+    prepare: Callable[[dict], Any]
+    process: Callable[[list[Any]], list[dict]]
     sort_key: Callable[[dict], Any] | None = None
     failure: str = "processing failed"
 
@@ -193,6 +246,22 @@ def shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, got {shard_index} of {num_shards}")
     return num_shards, shard_index
+
+
+def check_run_options(
+    *, batch_size: int, rows_per_part: int, limit: int | None, num_shards: int | None, shard_index: int | None
+) -> None:
+    """The options every row stage shares, in the ranges the CLI enforces (ValueError naming the option)."""
+    from napo.data.inputs import check_int
+
+    check_int("batch_size", batch_size, 1)
+    check_int("rows_per_part", rows_per_part, 1)
+    if limit is not None:
+        check_int("limit", limit, 0)
+    if num_shards is not None:
+        check_int("num_shards", num_shards, 1)
+    if shard_index is not None:
+        check_int("shard_index", shard_index, 0)
 
 
 @dataclass(frozen=True)
@@ -222,10 +291,8 @@ def start_run(
     """Checks the run options, resolves the shard, and records (or checks) the run's manifest."""
     from napo import __version__
 
-    if batch_size < 1 or rows_per_part < 1:
-        raise ValueError(f"batch_size and rows_per_part must be >= 1, got {batch_size} and {rows_per_part}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+    check_run_options(batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
+                      shard_index=shard_index)  # fmt: skip
     num_shards, shard_index = shard_from_env(num_shards, shard_index)
     manifest = {
         "model": str(Path(model).resolve()) if Path(model).exists() else str(model),
@@ -275,9 +342,10 @@ def run_rows(
     limit: int | None,
     progress: bool,
 ) -> RunSummary:
-    """Streams ``source`` (keyed by its unique ``idx`` column), runs ``job`` on this shard's rows not done
-    yet, and writes the finished rows as parts with ``schema``. A batch that fails is retried row by row,
-    so one bad row cannot sink the others; bad rows go to ``_errors.jsonl`` with the reason."""
+    """Streams ``source`` (keyed by its ``idx`` column, which the stage has checked with
+    :func:`napo.data.inputs.check_idx_values`), runs ``job`` on this shard's rows not done yet, and
+    writes the finished rows as parts with ``schema``. A batch that fails is retried row by row, so one
+    bad row cannot sink the others; bad rows go to ``__napo__/errors.jsonl`` with the reason."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -290,7 +358,6 @@ def run_rows(
     summary = RunSummary(output_dir=output, shard_index=shard_index, num_shards=num_shards)
     next_part = max(part_numbers(output, shard_index), default=-1) + 1
     pending: list[dict] = []
-    seen: set = set()
     started = time.perf_counter()
     bar = progress_bar(shard_total, progress, f"{job.name} (shard {shard_index}/{num_shards})")
 
@@ -314,18 +381,19 @@ def run_rows(
         summary.errors.append(entry)
         bar.update(1)
 
-    def process(batch: list[dict]) -> list[dict]:
+    def process(batch: list[tuple[dict, Any]]) -> list[dict]:
+        """``batch``: (row, prepared item) pairs; the row is what an error is logged against."""
         if not batch:
             return []
         try:
-            return job.process(batch)
+            return job.process([item for _, item in batch])
         except Exception as error:
             if _breaks_the_run(error, single_row=len(batch) == 1):
                 raise  # not this row's fault: stop, and let a rerun resume
             if len(batch) == 1:
-                record_error(batch[0], f"{job.failure}: {type(error).__name__}: {error}")
+                record_error(batch[0][0], f"{job.failure}: {type(error).__name__}: {error}")
                 return []
-        return [finished for row in batch for finished in process([row])]
+        return [finished for pair in batch for finished in process([pair])]
 
     position = 0
     for record_batch in record_batches(source, batch_size * 32):
@@ -334,9 +402,6 @@ def run_rows(
             if limit is not None and position >= limit:
                 break
             if position % num_shards == shard_index:
-                if row["idx"] in seen:
-                    raise ValueError(f"idx {row['idx']!r} appears more than once in the input; idx must be unique")
-                seen.add(row["idx"])
                 mine.append(row)
             position += 1
         todo = [r for r in mine if r["idx"] not in done]
@@ -348,7 +413,7 @@ def run_rows(
             batch = []
             for row in todo[offset : offset + batch_size]:
                 try:
-                    batch.append(job.prepare(row))
+                    batch.append((row, job.prepare(row)))
                 except RowError as error:
                     record_error(row, str(error))
             for row in process(batch):

@@ -9,7 +9,7 @@ uses, so the cached values are those of the sequences the policy is trained on.
 
 Like ``napo generate``: batched, sharded (WORLD_SIZE / RANK), resumable (rerun the same command),
 crash-safe (atomic Parquet parts), with a progress bar; rows that cannot be scored are logged to
-``_errors.jsonl`` and skipped.
+``__napo__/errors.jsonl`` and skipped.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from napo.data.inputs import check_answer_columns, check_idx_values, check_int, check_rlaif_schema
 from napo.data.store import (
     RowError,
     RowJob,
     RunSummary,
+    check_run_options,
     extend_schema,
     open_input,
     parquet_files,
@@ -42,7 +44,7 @@ __all__ = [
     "scored_columns",
 ]
 
-MANIFEST = "_napo_logps.json"
+MANIFEST = "logps.json"  # in the output's __napo__/ folder
 DEFAULT_MAX_LENGTH = 2048
 """NaPOConfig's default max_length (the authors' 2048; DPOConfig's is 1024): cached and live log-probs
 truncate alike."""
@@ -53,7 +55,8 @@ REQUIRED = ("image", "question", "chosen", "rejected", "idx")
 
 
 def scored_columns(names: list[str], columns: list[str] | None = None) -> list[str]:
-    """The columns ``napo logps`` scores: ``columns`` (each must exist), or every answer column present."""
+    """The columns ``napo logps`` scores: ``columns`` (see :func:`napo.data.inputs.check_answer_columns`), or
+    every answer column present."""
     missing = [c for c in REQUIRED if c not in names]
     if missing:
         raise ValueError(
@@ -62,10 +65,15 @@ def scored_columns(names: list[str], columns: list[str] | None = None) -> list[s
         )
     if columns is None:
         return [c for c in ANSWER_COLUMNS if c in names]
-    absent = [c for c in columns if c not in names]
-    if absent:
-        raise ValueError(f"asked to score column(s) {', '.join(absent)}, which the data lacks")
-    return list(dict.fromkeys(columns))
+    return check_answer_columns(names, columns)
+
+
+def check_input(schema: Any, columns: list[str] | None = None) -> list[str]:
+    """The columns to score (:func:`scored_columns`), once the schema is one ``napo logps`` can read: the
+    scored columns and ``question`` strings, ``idx`` a key, ``image`` images (named in the ValueError)."""
+    columns = scored_columns(list(schema.names), columns)
+    check_rlaif_schema(schema, columns, "napo logps")
+    return columns
 
 
 def compute_reference_logps(
@@ -84,6 +92,7 @@ def compute_reference_logps(
     rows_per_part: int = 256,
     overwrite: bool = False,
     progress: bool = True,
+    allow_outside_images: bool = False,
     loaded: tuple | None = None,
 ) -> RunSummary:
     """Adds ``ref_<column>_logps`` and ``ref_<column>_avg_logps`` to every row of ``data``; writes Parquet parts.
@@ -94,19 +103,25 @@ def compute_reference_logps(
         output: the output directory; rerunning the same command resumes.
         columns: the answer columns to score (default: every one of :data:`ANSWER_COLUMNS` present).
         batch_size: rows per forward (each row is ``len(columns)`` sequences).
-        max_length: truncate prompt + answer to this many tokens; None: no truncation. It must be the
+        max_length: truncate prompt + answer to this many tokens (>= 1); None: no truncation. It must be the
             trainer's ``max_length`` (NaPOConfig's default, 2048, here too) for the cached values to be the reference
             log-probs of the sequences the policy trains on; it is recorded in the output's metadata.
         limit, num_shards, shard_index, rows_per_part, overwrite, progress: as for ``napo generate``.
         device, dtype: where and in what precision the model runs (auto: CUDA in bfloat16 when present).
+        allow_outside_images: as for ``napo generate``.
         loaded: an already loaded ``(model, processor)`` pair.
     """
     import pyarrow as pa
 
     from napo.data.generate import decode_image, load_model, resolve_device, resolve_dtype
 
+    if max_length is not None:
+        check_int("max_length", max_length, 1)
+    check_run_options(batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
+                      shard_index=shard_index)  # fmt: skip
     source, total_rows = open_input(data)
-    columns = scored_columns(list(source.schema.names), columns)
+    columns = check_input(source.schema, columns)
+    check_idx_values(source, limit)
     output = Path(output)
     resolved_device = resolve_device(device)
     settings = {
@@ -130,23 +145,22 @@ def compute_reference_logps(
     )
     data_root = run.data_root
 
-    def prepare(row: dict) -> dict:
+    def prepare(row: dict) -> tuple[dict, Any]:
         for column in columns:
-            if not isinstance(row[column], str):
-                raise RowError(f"column {column!r} is {type(row[column]).__name__}, not a string")
+            if not isinstance(row[column], str):  # the schema says strings: this is a null
+                raise RowError(f"column {column!r} is null")
         if not isinstance(row["question"], str) or not row["question"].strip():
             raise RowError("empty question")
-        row["_image"] = decode_image(row["image"], data_root)
-        return row
+        return row, decode_image(row["image"], data_root, allow_outside_images)
 
-    def score(rows: list[dict]) -> list[dict]:
-        examples = [{"image": r["_image"], "question": r["question"], **{c: r[c] for c in columns}} for r in rows]
+    def score(items: list[tuple[dict, Any]]) -> list[dict]:
+        # The example holds only what the collator reads; the decoded image never enters the row.
+        examples = [{"image": image, "question": r["question"], **{c: r[c] for c in columns}} for r, image in items]
+        rows = [row for row, _ in items]
         for column, out in score_examples(reference, collator, examples).items():
             sum_name, avg_name = reference_columns(column)
             for row, total, average in zip(rows, out.logps.tolist(), out.avg_logps.tolist(), strict=True):
                 row[sum_name], row[avg_name] = total, average
-        for row in rows:
-            row.pop("_image")
         return rows
 
     tokenizer = processor.tokenizer

@@ -22,17 +22,37 @@ REFERENCE_DIR = "reference-logps"
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """NaPOConfig fields from a ``.json`` or ``.yaml``/``.yml`` file (a flat mapping)."""
+    """NaPOConfig fields from a ``.json`` or ``.yaml``/``.yml`` file (a flat mapping). Every way the file
+    can be wrong is a ValueError naming it (FileNotFoundError when it is missing); YAML is read with
+    ``safe_load``, which refuses the tags that would construct Python objects."""
     path = Path(path)
-    text = path.read_text()
+    if path.is_dir():
+        raise ValueError(f"config {path} is a directory; give a JSON or YAML file of NaPOConfig fields")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config {path} is not UTF-8 text ({error.reason}); give a JSON or YAML file") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            # The parser's message spans lines (problem, context, a caret): keep the problem and its place.
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(f"config {path} is not valid YAML{where}: {problem}") from None
     else:
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"config {path} is not valid JSON: {error}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of NaPOConfig fields, got {type(values).__name__}")
+        raise ValueError(f"config {path} must hold a mapping of NaPOConfig fields, got {type(values).__name__}")
+    odd = [key for key in values if not isinstance(key, str)]
+    if odd:
+        raise ValueError(f"config {path}: field names must be strings, got {odd[0]!r}")
     return values
 
 
@@ -105,7 +125,7 @@ def train(
     from datasets import load_dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from napo.data.store import parquet_files
+    from napo.data.store import parquet_files, parquet_schema
     from napo.train.reference import cached_settings, compute_reference_logps, scored_columns
     from napo.train.trainer import NaPOConfig, NaPOTrainer, resolve_terms
 
@@ -121,9 +141,7 @@ def train(
 
     state = PartialState()
     data = Path(data)
-    import pyarrow.dataset as pads
-
-    names = pads.dataset(parquet_files(data), format="parquet").schema.names
+    names = parquet_schema(parquet_files(data)).names  # every file's columns, not only the first's
     terms = resolve_terms(args, names)
     needed = list(dict.fromkeys(["chosen", *(column for _, column in terms.values())]))
     scored_columns(names, needed)  # the RLAIF-V columns are there, before any model is loaded
