@@ -92,6 +92,17 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_image_argument(parser)
 
 
+def _add_prompt_format_argument(parser: argparse.ArgumentParser) -> None:
+    from napo.data.prompts import PROMPT_FORMATS
+
+    parser.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        default=None,
+        help="template: the checkpoint's chat template (default); llava_v1: the authors' LLaVA-1.5 conversation format",
+    )
+
+
 def _add_image_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-outside-images",
@@ -170,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=_positive_int, default=1024)
     generate.add_argument("--num-beams", type=_positive_int, default=3)
     generate.add_argument("--blank-images", action="store_true", help="also question_only_white / _black")
+    _add_prompt_format_argument(generate)
     _add_run_arguments(generate)
 
     logps = commands.add_parser(
@@ -188,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_LENGTH,
         help="truncate prompt + answer as the trainer will (default 2048 = NaPOConfig's max_length; 0: no truncation)",
     )
+    _add_prompt_format_argument(logps)
     _add_run_arguments(logps)
 
     train = commands.add_parser(
@@ -208,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--logging-steps", type=_positive_int, default=None)
     train.add_argument("--seed", type=_seed, default=None)
     train.add_argument("--logps-batch-size", type=_positive_int, default=8, help="rows per reference forward")
+    _add_prompt_format_argument(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     analyze = commands.add_parser(
@@ -306,6 +320,7 @@ def _generate(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams,
             blank_images=args.blank_images,
+            prompt_format=args.prompt_format or "template",
             **_run_options(args),
         ),
     )
@@ -323,6 +338,7 @@ def _logps(args: argparse.Namespace) -> int:
             args.output,
             columns=args.columns,
             max_length=args.max_length or None,
+            prompt_format=args.prompt_format or "template",
             **_run_options(args),
         ),
     )
@@ -337,6 +353,7 @@ _TRAIN_FLAGS = {
     "save_steps": "save_steps",
     "logging_steps": "logging_steps",
     "seed": "seed",
+    "prompt_format": "prompt_format",
 }
 
 

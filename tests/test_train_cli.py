@@ -288,3 +288,16 @@ def test_under_torchrun_each_process_scores_its_shard_then_all_train(workdir, tm
     scored = pd.read_parquet(run / "reference-logps")
     assert sorted(scored["idx"]) == sorted(pd.read_parquet(workdir / "biased")["idx"])  # every row once
     assert [h["step"] for h in log_history_or_final(run) if "loss" in h] == [1, 2]
+
+
+def test_cached_reference_of_another_prompt_format_is_scored_again(workdir, scored, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(workdir / "model"), "--data", str(scored), "--output", str(run),
+                 "--prompt-format", "llava_v1", "--max-steps", "1", "--logging-steps", "1",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert "used prompt_format=template, training uses llava_v1: scoring them again" in capsys.readouterr().out
+    from napo.train.reference import cached_settings
+
+    assert cached_settings(run / "reference-logps")["prompt_format"] == "llava_v1"
+    entry = next(h for h in log_history_or_final(run) if "loss" in h)
+    assert abs(entry["napo/margin_language"]) < 1e-4  # step 1: the rescored reference is the policy's own

@@ -118,6 +118,7 @@ def read_noise_labels(source: Any, data: Any = None) -> dict[Any, str]:
 def _score_model(
     model: Any, frame, columns: list[str], batch_size: int, device: str, dtype: str, progress: bool,
     max_length: int | None, data_root: Path | None = None, allow_outside_images: bool = False,
+    prompt_format: str = "template",
 ):  # fmt: skip
     """Per answer column, (sums, averages) lists under ``model`` (a directory or a loaded (model, processor))."""
     from tqdm.auto import tqdm
@@ -140,7 +141,8 @@ def _score_model(
     policy, processor = loaded
     check_vocabulary(policy, processor)
     add_napo_lm_head(policy)
-    collator = NaPOVisionCollator(processor=processor, columns=columns, max_length=max_length)
+    collator = NaPOVisionCollator(processor=processor, columns=columns, max_length=max_length,
+                                  prompt_format=prompt_format)  # fmt: skip
     out: dict[str, tuple[list[float], list[float]]] = {c: ([], []) for c in columns}
     records = frame.to_dict("records")
     for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc="napo: scoring", unit="batch"):
@@ -166,6 +168,7 @@ def margins(
     dtype: str = "auto",
     progress: bool = False,
     allow_outside_images: bool = False,
+    prompt_format: str = "template",
 ):
     """A DataFrame with one row per (data row, term) and the margins NaPO works from.
 
@@ -184,6 +187,8 @@ def margins(
         max_length: when scoring a model, truncate prompt + answer as the reference columns were
             (``napo logps`` records it; 2048 is its and the trainer's default); None: no truncation.
         allow_outside_images: when scoring a model, read image paths outside the data's directory.
+        prompt_format: when scoring a model, the prompt format the reference columns were scored with
+            (``napo logps`` records it).
     Returns:
         Columns ``idx, term, answer, chosen_logps, answer_logps, chosen_avg_logps, answer_avg_logps,
         logp_margin, avg_logp_margin, length_margin, q`` (+ ``reward_margin, avg_reward_margin`` when a
@@ -238,7 +243,7 @@ def margins(
     else:
         check_answer_columns(frame.columns, list(dict.fromkeys(needed)))  # no prompt column scored as an answer
         lists = _score_model(model, frame, needed, batch_size, device, dtype, progress, max_length, _data_root(data),
-                             allow_outside_images)  # fmt: skip
+                             allow_outside_images, prompt_format)  # fmt: skip
         scored = {c: (np.asarray(s, dtype=float), np.asarray(a, dtype=float)) for c, (s, a) in lists.items()}
 
     def tokens(sums, avgs):

@@ -108,9 +108,10 @@ def analyze(
         frame, policy = _as_frame(summary.output_dir), None
     settings = cached_settings(data) if cached else None  # score a policy truncated as the reference was
     max_length = settings.get("max_length", DEFAULT_MAX_LENGTH) if settings else DEFAULT_MAX_LENGTH
+    prompt_format = settings.get("prompt_format", "template") if settings else "template"
     table = margins(frame, policy, noise_labels=noise_labels, batch_size=batch_size, max_length=max_length,
-                    device=device, dtype=dtype, progress=progress,
-                    allow_outside_images=allow_outside_images)  # fmt: skip
+                    device=device, dtype=dtype, progress=progress, allow_outside_images=allow_outside_images,
+                    prompt_format=prompt_format)  # fmt: skip
     table.to_csv(output / "margins.csv", index=False)
     figures = {
         "margin_hist.png": plot_margin_hist(table),

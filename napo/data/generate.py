@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from napo.data.inputs import REQUIRED_COLUMNS, check_idx_values, check_int, check_rlaif_schema
+from napo.data.prompts import check_prompt_format, user_prompt
 from napo.data.store import (
     RowError,
     RowJob,
@@ -52,10 +53,20 @@ class GenerationSettings:
     max_new_tokens: int = 1024
     num_beams: int = 3
     blank_images: bool = False
+    prompt_format: str = "template"
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("num_beams", self.num_beams, 1)
+        check_prompt_format(self.prompt_format)
+
+    def recorded(self) -> dict:
+        """The settings as the manifest records them; the default prompt format is left out, so that
+        outputs written before the option existed still resume."""
+        values = asdict(self)
+        if values["prompt_format"] == "template":
+            del values["prompt_format"]
+        return values
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -168,13 +179,6 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
     return loaded, processor
 
 
-def _prompt(processor, *, question: str | None, with_image: bool) -> str:
-    content: list[dict] = [{"type": "image"}] if with_image else []
-    if question is not None:
-        content.append({"type": "text", "text": question})
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
 def generate_answers(
     model, processor, prompts: list[str], images: list | None, settings: GenerationSettings
 ) -> list[str]:
@@ -198,22 +202,27 @@ def generate_answers(
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def _requests(column: str, rows: list[dict], images: list, processor) -> tuple[list[str], list | None]:
+def _requests(
+    column: str, rows: list[dict], images: list, processor, prompt_format: str
+) -> tuple[list[str], list | None]:
     from PIL import Image
 
+    def prompt(question: str | None, num_images: int) -> str:
+        return user_prompt(processor, prompt_format, question=question, num_images=num_images)
+
     if column == "question_only":
-        return [_prompt(processor, question=r["question"], with_image=False) for r in rows], None
+        return [prompt(r["question"], 0) for r in rows], None
     if column == "image_only":
-        return [_prompt(processor, question=None, with_image=True) for r in rows], images
+        return [prompt(None, 1) for r in rows], images
     color = (255, 255, 255) if column == "question_only_white" else (0, 0, 0)
     blanks = [Image.new("RGB", image.size, color) for image in images]
-    return [_prompt(processor, question=r["question"], with_image=True) for r in rows], blanks
+    return [prompt(r["question"], 1) for r in rows], blanks
 
 
 def _answer_rows(model, processor, rows: list[dict], images: list, settings: GenerationSettings) -> list[dict]:
     """``images``: the rows' decoded images, in order (kept beside the rows: see :class:`RowJob`)."""
     for column in settings.columns:
-        prompts, column_images = _requests(column, rows, images, processor)
+        prompts, column_images = _requests(column, rows, images, processor, settings.prompt_format)
         for row, answer in zip(rows, generate_answers(model, processor, prompts, column_images, settings), strict=True):
             row[column] = answer
     return rows
@@ -240,6 +249,7 @@ def generate_biased(
     overwrite: bool = False,
     progress: bool = True,
     allow_outside_images: bool = False,
+    prompt_format: str = "template",
     loaded: tuple | None = None,
 ) -> RunSummary:
     """Adds ``question_only`` and ``image_only`` (and, with ``blank_images``, ``question_only_white``
@@ -257,19 +267,22 @@ def generate_biased(
         rows_per_part: rows per Parquet part: what a crash can lose (it is regenerated on rerun).
         overwrite: start again in an output directory that holds a run with other settings.
         allow_outside_images: read image paths that point outside the data's directory (trusted data only).
+        prompt_format: ``template`` (the checkpoint's chat template) or ``llava_v1`` (the authors' LLaVA-1.5
+            conversation format): see :mod:`napo.data.prompts`.
         loaded: an already loaded ``(model, processor)`` pair (``model`` is then only recorded).
     Returns:
         A :class:`napo.data.store.RunSummary`.
     """
     import pyarrow as pa
 
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, blank_images=blank_images)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, blank_images=blank_images,
+                                  prompt_format=prompt_format)  # fmt: skip
     check_run_options(batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
                       shard_index=shard_index)  # fmt: skip
     source, total_rows = open_input(data)
     check_input(source, limit)
     output = Path(output)
-    run = start_run(model, data, output, asdict(settings), manifest_name=MANIFEST, overwrite=overwrite,
+    run = start_run(model, data, output, settings.recorded(), manifest_name=MANIFEST, overwrite=overwrite,
                     batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
                     shard_index=shard_index)  # fmt: skip
     if loaded is None:

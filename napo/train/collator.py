@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from napo.data.prompts import answer_text, check_prompt_format, user_prompt
+
 __all__ = [
     "NaPOTextCollator",
     "NaPOVisionCollator",
@@ -109,16 +111,36 @@ def _common_prefix(texts: Sequence[str]) -> str:
 
 
 def render_completions(
-    example: dict[str, Any], columns: Sequence[str], processing_class: Any, num_images: int = 0
+    example: dict[str, Any],
+    columns: Sequence[str],
+    processing_class: Any,
+    num_images: int = 0,
+    prompt_format: str = "template",
 ) -> tuple[str, list[str]]:
     """``(prompt, [completion per column])`` as text, rendered with the chat template where the row is
     conversational (or RLAIF-V, whose ``question`` becomes the user turn). As in TRL, the prompt is the
-    longest common prefix of the rendered prompt and every rendered prompt + completion."""
+    longest common prefix of the rendered prompt and every rendered prompt + completion. With
+    ``prompt_format="llava_v1"`` (RLAIF-V rows only) the authors' LLaVA-1.5 format instead: see
+    :mod:`napo.data.prompts`."""
     if "prompt" not in example and "question" not in example:
         raise KeyError("each example needs a 'prompt' (TRL format) or a 'question' (RLAIF-V format)")
     for column in columns:
         if example.get(column) is None:
             raise ValueError(f"column {column!r} is missing or null in an example (idx={example.get('idx', '?')})")
+    if check_prompt_format(prompt_format) != "template":
+        if "prompt" in example or not isinstance(example.get("question"), str) or not example["question"].strip():
+            raise ValueError(
+                f"prompt_format={prompt_format!r} renders RLAIF-V rows (a non-empty 'question' and an image), not "
+                f"TRL 'prompt' rows (idx={example.get('idx', '?')}); use prompt_format='template' for those"
+            )
+        for column in columns:
+            if not isinstance(example[column], str):
+                raise TypeError(f"column {column!r} must hold strings, got {type(example[column]).__name__}")
+        prompt = user_prompt(processing_class, prompt_format, question=example["question"], num_images=num_images)
+        # The batch is tokenized without special tokens (chat templates write their own BOS); the authors'
+        # sequences start with BOS, as generation's do (the tokenizer adds it there).
+        bos = getattr(getattr(processing_class, "tokenizer", processing_class), "bos_token", None) or ""
+        return bos + prompt, [answer_text(processing_class, example[column]) for column in columns]
     if "prompt" in example and isinstance(example["prompt"], str):
         for column in columns:
             if not isinstance(example[column], str):
@@ -173,6 +195,7 @@ class NaPOVisionCollator:
         processor: the model's ``ProcessorMixin`` (tokenizer + image processor).
         columns: the completion columns, in batch order; ``("chosen", "rejected")`` is TRL's DPO batch.
         max_length: truncate every sequence (prompt + completion) to this many tokens.
+        prompt_format: ``template`` (the processor's chat template) or ``llava_v1`` (:mod:`napo.data.prompts`).
 
     Returns a dict with ``input_ids``, ``attention_mask``, ``completion_mask`` (``[K*B, T]``, rows grouped
     by column: all chosen, then all rejected, ...), the processor's image tensors (``pixel_values`` ...,
@@ -182,6 +205,7 @@ class NaPOVisionCollator:
     processor: Any
     columns: Sequence[str] = ("chosen", "rejected")
     max_length: int | None = None
+    prompt_format: str = "template"
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -189,7 +213,7 @@ class NaPOVisionCollator:
         columns = tuple(self.columns)
         images = [_images_of(example) for example in examples]
         rendered = [
-            render_completions(example, columns, self.processor, len(pictures))
+            render_completions(example, columns, self.processor, len(pictures), self.prompt_format)
             for example, pictures in zip(examples, images, strict=True)
         ]
         repeats = len(columns)

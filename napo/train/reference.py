@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from napo.data.inputs import check_answer_columns, check_idx_values, check_int, check_rlaif_schema
+from napo.data.prompts import check_prompt_format
 from napo.data.store import (
     RowError,
     RowJob,
@@ -93,6 +94,7 @@ def compute_reference_logps(
     overwrite: bool = False,
     progress: bool = True,
     allow_outside_images: bool = False,
+    prompt_format: str = "template",
     loaded: tuple | None = None,
 ) -> RunSummary:
     """Adds ``ref_<column>_logps`` and ``ref_<column>_avg_logps`` to every row of ``data``; writes Parquet parts.
@@ -109,6 +111,8 @@ def compute_reference_logps(
         limit, num_shards, shard_index, rows_per_part, overwrite, progress: as for ``napo generate``.
         device, dtype: where and in what precision the model runs (auto: CUDA in bfloat16 when present).
         allow_outside_images: as for ``napo generate``.
+        prompt_format: ``template`` or ``llava_v1`` (:mod:`napo.data.prompts`); like ``max_length``, it must be
+            the trainer's, and it is recorded.
         loaded: an already loaded ``(model, processor)`` pair.
     """
     import pyarrow as pa
@@ -129,6 +133,8 @@ def compute_reference_logps(
         "max_length": max_length,
         "dtype": str(resolve_dtype(dtype, resolved_device)).removeprefix("torch."),
     }
+    if check_prompt_format(prompt_format) != "template":  # absent = the default: earlier manifests still match
+        settings["prompt_format"] = prompt_format
     run = start_run(model, data, output, settings, manifest_name=MANIFEST, overwrite=overwrite,
                     batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
                     shard_index=shard_index)  # fmt: skip
@@ -137,7 +143,8 @@ def compute_reference_logps(
     reference, processor = loaded
     check_vocabulary(reference, processor)
     add_napo_lm_head(reference)
-    collator = NaPOVisionCollator(processor=processor, columns=columns, max_length=max_length)
+    collator = NaPOVisionCollator(processor=processor, columns=columns, max_length=max_length,
+                                  prompt_format=prompt_format)  # fmt: skip
     added = [name for column in columns for name in reference_columns(column)]
     # Rescoring data that has reference columns already: the new values replace the old.
     schema = extend_schema(

@@ -154,6 +154,12 @@ def train(
             print(f"napo train: the cached reference log-probs were truncated at max_length="
                   f"{settings.get('max_length')}, training uses {args.max_length}: scoring them again")  # fmt: skip
         cached = False
+    elif settings is not None and settings.get("prompt_format", "template") != args.prompt_format:
+        if state.is_main_process:
+            print(f"napo train: the cached reference log-probs used prompt_format="
+                  f"{settings.get('prompt_format', 'template')}, training uses {args.prompt_format}: "
+                  "scoring them again")  # fmt: skip
+        cached = False
     if not cached:
         reference_dir = output / REFERENCE_DIR
         device = "cpu" if state.device.type == "cpu" else str(state.device)
@@ -164,6 +170,7 @@ def train(
             columns=needed,
             batch_size=logps_batch_size,
             max_length=args.max_length,
+            prompt_format=args.prompt_format,
             device=device,
             dtype="bfloat16" if args.bf16 else "float32",
             progress=progress and state.is_main_process,

@@ -34,6 +34,7 @@ except ImportError as error:  # pragma: no cover - exercised by test_import_with
         f"(or pip install 'trl>=1.16,<2'). The import failed with: {error}"
     ) from error
 
+from napo.data.prompts import check_prompt_format
 from napo.losses import NaPOObjective, NaPOOutput, TermConfig
 from napo.train.checkpoint import has_full_weights, restore_weights
 from napo.train.collator import NaPOTextCollator, NaPOVisionCollator, reference_columns
@@ -110,12 +111,17 @@ class NaPOConfig(DPOConfig):
     vision_q: str = _term_field("vision", "adaptive", "adaptive or a float in [0, 1]")
     vision_gamma: float = _term_field("vision", 0.01, "scale of the adaptive q")
     vision_margin: str = _term_field("vision", "sum", "avg or sum")
+    prompt_format: str = field(
+        default="template",
+        metadata={"help": "template (the checkpoint's chat template) or llava_v1 (the authors' LLaVA-1.5 format)"},
+    )
     napo_weights: str = field(default="dynamic", metadata={"help": "dynamic, none, or comma-separated floats"})
     q_min: float = field(default=0.001, metadata={"help": "lower clip of the adaptive q"})
     w_min: float = field(default=0.01, metadata={"help": "lower clip of the dynamic weights"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_prompt_format(self.prompt_format)
         for term in _TERM_DEFAULTS:
             loss = getattr(self, f"{term}_loss")
             allowed = ("auto", "dpo", "napo", "none") if term == "original" else ("dpo", "napo", "none")
@@ -305,9 +311,17 @@ class NaPOTrainer(DPOTrainer):
         if data_collator is None:
             if self._is_vision_dataset:
                 self.data_collator = NaPOVisionCollator(
-                    processor=self.processing_class, columns=self.napo_columns, max_length=args.max_length
+                    processor=self.processing_class,
+                    columns=self.napo_columns,
+                    max_length=args.max_length,
+                    prompt_format=args.prompt_format,
                 )
             else:
+                if args.prompt_format != "template":
+                    raise ValueError(
+                        f"prompt_format={args.prompt_format!r} renders image + question rows; this dataset is text "
+                        "only (its prompts are used as they are): use prompt_format='template'"
+                    )
                 self.data_collator = NaPOTextCollator(
                     pad_token_id=self._tokenizer.pad_token_id,
                     columns=self.napo_columns,
