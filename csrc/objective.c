@@ -242,16 +242,27 @@ static napo_status dynamic_weights(const void *reward_margins, int64_t stride, i
     return status;
   }
   napo_sum_acc acc = {0.0, 0.0};
+  double max_abs = 0.0;
   for (int64_t i = 0; i < k; ++i) {
-    napo_sum_add(&acc, load(reward_margins, dtype, i * stride));
+    const double r = load(reward_margins, dtype, i * stride);
+    napo_sum_add(&acc, r);
+    max_abs = fmax(max_abs, fabs(r));
   }
-  const double total = napo_sum_value(&acc);
+  const double scale = napo_weight_scale(napo_sum_value(&acc), max_abs);
+  if (scale != 1.0) {
+    acc = (napo_sum_acc){0.0, 0.0};
+    for (int64_t i = 0; i < k; ++i) {
+      napo_sum_add(&acc, load(reward_margins, dtype, i * stride) / scale);
+    }
+  }
+  const double scaled_total = napo_sum_value(&acc);
+  /* The eps test needs the true total; scaled_total * scale may round to +-inf, on the right side. */
+  const double total = scaled_total * scale;
   for (int64_t i = 0; i < k; ++i) {
     /* total <= eps covers step 0, where every margin is zero and the ratio is
      * 0/0; a NaN total fails the test and propagates NaN weights. */
-    const double w =
-        total <= eps ? 1.0 / (double)k : napo_clip(load(reward_margins, dtype, i * stride) / total, w_min, 1.0);
-    store(weights, dtype, i, w);
+    const double ratio = load(reward_margins, dtype, i * stride) / scale / scaled_total;
+    store(weights, dtype, i, total <= eps ? 1.0 / (double)k : napo_clip(ratio, w_min, 1.0));
   }
   return NAPO_OK;
 }

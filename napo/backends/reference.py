@@ -27,7 +27,11 @@ def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> tuple[torc
     q = _row_q(q, margins)
     is_dpo = q == 0
     safe_q = torch.where(is_dpo, torch.ones_like(q), q)
-    loss = torch.where(is_dpo, -log_sig, -torch.expm1(safe_q * log_sig) / safe_q)
+    x = q * log_sig
+    # Where |q logsigmoid| < 1e-8 the Taylor series -logsigmoid * (1 + x / 2) is exact to x^2 / 6
+    # relative (below float64's half ulp), while x itself may be subnormal and imprecise there.
+    series = -log_sig * (1 + x / 2)
+    loss = torch.where(is_dpo, -log_sig, torch.where(x.abs() < 1e-8, series, -torch.expm1(x) / safe_q))
     bad_q = (q < 0) | (q > 1)
     nan = torch.full_like(loss, float("nan"))
     return torch.where(bad_q, nan, loss), torch.where(bad_q, nan, napo_loss_grad_factor(margins, q, beta))
@@ -59,9 +63,13 @@ def adaptive_q(margins: torch.Tensor, gamma: float, q_min: float, q_max: float) 
 def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> torch.Tensor:
     """w_k = clip(R_k / sum R, w_min, 1), or 1/K when sum R <= eps."""
     r = reward_margins.to(torch.float64)
-    total = r.sum()
+    # Margins divided by their largest magnitude: K margins near the float64 maximum would sum to
+    # inf. A zero or non-finite largest magnitude leaves them as they are (their sum is <= eps or NaN).
+    largest = r.abs().max()
+    scale = torch.where(torch.isfinite(largest) & (largest > 0), largest, torch.ones_like(largest))
+    scaled_total = (r / scale).sum()
     uniform = torch.full_like(r, 1.0 / r.numel())
-    weights = torch.where(total <= eps, uniform, (r / total).clamp(w_min, 1.0))
+    weights = torch.where(scaled_total * scale <= eps, uniform, ((r / scale) / scaled_total).clamp(w_min, 1.0))
     return weights.to(reward_margins.dtype)
 
 
