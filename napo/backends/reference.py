@@ -46,6 +46,17 @@ def napo_loss_grad_factor(margins: torch.Tensor, q: torch.Tensor, beta: float) -
     return -beta * power * torch.sigmoid(-z)
 
 
+def napo_loss_grad_factor_derivative(
+    margins: torch.Tensor, q: torch.Tensor, beta: float, grad_factor: torch.Tensor
+) -> torch.Tensor:
+    """d2L_q/dM2 from dL_q/dM (``grad_factor``): dL/dM * beta * (q * sigmoid(-beta M) - sigmoid(beta M)).
+
+    Differentiable in torch (a third derivative goes through ``grad_factor``'s own backward).
+    """
+    z = beta * margins
+    return grad_factor * beta * (_row_q(q, margins) * torch.sigmoid(-z) - torch.sigmoid(z))
+
+
 def napo_loss_backward(grad_loss: torch.Tensor, grad_factor: torch.Tensor) -> torch.Tensor:
     return grad_loss * grad_factor
 
