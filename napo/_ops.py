@@ -175,6 +175,12 @@ def _token_logps_backward(ctx, grad_token, _grad_lse):
     logits, labels, lse = ctx.saved_tensors
     grad_token = grad_token.contiguous()
     if ctx.inplace_backward:
+        if torch.is_grad_enabled():
+            # The logits buffer is about to hold the gradient: nothing is left to differentiate it by.
+            raise RuntimeError(
+                "napo.sequence_logps(inplace_backward=True) does not support create_graph=True (double "
+                "backward): the logits buffer is overwritten by their gradient"
+            )
         # The caller gave up the logits: their buffer becomes their own gradient (no [B, T, V] allocation).
         torch.ops.napo.token_logps_backward_inplace(grad_token, logits, labels, lse, ctx.ignore_index, ctx.shift)
         return logits, None, None, None, None
@@ -204,3 +210,31 @@ def _fused_linear_backward(ctx, grad_token, _grad_lse):
 torch.library.register_autograd(
     "napo::fused_linear_token_logps", _fused_linear_backward, setup_context=_fused_linear_setup_context
 )
+
+
+def _no_double_backward_setup_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_double_backward_of(function: str):
+    """An autograd formula for a backward op that raises: without one torch only warns and a second
+    derivative through the op comes out as zero."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"napo.{function} does not support double backward: its gradient, taken with "
+            "create_graph=True, cannot be differentiated again"
+        )
+
+    return backward
+
+
+# (token_logps_backward_inplace mutates, so torch takes no autograd formula for it: the in-place
+# path raises in _token_logps_backward instead.)
+for _op, _function in (
+    ("token_logps_backward", "sequence_logps"),
+    ("fused_linear_token_logps_backward", "fused_linear_sequence_logps"),
+):
+    torch.library.register_autograd(
+        f"napo::{_op}", _no_double_backward_of(_function), setup_context=_no_double_backward_setup_context
+    )

@@ -116,6 +116,28 @@ def test_in_place_backward_gives_the_same_gradient(dtype, generator):
     assert_close(run(True), run(False), rtol=0, atol=0, what="in-place vs out-of-place")
 
 
+def test_double_backward_raises_not_zero(generator):
+    # Without an autograd formula for the backward op, torch only warned and the second derivative
+    # came out as zero (the truth is not).
+    logits, labels = make_inputs((2, 5, 7), torch.float64, generator)
+    leaf = logits.clone().requires_grad_(True)
+    logps, _ = napo.sequence_logps(leaf, labels)
+    (grad,) = torch.autograd.grad(logps.sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="sequence_logps does not support double backward"):
+        (grad**2).sum().backward()
+
+    logps, _ = napo.sequence_logps(leaf * 1.0, labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match=r"inplace_backward=True\) does not support create_graph"):
+        torch.autograd.grad(logps.sum(), leaf, create_graph=True)
+
+    hidden = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    logps, _ = napo.fused_linear_sequence_logps(hidden, weight, labels)
+    grads = torch.autograd.grad(logps.sum(), (hidden, weight), create_graph=True)
+    with pytest.raises(RuntimeError, match="fused_linear_sequence_logps does not support double backward"):
+        sum((g**2).sum() for g in grads).backward()
+
+
 def test_sequence_without_counted_tokens_is_zero_not_nan(generator):
     logits, labels = make_inputs((3, 6, 10), torch.float32, generator)
     labels[1] = IGNORE
