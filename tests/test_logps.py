@@ -116,6 +116,61 @@ def test_in_place_backward_gives_the_same_gradient(dtype, generator):
     assert_close(run(True), run(False), rtol=0, atol=0, what="in-place vs out-of-place")
 
 
+def test_in_place_backward_refuses_overlapping_logits(generator):
+    # Expanded logits share memory across the batch: writing each position's gradient in place
+    # overwrote the others' (off by up to 5.67). The refusal comes at the forward.
+    logits, labels = make_inputs((1, 6, 11), torch.float32, generator)
+    leaf = logits.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="inplace_backward=True needs logits whose memory does not overlap"):
+        napo.sequence_logps(leaf.expand(3, 6, 11), labels.expand(3, 6), inplace_backward=True)
+    with pytest.raises(ValueError, match="overlap"):
+        napo.sequence_logps(leaf.expand(1, 6, 11).as_strided((1, 6, 11), (66, 1, 1)), labels, inplace_backward=True)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_overlapping_and_strided_logits_get_the_right_gradient(inplace, generator):
+    logits, labels = make_inputs((1, 7, 13), torch.float64, generator)
+    labels = torch.cat([labels, labels.flip(1), labels], 0)
+
+    def gradient(fn, view):
+        leaf = logits.clone().requires_grad_(True)
+        logps, avg = fn(view(leaf), labels)
+        (logps.sum() + 0.3 * avg.sum()).backward()
+        return leaf.grad
+
+    expected = gradient(trl_recipe, lambda x: x.expand(3, 7, 13))
+    if inplace:  # a non-overlapping copy is fine in place
+        got = gradient(lambda x, y: napo.sequence_logps(x, y, inplace_backward=True), lambda x: x.repeat(3, 1, 1))
+    else:
+        got = gradient(napo.sequence_logps, lambda x: x.expand(3, 7, 13))
+    assert_close(got, expected, rtol=1e-12, atol=1e-14, what="gradient through expanded logits")
+
+
+def test_native_backward_refuses_overlapping_grad_out(generator):
+    C = pytest.importorskip("napo._C")
+    logits, labels = make_inputs((3, 5, 7), torch.float32, generator)
+    token = torch.empty(3, 4)
+    lse = torch.empty(3, 4, dtype=torch.float64)
+    aligned = labels[:, 1:].contiguous()
+    C.token_logps(logits[:, :4], aligned, IGNORE, token, lse)
+    grad_token = torch.ones(3, 4)
+
+    def backward(grad_out, source=logits[:, :4]):
+        C.token_logps_backward(source, aligned, IGNORE, lse, grad_token, grad_out)
+
+    with pytest.raises(ValueError, match="'grad_out' overlaps itself"):
+        backward(torch.empty(1, 4, 7).expand(3, 4, 7))
+    with pytest.raises(ValueError, match="'grad_out' overlaps itself"):
+        backward(torch.empty(100).as_strided((3, 4, 7), (7, 1, 1)))
+    shifted = logits.clone()
+    with pytest.raises(ValueError, match="'grad_out' overlaps 'logits'"):
+        backward(shifted[:, 1:], source=shifted[:, :4])
+    backward(torch.empty(3, 4, 7))  # a fresh buffer, a strided one and the logits themselves are fine
+    backward(torch.empty(3, 4, 14)[:, :, ::2])
+    in_place = logits[:, :4].clone()
+    backward(in_place, source=in_place)
+
+
 def test_double_backward_raises_not_zero(generator):
     # Without an autograd formula for the backward op, torch only warned and the second derivative
     # came out as zero (the truth is not).
