@@ -148,6 +148,10 @@ def fused_linear_sequence_logps(
     batch, time, width = hidden.shape
     if weight.shape[1] != width:
         raise ValueError(f"weight must be [V, H] with H = {width} (hidden's last dimension), got {tuple(weight.shape)}")
+    if width < 1:
+        raise ValueError(
+            f"hidden must have a hidden size H >= 1, got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
     if weight.shape[0] < 1 or time < 1:
         raise ValueError(f"need V >= 1 and T >= 1, got weight {tuple(weight.shape)} and hidden {tuple(hidden.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias)):

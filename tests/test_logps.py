@@ -389,6 +389,8 @@ BAD = [
      TypeError, "weight has dtype"),
     ("bias shape", lambda: napo.fused_linear_sequence_logps(torch.zeros(2, 5, 3), torch.zeros(7, 3), Y,
                                                             bias=torch.zeros(6)), ValueError, "bias must be"),
+    ("hidden size 0", lambda: napo.fused_linear_sequence_logps(torch.zeros(2, 5, 0), torch.zeros(7, 0), Y),
+     ValueError, r"hidden size H >= 1, got hidden \(2, 5, 0\)"),
     ("chunk size", lambda: napo.fused_linear_sequence_logps(torch.zeros(2, 5, 3), torch.zeros(7, 3), Y,
                                                             chunk_size=0), ValueError, "chunk_size"),
 ]  # fmt: skip
