@@ -63,11 +63,11 @@ NAPO_HD double napo_loss_and_grad(double margin, double q, double beta, double *
   return -t / q;
 }
 
-/* The dynamic weights' divisor: K finite margins near DBL_MAX sum to inf although every ratio
- * R_k / sum R is representable. Then the sum is redone on the margins divided by this power of
- * two (exact, unlike a division by the max itself), at most 2 each. 1 when the sum is finite or
- * a margin is not (inf / inf is NaN either way). */
-NAPO_HD double napo_weight_scale(double total, double max_abs) {
+/* A divisor for sums of finite values that overflow: K margins near DBL_MAX sum to inf although
+ * their mean and every ratio R_k / sum R are representable. Then the sum is redone on the values
+ * divided by this power of two (exact, unlike a division by the max itself), at most 2 each.
+ * 1 when the sum is finite or a value is not (inf / inf is NaN either way). */
+NAPO_HD double napo_sum_scale(double total, double max_abs) {
   return isinf(total) && isfinite(max_abs) && max_abs > 0.0 ? ldexp(1.0, ilogb(max_abs)) : 1.0;
 }
 

@@ -183,6 +183,18 @@ def test_dynamic_weights_of_huge_margins(backend):
     assert napo.dynamic_weights(torch.tensor([1e308] * 3, dtype=f64)).tolist() == pytest.approx([1 / 3] * 3)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_adaptive_q_of_huge_margins(backend):
+    # Found by tests/test_properties_ops.py: the running sum of finite margins overflowed, so a
+    # batch with mean 0 got q = q_min instead of 1.
+    op = torch.ops.napo.adaptive_q if backend == "native" else reference.adaptive_q
+    cancelling = torch.tensor([1e308, 1e308, -1e308, -1e308], dtype=torch.float64)
+    assert op(cancelling, 0.5, 0.001, 1.0).item() == 1.0
+    huge = torch.tensor([1e308, 1e308], dtype=torch.float64)
+    assert op(huge, 1e-310, 0.001, 1.0).item() == pytest.approx(2 / (1 + math.exp(0.01)), rel=1e-14)
+    assert op(torch.tensor([math.inf, -1e308, -1e308], dtype=torch.float64), 0.5, 0.001, 1.0).item() == 0.001
+
+
 def test_nan_propagates_without_crashing():
     nan_margins = torch.tensor([0.5, float("nan"), -2.0], requires_grad=True)
     zeros = torch.zeros(3)

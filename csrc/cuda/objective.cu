@@ -87,9 +87,12 @@ template <typename T> __device__ double block_max_abs(const T *values, int64_t s
 template <typename T>
 __global__ void adaptive_q_kernel(const T *margins, int64_t stride, int64_t n, double gamma, double q_min, double q_max,
                                   T *q_out) {
+  /* As on the CPU: an overflowing sum is redone on scaled margins (every thread takes the same branch). */
   const double total = block_sum(margins, stride, n, 1.0);
+  const double scale = napo_sum_scale(total, block_max_abs(margins, stride, n));
+  const double mean = scale == 1.0 ? total / (double)n : block_sum(margins, stride, n, scale) / (double)n * scale;
   if (threadIdx.x == 0) {
-    *q_out = (T)napo_q_value(total / (double)n, gamma, q_min, q_max);
+    *q_out = (T)napo_q_value(mean, gamma, q_min, q_max);
   }
 }
 
@@ -106,7 +109,7 @@ __global__ void dynamic_weights_kernel(const T *reward_margins, int64_t stride, 
                                        T *weights) {
   /* As on the CPU: an overflowing sum is redone on scaled margins (every thread takes the same branch). */
   double scaled_total = block_sum(reward_margins, stride, k, 1.0);
-  const double scale = napo_weight_scale(scaled_total, block_max_abs(reward_margins, stride, k));
+  const double scale = napo_sum_scale(scaled_total, block_max_abs(reward_margins, stride, k));
   if (scale != 1.0) {
     scaled_total = block_sum(reward_margins, stride, k, scale);
   }

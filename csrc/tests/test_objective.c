@@ -230,6 +230,18 @@ static void test_loss_subnormal_and_tiny_q(tally *t) {
   CHECK(t, close_rel(loss, -log_s * (1.0 + x / 2.0 + x * x / 6.0), 4e-16));
 }
 
+/* The mean of finite margins is finite, but their running sum may overflow. */
+static void test_adaptive_q_huge_margins(tally *t) {
+  const double cancelling[] = {1e308, 1e308, -1e308, -1e308}; /* mean 0: q = 1 */
+  double q = -1.0;
+  CHECK(t, napo_adaptive_q_f64(cancelling, 1, 4, 0.5, 0.001, 1.0, &q) == NAPO_OK && q == 1.0);
+  const double huge[] = {1e308, 1e308}; /* mean 1e308, gamma 1e-310: q = 2 sigmoid(-0.01) */
+  CHECK(t, napo_adaptive_q_f64(huge, 1, 2, 1e-310, 0.001, 1.0, &q) == NAPO_OK);
+  CHECK(t, close_rel(q, 2.0 / (1.0 + exp(0.01)), 1e-14));
+  const double with_inf[] = {INFINITY, -1e308, -1e308}; /* an infinite margin stays an infinite mean */
+  CHECK(t, napo_adaptive_q_f64(with_inf, 1, 3, 0.5, 0.001, 1.0, &q) == NAPO_OK && q == 0.001);
+}
+
 /* The sum of the margins may overflow although every ratio R_k / sum R is representable. */
 static void test_dynamic_weights_huge_margins(tally *t) {
   const double huge[] = {1e308, 1e308, 1e308};
@@ -299,6 +311,7 @@ int main(void) {
   test_dynamic_weights(&t);
   test_loss_subnormal_and_tiny_q(&t);
   test_dynamic_weights_huge_margins(&t);
+  test_adaptive_q_huge_margins(&t);
   test_bad_arguments(&t);
   printf("C core: %d passed, %d failed\n", t.passed, t.failed);
   return t.failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;

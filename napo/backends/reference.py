@@ -67,17 +67,24 @@ def q_from_mean(means: torch.Tensor, gamma: float, q_min: float, q_max: float) -
     return q.clamp(q_min, q_max).to(means.dtype)
 
 
+def _scale_of(values: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude of ``values``, or 1 where it is 0 or not finite: dividing by it keeps
+    sums of finite values near the float64 maximum from overflowing."""
+    largest = values.abs().max()
+    return torch.where(torch.isfinite(largest) & (largest > 0), largest, torch.ones_like(largest))
+
+
 def adaptive_q(margins: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
-    return q_from_mean(margins.to(torch.float64).mean(), gamma, q_min, q_max).to(margins.dtype)
+    m = margins.to(torch.float64)
+    scale = _scale_of(m)
+    return q_from_mean((m / scale).mean() * scale, gamma, q_min, q_max).to(margins.dtype)
 
 
 def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> torch.Tensor:
     """w_k = clip(R_k / sum R, w_min, 1), or 1/K when sum R <= eps."""
     r = reward_margins.to(torch.float64)
-    # Margins divided by their largest magnitude: K margins near the float64 maximum would sum to
-    # inf. A zero or non-finite largest magnitude leaves them as they are (their sum is <= eps or NaN).
-    largest = r.abs().max()
-    scale = torch.where(torch.isfinite(largest) & (largest > 0), largest, torch.ones_like(largest))
+    # Divided by their largest magnitude, K margins near the float64 maximum do not sum to inf.
+    scale = _scale_of(r)
     scaled_total = (r / scale).sum()
     uniform = torch.full_like(r, 1.0 / r.numel())
     weights = torch.where(scaled_total * scale <= eps, uniform, ((r / scale) / scaled_total).clamp(w_min, 1.0))
