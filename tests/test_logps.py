@@ -248,6 +248,24 @@ def test_native_matches_reference_backend(generator):
     )
 
 
+def test_reference_backward_keeps_float32_precision_at_large_logits():
+    # Found by tests/test_properties_ops.py: the reference's backward rounded the float64 lse to
+    # float32 before exp(x - lse), an error of an ulp of |lse| (1e-3 at logits of 1e4) in every
+    # exponent: gradients of equal logits of 1e4 came out as -0.50011 / 0.49989 instead of -/+0.5.
+    logits = torch.full((1, 1, 2), 1e4)
+    labels = torch.tensor([[0]])
+    token, lse = torch.ops.napo.token_logps(logits, labels, IGNORE, 0, False)
+    grad = reference.token_logps_backward(torch.ones_like(token), logits, labels, lse, IGNORE, 0)
+    assert grad.reshape(-1).tolist() == [0.5, -0.5]
+    scaled = (1e4 + torch.randn(2, 6, 33)).double()  # float32 values, held in float64
+    labels = torch.randint(0, 33, (2, 6))
+    token, lse = torch.ops.napo.token_logps(scaled, labels, IGNORE, 1, False)
+    exact = reference.token_logps_backward(torch.ones_like(token), scaled, labels, lse, IGNORE, 1)
+    token32, lse32 = torch.ops.napo.token_logps(scaled.float(), labels, IGNORE, 1, False)
+    approx = reference.token_logps_backward(torch.ones_like(token32), scaled.float(), labels, lse32, IGNORE, 1)
+    assert (approx.double() - exact).abs().max().item() < 1e-6
+
+
 def test_gradcheck_float64():
     logits = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([[0, 3, IGNORE, 6, 1], [2, IGNORE, IGNORE, 0, 4]])

@@ -135,7 +135,11 @@ def token_logps_backward(
 ) -> torch.Tensor:
     x, _, mask, safe = _aligned(logits, labels, ignore_index, shift)
     g = torch.where(mask, grad_token, torch.zeros_like(grad_token)).unsqueeze(-1)
-    grad = -g * torch.exp(x - lse.to(x.dtype).unsqueeze(-1))
+    # lse = hi + lo in x's dtype: x - hi is exact near the top of the softmax, where rounding the
+    # float64 lse once would put an ulp of |lse| (1e-3 for float32 logits of 1e4) in every exponent.
+    lse_hi = lse.to(x.dtype)
+    lse_lo = (lse - lse_hi.to(lse.dtype)).to(x.dtype)
+    grad = -g * torch.exp((x - lse_hi.unsqueeze(-1)) - lse_lo.unsqueeze(-1))
     grad = grad.scatter_add(-1, safe.unsqueeze(-1), g)
     grad = torch.where(mask.unsqueeze(-1), grad, torch.zeros_like(grad))  # exp(x - 0) may be inf where ignored
     out = torch.zeros_like(logits)
