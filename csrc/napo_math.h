@@ -66,9 +66,11 @@ NAPO_HD double napo_loss_and_grad(double margin, double q, double beta, double *
 /* A divisor for sums of finite values that overflow: K margins near DBL_MAX sum to inf although
  * their mean and every ratio R_k / sum R are representable. Then the sum is redone on the values
  * divided by this power of two (exact, unlike a division by the max itself), at most 2 each.
- * 1 when the sum is finite or a value is not (inf / inf is NaN either way). */
+ * 1 when the sum is finite or a value is infinite (inf / inf is NaN either way). A NaN total is
+ * rescaled too: a parallel sum of finite values can meet +inf and -inf partials (max_abs, taken
+ * with fmax, skips NaN values, whose rescaled sum is NaN again). */
 NAPO_HD double napo_sum_scale(double total, double max_abs) {
-  return isinf(total) && isfinite(max_abs) && max_abs > 0.0 ? ldexp(1.0, ilogb(max_abs)) : 1.0;
+  return !isfinite(total) && isfinite(max_abs) && max_abs > 0.0 ? ldexp(1.0, ilogb(max_abs)) : 1.0;
 }
 
 /* q = clip(2 * (1 - sigmoid(gamma * mean)), q_min, q_max), as 2 * sigmoid(-x). */

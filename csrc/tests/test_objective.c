@@ -230,6 +230,16 @@ static void test_loss_subnormal_and_tiny_q(tally *t) {
   CHECK(t, close_rel(loss, -log_s * (1.0 + x / 2.0 + x * x / 6.0), 4e-16));
 }
 
+/* The rescaling rule the CPU and CUDA sums share. A CUDA block sums per thread, then pairwise: finite
+ * margins can give +inf and -inf partials, whose sum is NaN, not inf. */
+static void test_sum_scale(tally *t) {
+  const double top = ldexp(1.0, 1023);
+  CHECK(t, napo_sum_scale(INFINITY, 1e308) == top && napo_sum_scale(-INFINITY, 1e308) == top);
+  CHECK(t, napo_sum_scale(NAN, 1e308) == top);
+  CHECK(t, napo_sum_scale(3.0, 1e308) == 1.0 && napo_sum_scale(INFINITY, INFINITY) == 1.0);
+  CHECK(t, napo_sum_scale(NAN, 0.0) == 1.0 && napo_sum_scale(INFINITY, 3.0) == 2.0);
+}
+
 /* The mean of finite margins is finite, but their running sum may overflow. */
 static void test_adaptive_q_huge_margins(tally *t) {
   const double cancelling[] = {1e308, 1e308, -1e308, -1e308}; /* mean 0: q = 1 */
@@ -312,6 +322,7 @@ int main(void) {
   test_loss_subnormal_and_tiny_q(&t);
   test_dynamic_weights_huge_margins(&t);
   test_adaptive_q_huge_margins(&t);
+  test_sum_scale(&t);
   test_bad_arguments(&t);
   printf("C core: %d passed, %d failed\n", t.passed, t.failed);
   return t.failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
