@@ -752,6 +752,77 @@ static int check_row_buffer(const napo_arg *arg, const napo_arg *logits, napo_lo
   return 0;
 }
 
+/* The lowest and highest element offsets a (checked) layout reaches from its data pointer. */
+static void offset_range(napo_logits_layout layout, int64_t *lowest, int64_t *highest) {
+  const int64_t sizes[3] = {layout.batch, layout.time, layout.vocab};
+  const int64_t strides[3] = {layout.stride_b, layout.stride_t, layout.stride_v};
+  *lowest = *highest = 0;
+  for (int d = 0; d < 3; ++d) {
+    const int64_t reach = sizes[d] > 1 ? strides[d] * (sizes[d] - 1) : 0;
+    *lowest += reach < 0 ? reach : 0;
+    *highest += reach > 0 ? reach : 0;
+  }
+}
+
+/* grad_out is written, by several threads at once: no two of its elements may share memory (an
+ * expanded array would get the sum of races), and it may share memory with the logits only by
+ * being them (the in-place backward reads each row before writing it). Layouts the kernel's own
+ * checks refuse are left to them. */
+static int check_grad_out_memory(const napo_arg *grad, napo_logits_layout g, const napo_arg *logits,
+                                 napo_logits_layout l) {
+  if (g.batch * g.time == 0 || napo_check_logits_layout(data_of(grad), g) != NAPO_OK ||
+      napo_check_logits_layout(data_of(logits), l) != NAPO_OK) {
+    return 0;
+  }
+  /* Sorted by |stride|, each dimension must step past all that the smaller ones span: enough to
+   * prove that no two elements meet, and true of any contiguous, sliced or permuted array. */
+  int64_t dims[3][2];
+  int n = 0;
+  const int64_t sizes[3] = {g.batch, g.time, g.vocab}, strides[3] = {g.stride_b, g.stride_t, g.stride_v};
+  for (int d = 0; d < 3; ++d) {
+    if (sizes[d] > 1) {
+      int i = n++;
+      for (; i > 0 && dims[i - 1][0] > (strides[d] < 0 ? -strides[d] : strides[d]); --i) {
+        dims[i][0] = dims[i - 1][0];
+        dims[i][1] = dims[i - 1][1];
+      }
+      dims[i][0] = strides[d] < 0 ? -strides[d] : strides[d];
+      dims[i][1] = sizes[d];
+    }
+  }
+  int64_t span = 0;
+  for (int i = 0; i < n; ++i) {
+    if (dims[i][0] <= span) {
+      PyErr_Format(PyExc_ValueError,
+                   "argument '%s' overlaps itself (shape (%lld, %lld, %lld), strides (%lld, %lld, %lld)): it is "
+                   "written, so every element needs memory of its own",
+                   grad->name, (long long)g.batch, (long long)g.time, (long long)g.vocab, (long long)g.stride_b,
+                   (long long)g.stride_t, (long long)g.stride_v);
+      return -1;
+    }
+    span += dims[i][0] * (dims[i][1] - 1);
+  }
+  const int same = data_of(grad) == data_of(logits) && g.stride_b == l.stride_b && g.stride_t == l.stride_t &&
+                   g.stride_v == l.stride_v;
+  const uintptr_t item = (uintptr_t)(grad->tensor->dtype.bits / 8);
+  int64_t g_low, g_high, l_low, l_high;
+  offset_range(g, &g_low, &g_high);
+  offset_range(l, &l_low, &l_high);
+  /* Byte ranges [first, end); unsigned arithmetic wraps negative offsets correctly. */
+  const uintptr_t g_first = (uintptr_t)data_of(grad) + (uintptr_t)g_low * item;
+  const uintptr_t g_end = (uintptr_t)data_of(grad) + (uintptr_t)(g_high + 1) * item;
+  const uintptr_t l_first = (uintptr_t)data_of(logits) + (uintptr_t)l_low * item;
+  const uintptr_t l_end = (uintptr_t)data_of(logits) + (uintptr_t)(l_high + 1) * item;
+  if (!same && g_first < l_end && l_first < g_end) {
+    PyErr_Format(PyExc_ValueError,
+                 "argument '%s' overlaps '%s' without being the same array: pass a separate buffer, or the "
+                 "logits themselves for an in-place backward",
+                 grad->name, logits->name);
+    return -1;
+  }
+  return 0;
+}
+
 /* token_logps and grad_token: the accumulation dtype (float64 for float64 logits, else float32). */
 static int check_token_buffer(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout,
                               napo_logits_dtype dtype) {
@@ -861,7 +932,7 @@ static PyObject *py_token_logps_backward(PyObject *self, PyObject *args, PyObjec
       logits_layout_of(&logits, &layout) || labels_of(&labels_arg, &logits, layout, &labels) ||
       check_lse_buffer(&lse, &logits, layout) || check_token_buffer(&grad_token, &logits, layout, dtype) ||
       logits_dtype_of(&grad, &grad_dtype) || check_same(&logits, &grad) || check_same_shape(&logits, &grad) ||
-      logits_layout_of(&grad, &grad_layout)) {
+      logits_layout_of(&grad, &grad_layout) || check_grad_out_memory(&grad, grad_layout, &logits, layout)) {
     goto cleanup;
   }
   if (is_cuda(&logits)) {

@@ -46,11 +46,31 @@ NAPO_HD double napo_loss_and_grad(double margin, double q, double beta, double *
     *grad = -beta * sig_neg;
     return -log_sig;
   }
-  const double t = expm1(q * log_sig);
+  const double x = q * log_sig;
+  /* Below |x| = 1e-8, expm1(x) / q is log_sig * (1 + x / 2) to within x^2 / 6 < 2e-17 relative,
+   * under half an ulp, and so is the derivative's sigmoid^q = exp(x) by 1 + x (error x^2 / 2).
+   * There x may be subnormal (a subnormal q, or logsigmoid near 0 at a large margin) and has lost
+   * its relative precision, so expm1(x) / q would be wrong: q = 5e-324 gave 1 instead of log 2.
+   * Above 1e-8, x is a normal double and expm1(x) / q is accurate. */
+  if (fabs(x) < 1e-8) {
+    *grad = -beta * (1.0 + x) * sig_neg;
+    return -log_sig * (1.0 + 0.5 * x);
+  }
+  const double t = expm1(x);
   /* sigmoid(z)^q = 1 + t, except where t is near -1 and 1 + t would cancel. */
-  const double sig_pow = t > -0.5 ? 1.0 + t : exp(q * log_sig);
+  const double sig_pow = t > -0.5 ? 1.0 + t : exp(x);
   *grad = -beta * sig_pow * sig_neg;
   return -t / q;
+}
+
+/* A divisor for sums of finite values that overflow: K margins near DBL_MAX sum to inf although
+ * their mean and every ratio R_k / sum R are representable. Then the sum is redone on the values
+ * divided by this power of two (exact, unlike a division by the max itself), at most 2 each.
+ * 1 when the sum is finite or a value is infinite (inf / inf is NaN either way). A NaN total is
+ * rescaled too: a parallel sum of finite values can meet +inf and -inf partials (max_abs, taken
+ * with fmax, skips NaN values, whose rescaled sum is NaN again). */
+NAPO_HD double napo_sum_scale(double total, double max_abs) {
+  return !isfinite(total) && isfinite(max_abs) && max_abs > 0.0 ? ldexp(1.0, ilogb(max_abs)) : 1.0;
 }
 
 /* q = clip(2 * (1 - sigmoid(gamma * mean)), q_min, q_max), as 2 * sigmoid(-x). */

@@ -192,6 +192,26 @@ static napo_status loss_backward(const void *grad_loss, napo_layout grad_layout,
 
 /* ---- adaptive q ---- */
 
+/* Compensated mean; a sum of finite values that overflows is redone on scaled values. */
+static double mean_of(const void *values, int64_t stride, int64_t n, napo_dtype dtype) {
+  napo_sum_acc acc = {0.0, 0.0};
+  double max_abs = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = load(values, dtype, i * stride);
+    napo_sum_add(&acc, x);
+    max_abs = fmax(max_abs, fabs(x));
+  }
+  const double scale = napo_sum_scale(napo_sum_value(&acc), max_abs);
+  if (scale == 1.0) {
+    return napo_sum_value(&acc) / (double)n;
+  }
+  acc = (napo_sum_acc){0.0, 0.0};
+  for (int64_t i = 0; i < n; ++i) {
+    napo_sum_add(&acc, load(values, dtype, i * stride) / scale);
+  }
+  return napo_sum_value(&acc) / (double)n * scale;
+}
+
 static napo_status adaptive_q(const void *margins, int64_t stride, int64_t n, double gamma, double q_min, double q_max,
                               void *q_out, napo_dtype dtype) {
   napo_status status = napo_check_vector(margins, n, stride, 0);
@@ -204,11 +224,7 @@ static napo_status adaptive_q(const void *margins, int64_t stride, int64_t n, do
   if ((status = napo_check_q_params(gamma, q_min, q_max)) != NAPO_OK) {
     return status;
   }
-  napo_sum_acc acc = {0.0, 0.0};
-  for (int64_t i = 0; i < n; ++i) {
-    napo_sum_add(&acc, load(margins, dtype, i * stride));
-  }
-  store(q_out, dtype, 0, napo_q_value(napo_sum_value(&acc) / (double)n, gamma, q_min, q_max));
+  store(q_out, dtype, 0, napo_q_value(mean_of(margins, stride, n, dtype), gamma, q_min, q_max));
   return NAPO_OK;
 }
 
@@ -242,16 +258,27 @@ static napo_status dynamic_weights(const void *reward_margins, int64_t stride, i
     return status;
   }
   napo_sum_acc acc = {0.0, 0.0};
+  double max_abs = 0.0;
   for (int64_t i = 0; i < k; ++i) {
-    napo_sum_add(&acc, load(reward_margins, dtype, i * stride));
+    const double r = load(reward_margins, dtype, i * stride);
+    napo_sum_add(&acc, r);
+    max_abs = fmax(max_abs, fabs(r));
   }
-  const double total = napo_sum_value(&acc);
+  const double scale = napo_sum_scale(napo_sum_value(&acc), max_abs);
+  if (scale != 1.0) {
+    acc = (napo_sum_acc){0.0, 0.0};
+    for (int64_t i = 0; i < k; ++i) {
+      napo_sum_add(&acc, load(reward_margins, dtype, i * stride) / scale);
+    }
+  }
+  const double scaled_total = napo_sum_value(&acc);
+  /* The eps test needs the true total; scaled_total * scale may round to +-inf, on the right side. */
+  const double total = scaled_total * scale;
   for (int64_t i = 0; i < k; ++i) {
     /* total <= eps covers step 0, where every margin is zero and the ratio is
      * 0/0; a NaN total fails the test and propagates NaN weights. */
-    const double w =
-        total <= eps ? 1.0 / (double)k : napo_clip(load(reward_margins, dtype, i * stride) / total, w_min, 1.0);
-    store(weights, dtype, i, w);
+    const double ratio = load(reward_margins, dtype, i * stride) / scale / scaled_total;
+    store(weights, dtype, i, total <= eps ? 1.0 / (double)k : napo_clip(ratio, w_min, 1.0));
   }
   return NAPO_OK;
 }

@@ -81,16 +81,26 @@ def _dynamic_weights_fake(reward_margins: torch.Tensor, w_min: float, eps: float
 
 
 def _napo_loss_setup_context(ctx, inputs, output) -> None:
+    margins, q, beta = inputs
     _, grad_factor = output
-    ctx.mark_non_differentiable(grad_factor)
-    ctx.save_for_backward(grad_factor)
+    # grad_factor stays differentiable: through it a double backward (a gradient penalty) reaches
+    # the second derivative. Unused, its gradient arrives as None rather than as zeros.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(margins, q, grad_factor)
+    ctx.beta = beta
 
 
-def _napo_loss_backward(ctx, grad_loss: torch.Tensor, _grad_of_grad_factor: torch.Tensor | None):
-    (grad_factor,) = ctx.saved_tensors
-    # The backward is an op of its own (C on CPU/CUDA); its own backward raises
-    # (below) rather than silently dropping the second derivative.
-    grad_margins = torch.ops.napo.napo_loss_backward(grad_loss, grad_factor)
+def _napo_loss_backward(ctx, grad_loss: torch.Tensor | None, grad_of_grad_factor: torch.Tensor | None):
+    margins, q, grad_factor = ctx.saved_tensors
+    grad_margins = None
+    if grad_loss is not None:
+        # The backward is an op of its own (C on CPU/CUDA), differentiable in turn (below).
+        grad_margins = torch.ops.napo.napo_loss_backward(grad_loss, grad_factor)
+    if grad_of_grad_factor is not None:
+        from napo.backends.reference import napo_loss_grad_factor_derivative
+
+        second = grad_of_grad_factor * napo_loss_grad_factor_derivative(margins, q, ctx.beta, grad_factor)
+        grad_margins = second if grad_margins is None else grad_margins + second
     # q is a constant of the objective (spec: computed without gradient).
     return grad_margins, None, None
 
@@ -98,16 +108,18 @@ def _napo_loss_backward(ctx, grad_loss: torch.Tensor, _grad_of_grad_factor: torc
 torch.library.register_autograd("napo::napo_loss", _napo_loss_backward, setup_context=_napo_loss_setup_context)
 
 
-def _no_double_backward_setup_context(ctx, inputs, output) -> None:
-    pass
+def _napo_loss_backward_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
 
 
-def _no_double_backward(ctx, grad_output: torch.Tensor):
-    raise RuntimeError("napo::napo_loss does not support double backward (create_graph=True through the loss gradient)")
+def _napo_loss_backward_backward(ctx, grad_output: torch.Tensor):
+    # d(grad_loss * grad_factor): grad_factor's own gradient flows on into napo_loss's backward.
+    grad_loss, grad_factor = ctx.saved_tensors
+    return grad_output * grad_factor, grad_output * grad_loss
 
 
 torch.library.register_autograd(
-    "napo::napo_loss_backward", _no_double_backward, setup_context=_no_double_backward_setup_context
+    "napo::napo_loss_backward", _napo_loss_backward_backward, setup_context=_napo_loss_backward_setup_context
 )
 
 
@@ -163,6 +175,12 @@ def _token_logps_backward(ctx, grad_token, _grad_lse):
     logits, labels, lse = ctx.saved_tensors
     grad_token = grad_token.contiguous()
     if ctx.inplace_backward:
+        if torch.is_grad_enabled():
+            # The logits buffer is about to hold the gradient: nothing is left to differentiate it by.
+            raise RuntimeError(
+                "napo.sequence_logps(inplace_backward=True) does not support create_graph=True (double "
+                "backward): the logits buffer is overwritten by their gradient"
+            )
         # The caller gave up the logits: their buffer becomes their own gradient (no [B, T, V] allocation).
         torch.ops.napo.token_logps_backward_inplace(grad_token, logits, labels, lse, ctx.ignore_index, ctx.shift)
         return logits, None, None, None, None
@@ -192,3 +210,31 @@ def _fused_linear_backward(ctx, grad_token, _grad_lse):
 torch.library.register_autograd(
     "napo::fused_linear_token_logps", _fused_linear_backward, setup_context=_fused_linear_setup_context
 )
+
+
+def _no_double_backward_setup_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_double_backward_of(function: str):
+    """An autograd formula for a backward op that raises: without one torch only warns and a second
+    derivative through the op comes out as zero."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"napo.{function} does not support double backward: its gradient, taken with "
+            "create_graph=True, cannot be differentiated again"
+        )
+
+    return backward
+
+
+# (token_logps_backward_inplace mutates, so torch takes no autograd formula for it: the in-place
+# path raises in _token_logps_backward instead.)
+for _op, _function in (
+    ("token_logps_backward", "sequence_logps"),
+    ("fused_linear_token_logps_backward", "fused_linear_sequence_logps"),
+):
+    torch.library.register_autograd(
+        f"napo::{_op}", _no_double_backward_of(_function), setup_context=_no_double_backward_setup_context
+    )

@@ -47,6 +47,21 @@ def _check_ignore_index(ignore_index: object) -> int:
     return ignore_index
 
 
+def _shares_memory_internally(tensor: torch.Tensor) -> bool:
+    """True unless the strides prove that no two elements share memory: sorted by stride, each
+    dimension steps past everything the smaller ones span (true of any contiguous, sliced or
+    permuted tensor; false of an expanded one)."""
+    if tensor.numel() <= 1:
+        return False
+    dims = sorted((abs(stride), size) for stride, size in zip(tensor.stride(), tensor.shape, strict=True) if size > 1)
+    span = 0
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 def _sequence_sums(
     token_logps: torch.Tensor, aligned_labels: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +92,7 @@ def sequence_logps(
         ignore_index: the label of positions that do not count (prompt, padding).
         inplace_backward: reuse the logits buffer for its own gradient (as Liger-Kernel does), saving
             a [B, T, V] allocation. Only for callers that no longer need the logits: after backward
-            they hold the gradient.
+            they hold the gradient. Logits whose elements share memory (``expand``) raise ValueError.
     Returns:
         ``(logps, avg_logps)``, each ``[B]`` float32 (float64 for float64 logits), differentiable.
     """
@@ -87,6 +102,13 @@ def sequence_logps(
         raise ValueError(f"logits must have at least one position and one vocabulary entry, got {tuple(logits.shape)}")
     _check_labels_tensor(labels, batch, time, logits.device)
     ignore_index = _check_ignore_index(ignore_index)
+    if inplace_backward and _shares_memory_internally(logits):
+        # Each position's gradient would overwrite the others' where their memory is shared.
+        raise ValueError(
+            "inplace_backward=True needs logits whose memory does not overlap, got shape "
+            f"{tuple(logits.shape)} with strides {logits.stride()} (an expanded tensor?); pass "
+            "logits.contiguous() or use inplace_backward=False"
+        )
     token, _ = torch.ops.napo.token_logps(logits, labels, ignore_index, 1, bool(inplace_backward))
     return _sequence_sums(token, labels[:, 1:], ignore_index)
 
@@ -127,6 +149,10 @@ def fused_linear_sequence_logps(
     batch, time, width = hidden.shape
     if weight.shape[1] != width:
         raise ValueError(f"weight must be [V, H] with H = {width} (hidden's last dimension), got {tuple(weight.shape)}")
+    if width < 1:
+        raise ValueError(
+            f"hidden must have a hidden size H >= 1, got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
     if weight.shape[0] < 1 or time < 1:
         raise ValueError(f"need V >= 1 and T >= 1, got weight {tuple(weight.shape)} and hidden {tuple(hidden.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias)):

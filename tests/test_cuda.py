@@ -286,3 +286,30 @@ def test_debug_mode_runs_and_syncs():
         assert torch.isfinite(napo.sequence_logps(logits, labels)[0]).all()
     finally:
         _C.set_cuda_debug(False)
+
+
+def test_numeric_edges_match_the_cpu_kernels():
+    """Issue 15's D12 and the adaptive_q overflow, through the CUDA kernels: a subnormal q, and
+    sums of finite margins that overflow (more margins than threads, so the block reductions and
+    the rescaled second pass are exercised)."""
+    f64 = torch.float64
+    margins = torch.tensor([-30.0, -1.0, 0.0, 0.5, 20.0], dtype=f64)
+    q = torch.tensor(5e-324, dtype=f64)
+    for got, expected in zip(
+        torch.ops.napo.napo_loss(margins.cuda(), q.cuda(), 1.0), torch.ops.napo.napo_loss(margins, q, 1.0), strict=True
+    ):
+        assert_close(got, expected, rtol=1e-15, atol=0, what="subnormal q")
+    huge = torch.full((1000,), 1e308, dtype=f64)
+    weights = torch.ops.napo.dynamic_weights(huge.cuda(), 0.0, 1e-8)
+    assert_close(weights, torch.full_like(huge, 1e-3), rtol=1e-14, atol=0, what="weights of huge margins")
+    cancelling = torch.cat([huge, -huge])
+    assert torch.ops.napo.adaptive_q(cancelling.cuda(), 0.5, 0.001, 1.0).item() == 1.0
+    mixed = torch.tensor([1e308, 1e308, -1e308], dtype=f64)
+    assert_close(torch.ops.napo.dynamic_weights(mixed.cuda(), 0.01, 1e-8), torch.tensor([1.0, 1.0, 0.01], dtype=f64),
+                 rtol=1e-15, atol=0, what="overflowing partial sum")  # fmt: skip
+
+
+def test_napo_loss_double_backward():
+    margins = (torch.randn(33, dtype=torch.float64, device="cuda") * 5).requires_grad_(True)
+    q = torch.tensor(0.3, dtype=torch.float64, device="cuda")
+    assert torch.autograd.gradgradcheck(lambda m: torch.ops.napo.napo_loss(m, q, 0.4)[0], (margins,), eps=1e-6)

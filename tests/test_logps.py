@@ -116,6 +116,83 @@ def test_in_place_backward_gives_the_same_gradient(dtype, generator):
     assert_close(run(True), run(False), rtol=0, atol=0, what="in-place vs out-of-place")
 
 
+def test_in_place_backward_refuses_overlapping_logits(generator):
+    # Expanded logits share memory across the batch: writing each position's gradient in place
+    # overwrote the others' (off by up to 5.67). The refusal comes at the forward.
+    logits, labels = make_inputs((1, 6, 11), torch.float32, generator)
+    leaf = logits.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="inplace_backward=True needs logits whose memory does not overlap"):
+        napo.sequence_logps(leaf.expand(3, 6, 11), labels.expand(3, 6), inplace_backward=True)
+    with pytest.raises(ValueError, match="overlap"):
+        napo.sequence_logps(leaf.expand(1, 6, 11).as_strided((1, 6, 11), (66, 1, 1)), labels, inplace_backward=True)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_overlapping_and_strided_logits_get_the_right_gradient(inplace, generator):
+    logits, labels = make_inputs((1, 7, 13), torch.float64, generator)
+    labels = torch.cat([labels, labels.flip(1), labels], 0)
+
+    def gradient(fn, view):
+        leaf = logits.clone().requires_grad_(True)
+        logps, avg = fn(view(leaf), labels)
+        (logps.sum() + 0.3 * avg.sum()).backward()
+        return leaf.grad
+
+    expected = gradient(trl_recipe, lambda x: x.expand(3, 7, 13))
+    if inplace:  # a non-overlapping copy is fine in place
+        got = gradient(lambda x, y: napo.sequence_logps(x, y, inplace_backward=True), lambda x: x.repeat(3, 1, 1))
+    else:
+        got = gradient(napo.sequence_logps, lambda x: x.expand(3, 7, 13))
+    assert_close(got, expected, rtol=1e-12, atol=1e-14, what="gradient through expanded logits")
+
+
+def test_native_backward_refuses_overlapping_grad_out(generator):
+    C = pytest.importorskip("napo._C")
+    logits, labels = make_inputs((3, 5, 7), torch.float32, generator)
+    token = torch.empty(3, 4)
+    lse = torch.empty(3, 4, dtype=torch.float64)
+    aligned = labels[:, 1:].contiguous()
+    C.token_logps(logits[:, :4], aligned, IGNORE, token, lse)
+    grad_token = torch.ones(3, 4)
+
+    def backward(grad_out, source=logits[:, :4]):
+        C.token_logps_backward(source, aligned, IGNORE, lse, grad_token, grad_out)
+
+    with pytest.raises(ValueError, match="'grad_out' overlaps itself"):
+        backward(torch.empty(1, 4, 7).expand(3, 4, 7))
+    with pytest.raises(ValueError, match="'grad_out' overlaps itself"):
+        backward(torch.empty(100).as_strided((3, 4, 7), (7, 1, 1)))
+    shifted = logits.clone()
+    with pytest.raises(ValueError, match="'grad_out' overlaps 'logits'"):
+        backward(shifted[:, 1:], source=shifted[:, :4])
+    backward(torch.empty(3, 4, 7))  # a fresh buffer, a strided one and the logits themselves are fine
+    backward(torch.empty(3, 4, 14)[:, :, ::2])
+    in_place = logits[:, :4].clone()
+    backward(in_place, source=in_place)
+
+
+def test_double_backward_raises_not_zero(generator):
+    # Without an autograd formula for the backward op, torch only warned and the second derivative
+    # came out as zero (the truth is not).
+    logits, labels = make_inputs((2, 5, 7), torch.float64, generator)
+    leaf = logits.clone().requires_grad_(True)
+    logps, _ = napo.sequence_logps(leaf, labels)
+    (grad,) = torch.autograd.grad(logps.sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="sequence_logps does not support double backward"):
+        (grad**2).sum().backward()
+
+    logps, _ = napo.sequence_logps(leaf * 1.0, labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match=r"inplace_backward=True\) does not support create_graph"):
+        torch.autograd.grad(logps.sum(), leaf, create_graph=True)
+
+    hidden = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    logps, _ = napo.fused_linear_sequence_logps(hidden, weight, labels)
+    grads = torch.autograd.grad(logps.sum(), (hidden, weight), create_graph=True)
+    with pytest.raises(RuntimeError, match="fused_linear_sequence_logps does not support double backward"):
+        sum((g**2).sum() for g in grads).backward()
+
+
 def test_sequence_without_counted_tokens_is_zero_not_nan(generator):
     logits, labels = make_inputs((3, 6, 10), torch.float32, generator)
     labels[1] = IGNORE
@@ -169,6 +246,24 @@ def test_native_matches_reference_backend(generator):
         atol=1e-7,
         what="backward",
     )
+
+
+def test_reference_backward_keeps_float32_precision_at_large_logits():
+    # Found by tests/test_properties_ops.py: the reference's backward rounded the float64 lse to
+    # float32 before exp(x - lse), an error of an ulp of |lse| (1e-3 at logits of 1e4) in every
+    # exponent: gradients of equal logits of 1e4 came out as -0.50011 / 0.49989 instead of -/+0.5.
+    logits = torch.full((1, 1, 2), 1e4)
+    labels = torch.tensor([[0]])
+    token, lse = torch.ops.napo.token_logps(logits, labels, IGNORE, 0, False)
+    grad = reference.token_logps_backward(torch.ones_like(token), logits, labels, lse, IGNORE, 0)
+    assert grad.reshape(-1).tolist() == [0.5, -0.5]
+    scaled = (1e4 + torch.randn(2, 6, 33)).double()  # float32 values, held in float64
+    labels = torch.randint(0, 33, (2, 6))
+    token, lse = torch.ops.napo.token_logps(scaled, labels, IGNORE, 1, False)
+    exact = reference.token_logps_backward(torch.ones_like(token), scaled, labels, lse, IGNORE, 1)
+    token32, lse32 = torch.ops.napo.token_logps(scaled.float(), labels, IGNORE, 1, False)
+    approx = reference.token_logps_backward(torch.ones_like(token32), scaled.float(), labels, lse32, IGNORE, 1)
+    assert (approx.double() - exact).abs().max().item() < 1e-6
 
 
 def test_gradcheck_float64():
@@ -312,6 +407,8 @@ BAD = [
      TypeError, "weight has dtype"),
     ("bias shape", lambda: napo.fused_linear_sequence_logps(torch.zeros(2, 5, 3), torch.zeros(7, 3), Y,
                                                             bias=torch.zeros(6)), ValueError, "bias must be"),
+    ("hidden size 0", lambda: napo.fused_linear_sequence_logps(torch.zeros(2, 5, 0), torch.zeros(7, 0), Y),
+     ValueError, r"hidden size H >= 1, got hidden \(2, 5, 0\)"),
     ("chunk size", lambda: napo.fused_linear_sequence_logps(torch.zeros(2, 5, 3), torch.zeros(7, 3), Y,
                                                             chunk_size=0), ValueError, "chunk_size"),
 ]  # fmt: skip

@@ -154,6 +154,47 @@ def test_dynamic_weights_closed_forms():
     assert napo.dynamic_weights([5.0]).tolist() == [1.0]
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_subnormal_q_is_dpo(backend):
+    # q * logsigmoid(beta M) is subnormal for q = 5e-324 and -expm1(that) / q gave 1.0 at M = 0, not log 2.
+    margins = torch.tensor([-30.0, -1.0, 0.0, 0.5, 20.0], dtype=torch.float64)
+    op = torch.ops.napo.napo_loss if backend == "native" else reference.napo_loss
+    dpo = -F.logsigmoid(margins)
+    for q in (5e-324, 1e-310, 2.2250738585072014e-308, 1e-300):
+        loss, factor = op(margins, torch.tensor(q, dtype=torch.float64), 1.0)
+        assert_close(loss, dpo, rtol=4e-16, atol=0, what=f"{backend} loss q={q}")
+        assert_close(factor, -torch.sigmoid(-margins), rtol=4e-16, atol=0, what=f"{backend} dL/dM q={q}")
+        assert loss[2].item() == pytest.approx(math.log(2), rel=2e-16, abs=0)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_dynamic_weights_of_huge_margins(backend):
+    # 3 * 1e308 overflows: the weights were 1e308 / inf = 0 -> w_min = 0.01 each instead of 1/3.
+    op = torch.ops.napo.dynamic_weights if backend == "native" else reference.dynamic_weights
+    f64 = torch.float64
+    assert op(torch.tensor([1e308] * 3, dtype=f64), 0.01, 1e-8).tolist() == pytest.approx([1 / 3] * 3, rel=1e-15)
+    # The running sum overflows but the total (1e308) does not.
+    mixed = op(torch.tensor([1e308, 1e308, -1e308], dtype=f64), 0.01, 1e-8).tolist()
+    assert mixed == pytest.approx([1.0, 1.0, 0.01], rel=1e-15)
+    # A total below -DBL_MAX is still <= eps: uniform.
+    assert op(torch.tensor([-1e308, -1e308, 5e307], dtype=f64), 0.01, 1e-8).tolist() == [1 / 3] * 3
+    largest = torch.full((4,), torch.finfo(f64).max, dtype=f64)
+    assert op(largest, 0.0, 0.0).tolist() == [0.25] * 4
+    assert napo.dynamic_weights(torch.tensor([1e308] * 3, dtype=f64)).tolist() == pytest.approx([1 / 3] * 3)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_adaptive_q_of_huge_margins(backend):
+    # Found by tests/test_properties_ops.py: the running sum of finite margins overflowed, so a
+    # batch with mean 0 got q = q_min instead of 1.
+    op = torch.ops.napo.adaptive_q if backend == "native" else reference.adaptive_q
+    cancelling = torch.tensor([1e308, 1e308, -1e308, -1e308], dtype=torch.float64)
+    assert op(cancelling, 0.5, 0.001, 1.0).item() == 1.0
+    huge = torch.tensor([1e308, 1e308], dtype=torch.float64)
+    assert op(huge, 1e-310, 0.001, 1.0).item() == pytest.approx(2 / (1 + math.exp(0.01)), rel=1e-14)
+    assert op(torch.tensor([math.inf, -1e308, -1e308], dtype=torch.float64), 0.5, 0.001, 1.0).item() == 0.001
+
+
 def test_nan_propagates_without_crashing():
     nan_margins = torch.tensor([0.5, float("nan"), -2.0], requires_grad=True)
     zeros = torch.zeros(3)

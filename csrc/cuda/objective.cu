@@ -50,30 +50,49 @@ __global__ void loss_backward_kernel(const T *grad_loss, napo_layout grad_layout
   }
 }
 
-/* Sum of a strided vector by one block: compensated per thread, tree in shared memory. */
-template <typename T> __device__ double block_sum(const T *values, int64_t stride, int64_t n) {
+/* Tree reduction of one value per thread in shared memory; every thread gets the result. The last
+ * barrier lets a second reduction reuse the shared array once all threads have read it. */
+template <typename Combine> __device__ double block_reduce(double value, Combine combine) {
   __shared__ double partial[kThreads];
-  napo_sum_acc acc = {0.0, 0.0};
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    napo_sum_add(&acc, (double)values[i * stride]);
-  }
-  partial[threadIdx.x] = napo_sum_value(&acc);
+  partial[threadIdx.x] = value;
   __syncthreads();
   for (int width = blockDim.x / 2; width > 0; width /= 2) {
     if ((int)threadIdx.x < width) {
-      partial[threadIdx.x] += partial[threadIdx.x + width];
+      partial[threadIdx.x] = combine(partial[threadIdx.x], partial[threadIdx.x + width]);
     }
     __syncthreads();
   }
-  return partial[0];
+  const double result = partial[0];
+  __syncthreads();
+  return result;
+}
+
+/* Sum of a strided vector (each value divided by scale) by one block: compensated per thread. */
+template <typename T> __device__ double block_sum(const T *values, int64_t stride, int64_t n, double scale) {
+  napo_sum_acc acc = {0.0, 0.0};
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    napo_sum_add(&acc, (double)values[i * stride] / scale);
+  }
+  return block_reduce(napo_sum_value(&acc), [](double a, double b) { return a + b; });
+}
+
+template <typename T> __device__ double block_max_abs(const T *values, int64_t stride, int64_t n) {
+  double max_abs = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    max_abs = fmax(max_abs, fabs((double)values[i * stride]));
+  }
+  return block_reduce(max_abs, [](double a, double b) { return fmax(a, b); });
 }
 
 template <typename T>
 __global__ void adaptive_q_kernel(const T *margins, int64_t stride, int64_t n, double gamma, double q_min, double q_max,
                                   T *q_out) {
-  const double total = block_sum(margins, stride, n);
+  /* As on the CPU: an overflowing sum is redone on scaled margins (every thread takes the same branch). */
+  const double total = block_sum(margins, stride, n, 1.0);
+  const double scale = napo_sum_scale(total, block_max_abs(margins, stride, n));
+  const double mean = scale == 1.0 ? total / (double)n : block_sum(margins, stride, n, scale) / (double)n * scale;
   if (threadIdx.x == 0) {
-    *q_out = (T)napo_q_value(total / (double)n, gamma, q_min, q_max);
+    *q_out = (T)napo_q_value(mean, gamma, q_min, q_max);
   }
 }
 
@@ -88,10 +107,16 @@ __global__ void q_from_mean_kernel(const T *means, int64_t n, int64_t stride, do
 template <typename T>
 __global__ void dynamic_weights_kernel(const T *reward_margins, int64_t stride, int64_t k, double w_min, double eps,
                                        T *weights) {
-  const double total = block_sum(reward_margins, stride, k);
+  /* As on the CPU: an overflowing sum is redone on scaled margins (every thread takes the same branch). */
+  double scaled_total = block_sum(reward_margins, stride, k, 1.0);
+  const double scale = napo_sum_scale(scaled_total, block_max_abs(reward_margins, stride, k));
+  if (scale != 1.0) {
+    scaled_total = block_sum(reward_margins, stride, k, scale);
+  }
+  const double total = scaled_total * scale;
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-    weights[i] =
-        (T)(total <= eps ? 1.0 / (double)k : napo_clip((double)reward_margins[i * stride] / total, w_min, 1.0));
+    const double ratio = (double)reward_margins[i * stride] / scale / scaled_total;
+    weights[i] = (T)(total <= eps ? 1.0 / (double)k : napo_clip(ratio, w_min, 1.0));
   }
 }
 

@@ -4,6 +4,7 @@
  * closed forms (log 2, 1 - sigmoid, 2 / (1 + e), hand ratios), not outputs
  * copied from the code under test.
  */
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -203,6 +204,77 @@ static void test_dynamic_weights(tally *t) {
   CHECK(t, napo_dynamic_weights_f64(with_nan, 1, 2, 0.01, 1e-8, w) == NAPO_OK && isnan(w[0]) && isnan(w[1]));
 }
 
+/* A subnormal q: q * logsigmoid(z) is subnormal too and carries no relative precision, so
+ * -expm1(q * logsigmoid) / q at M = 0 came out as 1 instead of log 2. The loss is DPO's times
+ * 1 + q logsigmoid / 2, and its derivative DPO's times sigmoid^q = 1 + q logsigmoid, to second order. */
+static void test_loss_subnormal_and_tiny_q(tally *t) {
+  const double qs[] = {DBL_TRUE_MIN, 1e-310, DBL_MIN, 1e-300, 1e-20, 1e-12};
+  const double margins[] = {-30.0, -1.0, 0.0, 0.5, 20.0};
+  for (int k = 0; k < 6; ++k) {
+    double loss[5], factor[5];
+    CHECK(t, napo_loss_forward_f64(margins, vec(5, 1), &qs[k], 0, 1.0, loss, factor) == NAPO_OK);
+    for (int i = 0; i < 5; ++i) {
+      const double dpo = log1p(exp(-margins[i])); /* -logsigmoid(M), M >= -30 keeps it accurate */
+      const double x = -qs[k] * dpo;              /* q logsigmoid(M), |x| <= 3e-11: x^2 is negligible */
+      CHECK(t, close_rel(loss[i], dpo * (1.0 + x / 2.0), 4e-16));
+      CHECK(t, close_rel(factor[i], -(1.0 + x) / (1.0 + exp(margins[i])), 4e-16)); /* -sigmoid(M)^q sigmoid(-M) */
+    }
+    CHECK(t, qs[k] > 1e-30 || close_rel(loss[2], log(2.0), 2e-16));
+  }
+  /* Where q |logsigmoid| is small but not negligible the second-order term counts:
+   * (1 - s^q) / q = -log s * (1 + q log s / 2 + (q log s)^2 / 6 + ...). */
+  const double q = 1e-9, m = -40.0;
+  double loss = 0.0;
+  CHECK(t, napo_loss_forward_f64(&m, vec(1, 1), &q, 0, 1.0, &loss, NULL) == NAPO_OK);
+  const double log_s = -40.0 - log1p(exp(-40.0)), x = q * log_s;
+  CHECK(t, close_rel(loss, -log_s * (1.0 + x / 2.0 + x * x / 6.0), 4e-16));
+}
+
+/* The rescaling rule the CPU and CUDA sums share. A CUDA block sums per thread, then pairwise: finite
+ * margins can give +inf and -inf partials, whose sum is NaN, not inf. */
+static void test_sum_scale(tally *t) {
+  const double top = ldexp(1.0, 1023);
+  CHECK(t, napo_sum_scale(INFINITY, 1e308) == top && napo_sum_scale(-INFINITY, 1e308) == top);
+  CHECK(t, napo_sum_scale(NAN, 1e308) == top);
+  CHECK(t, napo_sum_scale(3.0, 1e308) == 1.0 && napo_sum_scale(INFINITY, INFINITY) == 1.0);
+  CHECK(t, napo_sum_scale(NAN, 0.0) == 1.0 && napo_sum_scale(INFINITY, 3.0) == 2.0);
+}
+
+/* The mean of finite margins is finite, but their running sum may overflow. */
+static void test_adaptive_q_huge_margins(tally *t) {
+  const double cancelling[] = {1e308, 1e308, -1e308, -1e308}; /* mean 0: q = 1 */
+  double q = -1.0;
+  CHECK(t, napo_adaptive_q_f64(cancelling, 1, 4, 0.5, 0.001, 1.0, &q) == NAPO_OK && q == 1.0);
+  const double huge[] = {1e308, 1e308}; /* mean 1e308, gamma 1e-310: q = 2 sigmoid(-0.01) */
+  CHECK(t, napo_adaptive_q_f64(huge, 1, 2, 1e-310, 0.001, 1.0, &q) == NAPO_OK);
+  CHECK(t, close_rel(q, 2.0 / (1.0 + exp(0.01)), 1e-14));
+  const double with_inf[] = {INFINITY, -1e308, -1e308}; /* an infinite margin stays an infinite mean */
+  CHECK(t, napo_adaptive_q_f64(with_inf, 1, 3, 0.5, 0.001, 1.0, &q) == NAPO_OK && q == 0.001);
+}
+
+/* The sum of the margins may overflow although every ratio R_k / sum R is representable. */
+static void test_dynamic_weights_huge_margins(tally *t) {
+  const double huge[] = {1e308, 1e308, 1e308};
+  double w[3];
+  CHECK(t, napo_dynamic_weights_f64(huge, 1, 3, 0.01, 1e-8, w) == NAPO_OK);
+  CHECK(t, close_rel(w[0], 1.0 / 3, 1e-15) && close_rel(w[1], 1.0 / 3, 1e-15) && close_rel(w[2], 1.0 / 3, 1e-15));
+  /* The partial sum overflows, the total (1e308) does not: 1, 1 and -1 -> w_min. */
+  const double mixed[] = {1e308, 1e308, -1e308};
+  CHECK(t, napo_dynamic_weights_f64(mixed, 1, 3, 0.01, 1e-8, w) == NAPO_OK);
+  CHECK(t, close_rel(w[0], 1.0, 1e-15) && close_rel(w[1], 1.0, 1e-15) && w[2] == 0.01);
+  /* A negative total below -DBL_MAX is still <= eps: uniform. */
+  const double negative[] = {-1e308, -1e308, 5e307};
+  CHECK(t, napo_dynamic_weights_f64(negative, 1, 3, 0.01, 1e-8, w) == NAPO_OK);
+  CHECK(t, w[0] == 1.0 / 3 && w[1] == 1.0 / 3 && w[2] == 1.0 / 3);
+  const double largest[] = {DBL_MAX, DBL_MAX, DBL_MAX, DBL_MAX};
+  double w4[4];
+  CHECK(t, napo_dynamic_weights_f64(largest, 1, 4, 0.0, 0.0, w4) == NAPO_OK);
+  CHECK(t, w4[0] == 0.25 && w4[1] == 0.25 && w4[2] == 0.25 && w4[3] == 0.25);
+  /* An infinite margin is not rescued: inf / inf is NaN, as without scaling. */
+  const double with_inf[] = {INFINITY, 1.0, 1.0};
+  CHECK(t, napo_dynamic_weights_f64(with_inf, 1, 3, 0.01, 1e-8, w) == NAPO_OK && isnan(w[0]) && w[1] == 0.01);
+}
+
 static void test_bad_arguments(tally *t) {
   const double m[] = {0.0, 1.0};
   double out[2];
@@ -247,6 +319,10 @@ int main(void) {
   test_loss_rows(&t);
   test_adaptive_q(&t);
   test_dynamic_weights(&t);
+  test_loss_subnormal_and_tiny_q(&t);
+  test_dynamic_weights_huge_margins(&t);
+  test_adaptive_q_huge_margins(&t);
+  test_sum_scale(&t);
   test_bad_arguments(&t);
   printf("C core: %d passed, %d failed\n", t.passed, t.failed);
   return t.failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;

@@ -27,7 +27,11 @@ def napo_loss(margins: torch.Tensor, q: torch.Tensor, beta: float) -> tuple[torc
     q = _row_q(q, margins)
     is_dpo = q == 0
     safe_q = torch.where(is_dpo, torch.ones_like(q), q)
-    loss = torch.where(is_dpo, -log_sig, -torch.expm1(safe_q * log_sig) / safe_q)
+    x = q * log_sig
+    # Where |q logsigmoid| < 1e-8 the Taylor series -logsigmoid * (1 + x / 2) is exact to x^2 / 6
+    # relative (below float64's half ulp), while x itself may be subnormal and imprecise there.
+    series = -log_sig * (1 + x / 2)
+    loss = torch.where(is_dpo, -log_sig, torch.where(x.abs() < 1e-8, series, -torch.expm1(x) / safe_q))
     bad_q = (q < 0) | (q > 1)
     nan = torch.full_like(loss, float("nan"))
     return torch.where(bad_q, nan, loss), torch.where(bad_q, nan, napo_loss_grad_factor(margins, q, beta))
@@ -42,6 +46,17 @@ def napo_loss_grad_factor(margins: torch.Tensor, q: torch.Tensor, beta: float) -
     return -beta * power * torch.sigmoid(-z)
 
 
+def napo_loss_grad_factor_derivative(
+    margins: torch.Tensor, q: torch.Tensor, beta: float, grad_factor: torch.Tensor
+) -> torch.Tensor:
+    """d2L_q/dM2 from dL_q/dM (``grad_factor``): dL/dM * beta * (q * sigmoid(-beta M) - sigmoid(beta M)).
+
+    Differentiable in torch (a third derivative goes through ``grad_factor``'s own backward).
+    """
+    z = beta * margins
+    return grad_factor * beta * (_row_q(q, margins) * torch.sigmoid(-z) - torch.sigmoid(z))
+
+
 def napo_loss_backward(grad_loss: torch.Tensor, grad_factor: torch.Tensor) -> torch.Tensor:
     return grad_loss * grad_factor
 
@@ -52,16 +67,27 @@ def q_from_mean(means: torch.Tensor, gamma: float, q_min: float, q_max: float) -
     return q.clamp(q_min, q_max).to(means.dtype)
 
 
+def _scale_of(values: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude of ``values``, or 1 where it is 0 or not finite: dividing by it keeps
+    sums of finite values near the float64 maximum from overflowing."""
+    largest = values.abs().max()
+    return torch.where(torch.isfinite(largest) & (largest > 0), largest, torch.ones_like(largest))
+
+
 def adaptive_q(margins: torch.Tensor, gamma: float, q_min: float, q_max: float) -> torch.Tensor:
-    return q_from_mean(margins.to(torch.float64).mean(), gamma, q_min, q_max).to(margins.dtype)
+    m = margins.to(torch.float64)
+    scale = _scale_of(m)
+    return q_from_mean((m / scale).mean() * scale, gamma, q_min, q_max).to(margins.dtype)
 
 
 def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> torch.Tensor:
     """w_k = clip(R_k / sum R, w_min, 1), or 1/K when sum R <= eps."""
     r = reward_margins.to(torch.float64)
-    total = r.sum()
+    # Divided by their largest magnitude, K margins near the float64 maximum do not sum to inf.
+    scale = _scale_of(r)
+    scaled_total = (r / scale).sum()
     uniform = torch.full_like(r, 1.0 / r.numel())
-    weights = torch.where(total <= eps, uniform, (r / total).clamp(w_min, 1.0))
+    weights = torch.where(scaled_total * scale <= eps, uniform, ((r / scale) / scaled_total).clamp(w_min, 1.0))
     return weights.to(reward_margins.dtype)
 
 
@@ -109,7 +135,11 @@ def token_logps_backward(
 ) -> torch.Tensor:
     x, _, mask, safe = _aligned(logits, labels, ignore_index, shift)
     g = torch.where(mask, grad_token, torch.zeros_like(grad_token)).unsqueeze(-1)
-    grad = -g * torch.exp(x - lse.to(x.dtype).unsqueeze(-1))
+    # lse = hi + lo in x's dtype: x - hi is exact near the top of the softmax, where rounding the
+    # float64 lse once would put an ulp of |lse| (1e-3 for float32 logits of 1e4) in every exponent.
+    lse_hi = lse.to(x.dtype)
+    lse_lo = (lse - lse_hi.to(lse.dtype)).to(x.dtype)
+    grad = -g * torch.exp((x - lse_hi.unsqueeze(-1)) - lse_lo.unsqueeze(-1))
     grad = grad.scatter_add(-1, safe.unsqueeze(-1), g)
     grad = torch.where(mask.unsqueeze(-1), grad, torch.zeros_like(grad))  # exp(x - 0) may be inf where ignored
     out = torch.zeros_like(logits)
