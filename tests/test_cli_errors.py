@@ -179,6 +179,23 @@ def test_a_pickled_checkpoint_is_refused_with_exit_2(workdir, tmp_path, capsys):
         assert len(err.splitlines()) == 1
 
 
+def test_a_checkpoint_with_other_weight_names_is_refused_not_run_on_random_weights(workdir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "renamed"
+    model.mkdir()
+    for path in (workdir / "model").iterdir():
+        if path.is_file():
+            (model / path.name).write_bytes(path.read_bytes())
+    state = load_file(model / "model.safetensors")
+    save_file({f"other.{k}": v for k, v in state.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    for command in ("generate", "logps", "train"):
+        code = main([command, "--model", str(model), "--data", str(workdir / "biased"), "--output",
+                     str(tmp_path / command), "--no-progress"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "the checkpoint lacks" in err and "they would be random" in err, (command, err)
+
+
 def test_load_config_file_reads_json_and_yaml(tmp_path):
     from napo.train.run import load_config_file
 

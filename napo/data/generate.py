@@ -154,6 +154,25 @@ def resolve_dtype(dtype: str, device: str):
     return choices[dtype]
 
 
+def load_weights(model_class: Any, model: str | Path, **kwargs: Any) -> Any:
+    """``model_class.from_pretrained(model, **kwargs)``, refusing a checkpoint that does not hold every
+    weight: transformers initialises the missing ones at random and only logs it, so a checkpoint saved
+    with other parameter names would otherwise generate, score and train on noise with exit code 0."""
+    loaded, info = model_class.from_pretrained(str(model), output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(
+        str(entry[0] if isinstance(entry, tuple) else entry) for entry in info.get("mismatched_keys") or []
+    )
+    if missing or mismatched:
+        shown = ", ".join((missing + mismatched)[:5])
+        raise ValueError(
+            f"{model}: the checkpoint lacks {len(missing)} of the model's weights and has {len(mismatched)} of another "
+            f"shape ({shown}{', ...' if len(missing) + len(mismatched) > 5 else ''}); they would be random. Is it a "
+            "checkpoint of this architecture, saved with save_pretrained?"
+        )
+    return loaded
+
+
 def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
     """(model, processor) for a LLaVA-family checkpoint directory or hub id, ready to generate."""
     from transformers import AutoProcessor
@@ -167,7 +186,7 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
     processor = AutoProcessor.from_pretrained(str(model))
     processor.tokenizer.padding_side = "left"  # decoder-only generation: pad before the prompt
     try:
-        loaded = ModelClass.from_pretrained(str(model), dtype=resolve_dtype(dtype, device))
+        loaded = load_weights(ModelClass, model, dtype=resolve_dtype(dtype, device))
     except pickle.UnpicklingError as error:
         # torch's weights-only loader refused a pickled checkpoint (it would run code): the user's to fix.
         reason = [line for line in str(error).splitlines() if line.strip()][-1]

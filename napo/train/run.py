@@ -125,6 +125,7 @@ def train(
     from datasets import load_dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from napo.data.generate import load_weights
     from napo.data.store import parquet_files, parquet_schema
     from napo.train.reference import cached_settings, compute_reference_logps, scored_columns
     from napo.train.trainer import NaPOConfig, NaPOTrainer, resolve_terms
@@ -187,7 +188,7 @@ def train(
     processor = AutoProcessor.from_pretrained(str(model))
     # float32 weights whatever bf16 says: bf16 then means autocast, with AdamW updating float32 weights. Pure
     # bf16 weights would round away nearly every update at the paper's learning rate of 5e-7.
-    policy = AutoModelForImageTextToText.from_pretrained(str(model), dtype=torch.float32)
+    policy = load_weights(AutoModelForImageTextToText, model, dtype=torch.float32)
     callbacks = [step_table_callback()] if print_table else None
     trainer = NaPOTrainer(
         model=policy, args=args, train_dataset=dataset, processing_class=processor, callbacks=callbacks
