@@ -377,14 +377,20 @@ def test_precompute_caches_every_answer_and_frees_the_reference(tiny, processor,
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
 
 
-def test_sharded_head_falls_back_to_the_models_own_logits(tiny, processor, sample):
-    """Under ZeRO-3 / FSDP2 the head weight cannot be read directly; the logits path must agree with the fused one."""
-    from napo.train import add_napo_lm_head, completion_logps
+def test_fused_head_runs_as_the_heads_forward_and_falls_back_to_its_logits(tiny, processor, sample, monkeypatch):
+    """The fused kernel runs inside a call of the LM head module, so the hooks an engine puts on the head (ZeRO-3's
+    gather, FSDP2's unshard) run around it and no [B, T, V] logits form; a weight that is still not whole there
+    (a tensor-parallel DTensor) goes through the head's own forward, with the same values."""
+    from napo.train import add_napo_lm_head, completion_logps, lm_head
 
     model = add_napo_lm_head(AutoModelForImageTextToText.from_pretrained(tiny[0]))
     batch = NaPOVisionCollator(processor)(copy.deepcopy(conversational(sample[:3])))
+    calls = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: calls.append([tuple(a.shape) for a in args]))
     fused = completion_logps(model, batch, ("chosen", "rejected"))
-    model.lm_head.weight.ds_id = 0  # what a DeepSpeed ZeRO-3 parameter carries
+    assert len(calls) == 1 and calls[0][1] == tuple(batch["input_ids"].shape)  # hidden and labels went in
+    assert "forward" not in vars(model.lm_head)  # the head's own forward is back
+    monkeypatch.setattr(lm_head, "_plain_weight", lambda weight: False)
     unfused = completion_logps(model, batch, ("chosen", "rejected"))
     for column in ("chosen", "rejected"):
         torch.testing.assert_close(unfused[column].logps, fused[column].logps, rtol=1e-5, atol=1e-4)

@@ -62,12 +62,45 @@ def _fused_head_applies(model: Any) -> bool:
 
 
 def _plain_weight(weight: torch.Tensor) -> bool:
-    """Whether the LM head weight is a whole, ordinary tensor the fused kernel can read directly. Under
-    DeepSpeed ZeRO-3 it is an empty shard outside the head's forward, under FSDP2 a DTensor; then the
-    model's own forward (whose hooks gather it) gives the logits, and napo's token kernel reads those."""
-    if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id"):
-        return False
-    return weight.dim() == 2 and weight.numel() > 0
+    """Whether the LM head weight, read inside the head's forward, is a whole ordinary tensor the fused kernel
+    can take. There DeepSpeed ZeRO-3 has gathered its shards and FSDP2 has swapped in the unsharded tensor;
+    a DTensor still (tensor parallelism) or an empty shard is read through the head's own forward instead."""
+    return type(weight).__name__ != "DTensor" and weight.dim() == 2 and weight.numel() > 0
+
+
+def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int | None):
+    """``(logps, avg_logps)`` of ``labels`` under ``head(hidden)``, computed inside a call of the head module.
+
+    The fused kernel runs as the head's forward (swapped in for this one call), so whatever the engine hooks on
+    the head runs around it as around the matmul it replaces: DeepSpeed ZeRO-3 gathers the partitioned weight
+    before, re-gathers it for the backward (its pre-backward hook sits on this call's outputs) and
+    reduce-scatters the weight gradient; FSDP2 unshards and reshards a separately wrapped head the same way.
+    The kernel saves the weight parameter itself for the backward, not a copy, so the backward reads the
+    re-gathered data and its gradient lands in the parameter the engine reduces."""
+    own_forward = head.forward
+    shadowed = vars(head).get("forward")  # a forward already set on the instance (another patch) comes back after
+
+    def fused_forward(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = head.weight, head.bias
+        if not _plain_weight(weight):
+            return sequence_logps(own_forward(hidden), labels.to(hidden.device))
+        if torch.is_autocast_enabled(hidden.device.type):  # mixed precision: the head runs in the autocast dtype
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+        else:
+            dtype = weight.dtype
+        hidden, weight = hidden.to(weight.device, dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        return fused_linear_sequence_logps(hidden, weight, labels.to(hidden.device), bias=bias, chunk_size=chunk_size)
+
+    # A plain tuple out: DeepSpeed rebuilds the outputs it hooks with their own type, which a NamedTuple refuses.
+    head.forward = fused_forward
+    try:
+        return head(hidden, labels)
+    finally:
+        if shadowed is None:
+            del head.forward
+        else:
+            head.forward = shadowed
 
 
 def add_napo_lm_head(model: Any, chunk_size: int | None = None) -> Any:
@@ -101,10 +134,6 @@ def add_napo_lm_head(model: Any, chunk_size: int | None = None) -> Any:
 
         if not fused:
             return through_the_models_logits()
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if not _plain_weight(weight):  # sharded (ZeRO-3, FSDP): the head's own forward gathers it
-            return through_the_models_logits()
         outputs = self.base_model(*args, **kwargs)
         aux_loss = None
         if kwargs.get("output_router_logits"):
@@ -112,15 +141,7 @@ def add_napo_lm_head(model: Any, chunk_size: int | None = None) -> Any:
             if aux_loss is None:  # a MoE layout napo does not know: the model's own forward computes it
                 return through_the_models_logits()
         hidden = outputs.last_hidden_state[:, -labels.shape[1] :]
-        if torch.is_autocast_enabled(hidden.device.type):  # mixed precision: the head runs in the autocast dtype
-            dtype = torch.get_autocast_dtype(hidden.device.type)
-        else:
-            dtype = weight.dtype
-        hidden, weight = hidden.to(weight.device, dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        logps, avg_logps = fused_linear_sequence_logps(
-            hidden, weight, labels.to(hidden.device), bias=bias, chunk_size=chunk_size
-        )
+        logps, avg_logps = _head_logps(self.get_output_embeddings(), hidden, labels, chunk_size)
         return SequenceLogps(logps, avg_logps, aux_loss)
 
     model.forward = forward.__get__(model)

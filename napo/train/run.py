@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["last_complete_checkpoint", "load_config_file", "step_table_callback", "train"]
+__all__ = ["check_engine_settings", "last_complete_checkpoint", "load_config_file", "step_table_callback", "train"]
 
 REFERENCE_DIR = "reference-logps"
 
@@ -54,6 +54,40 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if odd:
         raise ValueError(f"config {path}: field names must be strings, got {odd[0]!r}")
     return values
+
+
+def check_engine_settings(values: dict[str, Any]) -> None:
+    """Refuses, before any model loads, DeepSpeed / FSDP settings that would fail (or leave no loadable model)
+    only after the models are loaded and sharded: the engine is not installed, a ``zero_optimization`` key
+    DeepSpeed does not know (checked by DeepSpeed's own config model), and ZeRO-3 without
+    ``stage3_gather_16bit_weights_on_model_save``, which ``napo train`` needs to save a ``from_pretrained``
+    model (without it only the per-rank shards are written)."""
+    settings = values.get("deepspeed")
+    if settings:
+        try:
+            from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        except ImportError as error:
+            raise ValueError(
+                f"deepspeed={settings!r} needs DeepSpeed, which is not installed (pip install deepspeed): {error}"
+            ) from None
+        if not isinstance(settings, dict):
+            settings = load_config_file(settings)
+        zero = dict(settings.get("zero_optimization") or {})
+        # "auto" values are the Trainer's to fill in from the training arguments; DeepSpeed's model rejects them.
+        try:
+            config = DeepSpeedZeroConfig(**{key: value for key, value in zero.items() if value != "auto"})
+        except ValueError as error:  # pydantic's ValidationError is a ValueError
+            raise ValueError(f"the DeepSpeed config's zero_optimization section is not valid: {error}") from None
+        if int(config.stage) == 3 and not config.gather_16bit_weights_on_model_save:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save=true: the "
+                "final model could not be gathered into one from_pretrained checkpoint; set it to true"
+            )
+    if values.get("fsdp"):
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401 - FSDP2, torch >= 2.6
+        except ImportError as error:
+            raise ValueError(f"fsdp needs FSDP2 (torch >= 2.6), which this torch lacks: {error}") from None
 
 
 def last_complete_checkpoint(output: Path) -> Path | None:
@@ -132,6 +166,7 @@ def train(
 
     output = Path(output)
     values = dict(config or {})
+    check_engine_settings(values)
     values.setdefault("bf16", torch.cuda.is_available())  # TRL turns bf16 on everywhere; CPUs train in fp32
     # Without use_cpu, accelerate does not treat CPU processes under torchrun as one data-parallel run.
     values.setdefault("use_cpu", not torch.cuda.is_available())

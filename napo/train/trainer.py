@@ -673,8 +673,12 @@ def _check_dpo_options(args: NaPOConfig) -> None:
 
 
 def _vocabulary_size(model: Any) -> int | None:
+    """The LM head's rows: its full shape, not a shard's. DeepSpeed ZeRO-3 leaves an empty local tensor and keeps
+    the shape in ``ds_shape``; FSDP2's DTensor reports its global shape as ``shape``."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return None if head is None else int(head.weight.shape[0])
+    if head is None:
+        return None
+    return int(getattr(head.weight, "ds_shape", head.weight.shape)[0])
 
 
 def _check_same_vocabulary(model: Any, ref_model: Any) -> None:
