@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     try:
         from napo.eval import MissingDataError, evaluate
+        from napo.eval.nlp import NlpUnavailable
     except ImportError as error:
         print(f"napo eval: error: {error} (pip install 'napo[eval]')", file=sys.stderr)
         return 2
@@ -74,7 +75,7 @@ def run_eval(args: argparse.Namespace) -> int:
     except MissingDataError as error:
         print(f"napo eval: error: {error}", file=sys.stderr)  # the list of missing files, one per line
         return 2
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, NlpUnavailable) as error:
         return _error("eval", error)
     for tag, name, summary in result.summaries:
         print(

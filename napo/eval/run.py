@@ -25,6 +25,8 @@ __all__ = ["BENCHMARKS", "EvalResult", "comparison_table", "evaluate", "load_ben
 
 
 def _registry() -> dict[str, Any]:
+    from napo.eval.amber import AmberBench
+    from napo.eval.objhal import ObjectHalBench
     from napo.eval.pope import PopeBench
     from napo.eval.shapes import ShapesBench
     from napo.eval.vlind import VLindBench
@@ -33,6 +35,8 @@ def _registry() -> dict[str, Any]:
         "shapes": ShapesBench,
         "vlind": VLindBench,
         "pope": PopeBench,
+        "objhal": ObjectHalBench,
+        "amber": AmberBench,
     }
 
 
