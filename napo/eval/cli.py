@@ -40,6 +40,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-per-part", type=_positive_int, default=256, help="answers per Parquet part file")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier answers made with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--judge",
+        default="openai",
+        choices=["openai", "hf"],
+        help="mmhal: an OpenAI-compatible endpoint (NAPO_JUDGE_BASE_URL / _MODEL / _API_KEY) or a local HF model",
+    )
+    parser.add_argument("--judge-model", default=None, help="mmhal: the judge model (name, or checkpoint for hf)")
+    parser.add_argument("--judge-base-url", default=None, help="mmhal: the endpoint (default NAPO_JUDGE_BASE_URL)")
+
+
+def _judge_options(args: argparse.Namespace) -> dict:
+    if "mmhal" not in args.benchmark:
+        return {}
+    if args.judge == "hf":
+        if not args.judge_model:
+            raise ValueError("--judge hf needs --judge-model (a local causal LM checkpoint)")
+        from napo.eval.mmhal import HFJudge
+
+        return {"mmhal": {"judge": HFJudge(args.judge_model, device=args.device)}}
+    from napo.eval.mmhal import OpenAIJudge
+
+    return {"mmhal": {"judge": OpenAIJudge(base_url=args.judge_base_url, model=args.judge_model)}}
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -53,13 +75,14 @@ def run_eval(args: argparse.Namespace) -> int:
         print("napo eval: error: give --model (one or more) or --answers", file=sys.stderr)
         return 2
     try:
+        judge_options = _judge_options(args)
         result = evaluate(
             args.model,
             args.benchmark,
             args.output,
             data_dir=args.data_dir,
             answers=args.answers,
-            options={"shapes": {"scenarios": args.shapes_scenarios}},
+            options={"shapes": {"scenarios": args.shapes_scenarios}, **judge_options},
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams,

@@ -26,6 +26,7 @@ __all__ = ["BENCHMARKS", "EvalResult", "comparison_table", "evaluate", "load_ben
 
 def _registry() -> dict[str, Any]:
     from napo.eval.amber import AmberBench
+    from napo.eval.mmhal import MMHalBench
     from napo.eval.objhal import ObjectHalBench
     from napo.eval.pope import PopeBench
     from napo.eval.shapes import ShapesBench
@@ -37,6 +38,7 @@ def _registry() -> dict[str, Any]:
         "pope": PopeBench,
         "objhal": ObjectHalBench,
         "amber": AmberBench,
+        "mmhal": MMHalBench,
     }
 
 
@@ -193,6 +195,9 @@ def evaluate(
         if value is not None:
             check_int(name, value, 1)
     output = Path(output)
+    options = {name: dict(values) for name, values in (options or {}).items()}
+    # A rerun, or a second model with the same answer, asks the judge nothing twice.
+    options.setdefault("mmhal", {}).setdefault("cache", output / "mmhal" / "judgements.jsonl")
     chosen = load_benchmarks(benchmarks, data_dir, options)  # every data problem before any model loads
     summaries = []
     if answers is not None:
