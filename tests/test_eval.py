@@ -267,3 +267,49 @@ def test_cli_answers_without_model_and_unknown_benchmark(tmp_path, capsys):
         == 2
     )
     assert "no such answers directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- every file-based benchmark, end to end
+
+from test_eval_chair import STUB_TOOLS, amber_dir, objhal_dir, stub_similarity  # noqa: E402, F401
+from test_eval_metrics import pope_dir, vlind_dir  # noqa: E402, F401
+from test_eval_mmhal import mmhal_dir  # noqa: E402, F401
+
+
+class _CountingJudge:
+    name = "counting test judge"
+    is_gpt4 = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, prompt: str) -> str:
+        self.calls += 1
+        return "Looks fine. Rating: 3"
+
+
+@pytest.mark.usefixtures("vlind_dir", "pope_dir", "objhal_dir", "amber_dir", "mmhal_dir")  # each under tmp_path/<name>
+def test_evaluate_every_file_based_benchmark_on_its_fixtures(tiny, loaded, tmp_path):
+    judge = _CountingJudge()
+    options = {
+        "objhal": {"tools": STUB_TOOLS},
+        "amber": {"tools": STUB_TOOLS, "similarity": stub_similarity},
+        "mmhal": {"judge": judge},
+    }
+    names = "vlind,objhal,amber,mmhal,pope"
+    out = tmp_path / "report"
+    result = evaluate(tiny, names, out, data_dir=tmp_path, options=options, loaded={tiny: loaded}, **SHORT, **QUIET)
+    expected_items = {"vlind": 28, "objhal": 3, "amber": 2, "mmhal": 10, "pope": 8}
+    for name, count in expected_items.items():
+        run = json.loads((out / name / "metrics.json").read_text())["models"]["llava"]
+        assert (run["items"], run["answered"], run["skipped"]) == (count, count, 0), name
+    assert judge.calls == 10
+    assert {"VLind CB ↑", "ObjHal CHAIRs ↓", "AMBER Cog ↓", "POPE F1 ↑", "MMHal HalRate ↓"} <= set(result.table.columns)
+    assert result.metrics.query("benchmark == 'mmhal' and metric == 'score'")["value"].item() == 3.0
+    report = (out / "report.md").read_text()
+    assert "not GPT\\-4" in report  # the judge is named as not the paper's, escaped like all report text
+    assert "not GPT-4" in pd.read_csv(out / "mmhal" / "metrics.csv")["note"].iloc[0]
+    # Rescoring the kept answers gives the same numbers and asks the judge nothing again.
+    again = evaluate(None, names, tmp_path / "again", data_dir=tmp_path, answers=out, options=options, **QUIET)
+    pd.testing.assert_frame_equal(again.metrics, result.metrics)
+    assert judge.calls == 10

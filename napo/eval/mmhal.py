@@ -11,7 +11,7 @@ report as not GPT-4, its numbers not comparable with published ones.
 
 napo ships no copy of the prompt: it is read from the user's MMHal-Bench download (the ``template``
 string of its ``eval_gpt4.py``, read as text, never run) or from a ``judge_prompt.txt`` with four ``{}``
-slots. Judgements are cached (``<output>/mmhal/judgements.jsonl``, keyed by judge and prompt), so a
+slots. Judgements are cached (``<output>/answers/judgements-mmhal.jsonl``, keyed by judge and prompt), so a
 rerun or a second model with the same answer asks nothing twice.
 
 Reference: zhangzef/NaPO ``eval/eval_gpt_mmhal.py`` (prompt filling, parsing, score, hallucination
@@ -207,10 +207,12 @@ class MMHalBench(Benchmark):
     """MMHal-Bench from ``<data_dir>/response_template.json`` (the 96 records), the images under
     ``<data_dir>/images/`` (named as the end of each record's image_src) and the judge prompt (see
     :func:`read_judge_prompt`). ``judge``: a :class:`Judge` (default :class:`OpenAIJudge` from the
-    environment); ``cache``: the judgements file (set by :func:`napo.eval.evaluate` under the output)."""
+    environment); ``cache``: the judgements file (set by :func:`napo.eval.evaluate` beside the answers)."""
 
     name = "mmhal"
     title = "MMHal-Bench"
+    # The instance's labels also name a judge that is not GPT-4 (see __init__).
+    headline = (("score", "MMHal score", True), ("hallucination_rate", "MMHal HalRate", False))
 
     def __init__(self, data_dir: str | Path, judge: Judge | None = None, cache: str | Path | None = None) -> None:
         self.data_dir = Path(data_dir)

@@ -135,9 +135,14 @@ def comparison_table(metrics, benchmarks: list[Benchmark]) -> Any:
     return frame
 
 
+def _answers_root(answers: Path) -> Path:
+    """The folder of <model>/<benchmark>/ answers: an earlier output's answers/, or the folder given."""
+    return answers / "answers" if (answers / "answers").is_dir() else answers
+
+
 def _answers_dirs(answers: Path, benchmarks: list[Benchmark]) -> dict[str, dict[str, Path]]:
     """{model tag: {benchmark: directory}} found under ``answers`` (an earlier output or its answers/)."""
-    root = answers / "answers" if (answers / "answers").is_dir() else answers
+    root = _answers_root(answers)
     if not root.is_dir():
         raise FileNotFoundError(f"no such answers directory: {answers}")
     found: dict[str, dict[str, Path]] = {}
@@ -196,8 +201,10 @@ def evaluate(
             check_int(name, value, 1)
     output = Path(output)
     options = {name: dict(values) for name, values in (options or {}).items()}
-    # A rerun, or a second model with the same answer, asks the judge nothing twice.
-    options.setdefault("mmhal", {}).setdefault("cache", output / "mmhal" / "judgements.jsonl")
+    # The judge's replies live with the answers they judge: a rerun, a rescoring (--answers) or a second
+    # model with the same answer asks the judge nothing twice.
+    answers_root = output / "answers" if answers is None else _answers_root(Path(answers))
+    options.setdefault("mmhal", {}).setdefault("cache", answers_root / "judgements-mmhal.jsonl")
     chosen = load_benchmarks(benchmarks, data_dir, options)  # every data problem before any model loads
     summaries = []
     if answers is not None:
