@@ -136,6 +136,16 @@ def test_object_halbench_with_real_nltk(objhal_dir):
     assert metrics == pytest.approx(_objhal_expected())
 
 
+def test_absent_nltk_data_is_one_error_saying_where_to_point(tmp_path, monkeypatch):
+    nltk = pytest.importorskip("nltk", reason="NLTK is not installed: its missing-data message cannot be checked")
+    from napo.eval.nlp import nltk_tools
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # an empty data folder, whatever this machine has
+    with pytest.raises(NlpUnavailable, match="NLTK_DATA") as error:
+        nltk_tools(need_tagger=True)
+    assert "punkt" in str(error.value) and "nltk.download(" not in str(error.value)
+
+
 def test_object_halbench_missing_files_and_nltk_message(objhal_dir, monkeypatch):
     from napo.eval import nlp
     from napo.eval.objhal import ObjectHalBench
