@@ -58,6 +58,20 @@ def test_shapes_items_are_deterministic_and_well_formed():
     assert "is red." not in d1["question"]
 
 
+def test_comparison_figure_has_a_bar_per_model_and_headline_metric():
+    from napo.eval import plot_comparison
+
+    rows = [("before", "vlind", "CB", 0.2), ("before", "vlind", "LP", 0.1), ("after", "vlind", "CB", 0.5),
+            ("after", "vlind", "LP", 0.4), ("before", "pope", "F1", 0.8), ("after", "pope", "F1", 0.9)]  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["model", "benchmark", "metric", "value"])
+    figure = plot_comparison(frame)
+    vlind, pope = figure.axes
+    assert [b.get_height() for b in vlind.patches] == [0.2, 0.1, 0.5, 0.4]  # before: CB, LP; after: CB, LP
+    assert [t.get_text() for t in vlind.get_xticklabels()] == ["CB", "LP"]
+    assert len(pope.patches) == 2 * 3 and pope.get_title() == "pope"  # F1, accuracy (absent: NaN), yes-ratio
+    assert vlind.get_ylim()[0] == 0
+
+
 def test_shape_mentions_count_every_shape_word():
     assert shape_mentions("Two circles and a square; another Circle.") == ["circle", "square", "circle"]
     assert shape_mentions("A star next to nothing") == ["star"]

@@ -39,6 +39,9 @@ def plot_comparison(metrics, benchmarks: Sequence[str] | None = None, keys: dict
             values = chosen[chosen["model"] == model].set_index("metric")["value"]
             heights = [float(values.get(key, np.nan)) for key in wanted]
             axis.bar(positions + offset * width - 0.4 + width / 2, heights, width, label=model)
+        finite = [v for v in chosen["value"] if np.isfinite(v)]
+        if finite and min(finite) >= 0:  # rates and scores: bars start at 0, and all-zero bars still show a scale
+            axis.set_ylim(0, max(max(finite) * 1.1, 1.0))
         axis.set_xticks(positions, wanted, rotation=30, ha="right")
         axis.set_title(name)
         axis.legend(fontsize="small")
