@@ -178,3 +178,29 @@ def test_an_unreachable_judge_is_one_clear_error(mmhal_dir, stub_server):
     bench = MMHalBench(mmhal_dir, judge=judge)
     with pytest.raises(JudgeError, match="did not answer"):
         bench.score(_answers(bench))
+
+
+def test_local_hf_judge_rates_through_the_same_protocol(mmhal_dir, tmp_path):
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from napo.data.tiny import build_tokenizer
+    from napo.eval.mmhal import HFJudge
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    judge = HFJudge(tmp_path / "judge", device="cpu", max_new_tokens=4)
+    assert judge.name == "local judge" and not judge.is_gpt4
+    bench = MMHalBench(mmhal_dir, judge=judge, cache=tmp_path / "judgements.jsonl")
+    metrics, per_item = bench.score(_answers(bench))
+    # Whatever the random tiny model writes is parsed by the protocol's one rule.
+    assert all(isinstance(reply, str) for reply in per_item["judge_reply"])
+    assert per_item["rating"].tolist() == [parse_rating(r) for r in per_item["judge_reply"]]
+    assert metrics["answers"] == 10 and metrics["judge_is_gpt4"] == 0.0
+    assert any("local judge" in note and "not GPT-4" not in note for note in bench.notes())
