@@ -238,3 +238,73 @@ def test_amber_checks_its_files(amber_dir):
     (amber_dir / "data" / "relation.json").write_text(json.dumps({"dog": []}))
     with pytest.raises(DataFormatError, match=r"not in relation\.json"):
         AmberBench(amber_dir, tools=STUB_TOOLS, similarity=stub_similarity)
+
+
+def _amber_by_position_lists(nouns, truth, hallu, relation, safe, similar):
+    """AMBER's bookkeeping as its paper code keeps it, re-done here independently: one flat list of words per
+    side (every object's related words, then the objects), a parallel list of owner positions ending in one
+    slot per object, and the object slots marked through those positions."""
+
+    def side(objects):
+        words, slots = [], []
+        for position, obj in enumerate(objects):
+            words += relation[obj]
+            slots += [position] * len(relation[obj])
+        return words + list(objects), slots + [0] * len(objects)
+
+    def mark(slots, objects, j):
+        tail = len(slots) - len(objects)
+        slots[slots[j] + tail if j < tail else j] = 1
+
+    safe_words, safe_slots = side(truth)
+    ha_words, ha_slots = side(hallu)
+    flags = []
+    for noun in nouns:
+        flag = 0
+        if noun in safe:
+            flags.append(flag)
+            continue
+        if noun in safe_words:
+            mark(safe_slots, truth, safe_words.index(noun))
+            flags.append(flag)
+            continue
+        if noun in ha_words:
+            mark(ha_slots, hallu, ha_words.index(noun))
+        for j, word in enumerate(ha_words):
+            if similar(noun, word) > 0.8:
+                mark(ha_slots, hallu, j)
+                break
+        rescued = False
+        for j, word in enumerate(safe_words):
+            if similar(noun, word) > 0.8:
+                mark(safe_slots, truth, j)
+                rescued = True
+                break
+        flags.append(0 if rescued else 1)
+    covered = safe_slots[len(safe_slots) - len(truth) :] if truth else []
+    hit = ha_slots[len(ha_slots) - len(hallu) :] if hallu else []
+    return sum(flags), len(flags), sum(covered), sum(hit)
+
+
+def test_amber_agrees_with_an_independent_recount_on_random_inputs():
+    import random
+
+    from napo.eval.amber import AmberScorer
+
+    rng = random.Random(1234)
+    vocabulary = [f"w{i}" for i in range(12)]
+    for _ in range(300):
+        relation = {w: rng.sample(vocabulary, rng.randint(0, 3)) for w in vocabulary}
+        safe = rng.sample(vocabulary, rng.randint(0, 2))
+        close = {frozenset(rng.sample(vocabulary, 2)) for _ in range(6)}
+
+        def similar(a, b, close=close):
+            return 1.0 if a == b else (0.9 if frozenset((a, b)) in close else 0.2)
+
+        nouns = [rng.choice(vocabulary) for _ in range(rng.randint(0, 8))]
+        truth = [rng.choice(vocabulary) for _ in range(rng.randint(0, 4))]  # repeats happen, as in AMBER's files
+        hallu = [rng.choice(vocabulary) for _ in range(rng.randint(0, 4))]
+        tools = TextTools(tokenize=str.split, lemmatize=lambda w: w, pos_tag=lambda ws: [(w, "NN") for w in ws])
+        judged = AmberScorer(relation, safe, {}, tools, similar).judge(" ".join(nouns), truth, hallu)
+        ours = (len(judged["hallucinated"]), len(judged["nouns"]), sum(judged["covered"]), sum(judged["hit"]))
+        assert ours == _amber_by_position_lists(nouns, truth, hallu, relation, safe, similar), (nouns, truth, hallu)
