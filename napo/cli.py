@@ -145,6 +145,14 @@ def _run_stage(command: str, verb: str, run) -> int:
     return 1 if nothing_succeeded else 0
 
 
+def _add_eval_parser(commands) -> None:
+    from napo.eval.cli import add_arguments
+
+    add_arguments(commands.add_parser(
+        "eval", help="evaluate models on the paper's benchmarks (and the built-in shapes); reports side by side"
+    ))  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     from napo import __version__
     from napo.train.reference import DEFAULT_MAX_LENGTH
@@ -241,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_image_argument(analyze)
 
+    _add_eval_parser(commands)
+
     tiny = commands.add_parser("make-tiny-model", help="write the tiny random LLaVA (offline) to a directory")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=_seed, default=0)
@@ -294,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train(args)
     if args.command == "analyze":
         return _analyze(args)
+    if args.command == "eval":
+        from napo.eval.cli import run_eval
+
+        return run_eval(args)
     if args.command == "make-tiny-model":
         from napo.data import make_tiny_model
 

@@ -1,0 +1,118 @@
+"""What every benchmark of ``napo eval`` is: items to answer, decoding settings, and a scorer.
+
+A benchmark turns the user's files (or, for ``shapes``, nothing) into *items*: one prompt each, with an
+``idx`` (a string unique in the benchmark), an ``image`` (encoded bytes, or a path relative to the
+benchmark's data directory), the ``question`` the model is asked and ``meta``, a JSON string with what
+the scorer needs (labels, ground truth). The model's answers come back as an ``answer`` column beside
+those, and :meth:`Benchmark.score` reduces them to metrics (one dict) and per-item results (a table).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+ITEM_COLUMNS = ("idx", "image", "question", "meta")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a benchmark's answers are generated: always greedy (no sampling), as its reference script."""
+
+    max_new_tokens: int
+    num_beams: int
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "do_sample": False}
+
+
+class MissingDataError(FileNotFoundError):
+    """The benchmark's files are not all there: ``missing`` lists each absent path (what to download)."""
+
+    def __init__(self, benchmark: str, missing: list[str], hint: str = "") -> None:
+        self.benchmark = benchmark
+        self.missing = list(missing)
+        lines = [f"{benchmark}: {len(self.missing)} required file(s) missing:"]
+        lines += [f"  {path}" for path in self.missing]
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+class DataFormatError(ValueError):
+    """A benchmark file is there but not in the expected shape (the message names the file and what is wrong)."""
+
+
+def require_files(benchmark: str, paths: list[Path], hint: str = "") -> None:
+    """Raises :class:`MissingDataError` listing every path of ``paths`` that is not a file or directory."""
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise MissingDataError(benchmark, missing, hint)
+
+
+def read_json(path: Path, benchmark: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"{benchmark}: {path} is not valid JSON ({error})") from None
+
+
+def read_jsonl(path: Path, benchmark: str) -> list[dict]:
+    """Every JSON object of a JSON-lines file; a bad line is an error naming its number."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataFormatError(f"{benchmark}: {path} line {number} is not valid JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{benchmark}: {path} line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def require_keys(record: dict, keys: tuple[str, ...], where: str, benchmark: str) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise DataFormatError(
+            f"{benchmark}: {where} lacks the field(s) {', '.join(missing)} (has: {', '.join(map(str, record))})"
+        )
+
+
+def item(idx: str, image: bytes | str | None, question: str, **meta: Any) -> dict:
+    """One item row (see the module docstring)."""
+    return {"idx": idx, "image": image, "question": question, "meta": json.dumps(meta, sort_keys=True)}
+
+
+class Benchmark:
+    """A benchmark: subclasses set the class attributes and implement :meth:`items` and :meth:`score`.
+
+    ``headline``: (metric key, column label, higher_is_better) triples of the comparison table, the
+    paper's Table 1 columns for this benchmark. ``data_dir``: where its files are (None for ``shapes``).
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    decoding: Decoding
+    headline: ClassVar[tuple[tuple[str, str, bool], ...]]
+    data_dir: Path | None = None
+
+    def items(self) -> list[dict]:
+        raise NotImplementedError
+
+    def score(self, answers) -> tuple[dict, Any]:
+        """``answers``: a DataFrame with :data:`ITEM_COLUMNS` and ``answer``. Returns (metrics, per-item table)."""
+        raise NotImplementedError
+
+    def notes(self) -> list[str]:
+        """Lines the report prints under the benchmark (a non-GPT-4 judge, say)."""
+        return []
+
+
+def metas(answers) -> list[dict]:
+    """The decoded ``meta`` of each row of an answers table, in row order."""
+    return [json.loads(m) for m in answers["meta"]]

@@ -1,0 +1,112 @@
+"""The ``napo eval`` subcommand's arguments and entry point (kept here so ``napo/cli.py`` stays small)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from napo.cli import _error, _integer, _output_dir, _positive_int
+
+
+def _benchmark_list(text: str) -> list[str]:
+    from napo.eval.run import BENCHMARKS
+
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if not all(names) or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated names among {', '.join(BENCHMARKS)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", action="append", default=None, help="a LLaVA checkpoint (repeat: models compared side by side)"
+    )
+    parser.add_argument(
+        "--benchmark", required=True, type=_benchmark_list, help="comma-separated: vlind,objhal,amber,mmhal,pope,shapes"
+    )
+    parser.add_argument("--data-dir", default=None, help="folder holding <benchmark>/ with each benchmark's files")
+    parser.add_argument("--output", required=True, type=_output_dir, help="reports and answers (rerunning resumes)")
+    parser.add_argument("--answers", default=None, help="score an earlier run's answers without generating")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: each benchmark's own")
+    parser.add_argument("--num-beams", type=_positive_int, default=None, help="default: each benchmark's own")
+    parser.add_argument("--shapes-scenarios", type=_positive_int, default=12, help="shapes: scenarios (10 items each)")
+    parser.add_argument("--limit", type=_integer(0), default=None, help="only the first N items of each benchmark")
+    parser.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
+    parser.add_argument("--shard-index", type=_integer(0), default=None, help="default: RANK or 0")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--rows-per-part", type=_positive_int, default=256, help="answers per Parquet part file")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier answers made with other settings")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--judge",
+        default="openai",
+        choices=["openai", "hf"],
+        help="mmhal: an OpenAI-compatible endpoint (NAPO_JUDGE_BASE_URL / _MODEL / _API_KEY) or a local HF model",
+    )
+    parser.add_argument("--judge-model", default=None, help="mmhal: the judge model (name, or checkpoint for hf)")
+    parser.add_argument("--judge-base-url", default=None, help="mmhal: the endpoint (default NAPO_JUDGE_BASE_URL)")
+
+
+def _judge_options(args: argparse.Namespace) -> dict:
+    if "mmhal" not in args.benchmark:
+        return {}
+    if args.judge == "hf":
+        if not args.judge_model:
+            raise ValueError("--judge hf needs --judge-model (a local causal LM checkpoint)")
+        from napo.eval.mmhal import HFJudge
+
+        return {"mmhal": {"judge": HFJudge(args.judge_model, device=args.device)}}
+    from napo.eval.mmhal import OpenAIJudge
+
+    return {"mmhal": {"judge": OpenAIJudge(base_url=args.judge_base_url, model=args.judge_model)}}
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    try:
+        from napo.eval import MissingDataError, evaluate
+        from napo.eval.nlp import NlpUnavailable
+    except ImportError as error:
+        print(f"napo eval: error: {error} (pip install 'napo[eval]')", file=sys.stderr)
+        return 2
+    if not args.model and not args.answers:
+        print("napo eval: error: give --model (one or more) or --answers", file=sys.stderr)
+        return 2
+    try:
+        judge_options = _judge_options(args)
+        result = evaluate(
+            args.model,
+            args.benchmark,
+            args.output,
+            data_dir=args.data_dir,
+            answers=args.answers,
+            options={"shapes": {"scenarios": args.shapes_scenarios}, **judge_options},
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+            limit=args.limit,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+            device=args.device,
+            dtype=args.dtype,
+            rows_per_part=args.rows_per_part,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except MissingDataError as error:
+        print(f"napo eval: error: {error}", file=sys.stderr)  # the list of missing files, one per line
+        return 2
+    except (ValueError, OSError, KeyError, NlpUnavailable) as error:
+        return _error("eval", error)
+    for tag, name, summary in result.summaries:
+        print(
+            f"napo eval: {tag} / {name}: {summary.written} answered, {summary.failed} skipped with errors, "
+            f"{summary.already_done} already done, {summary.seconds:.1f} s"
+        )
+        if summary.failed:
+            print(f"napo eval: the skipped items and why are in {summary.output_dir}/__napo__/errors.jsonl")
+    print(f"napo eval: report written to {result.report}")
+    nothing = result.summaries and all(s.written == 0 and s.already_done == 0 for _, _, s in result.summaries)
+    return 1 if nothing else 0

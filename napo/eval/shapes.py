@@ -1,0 +1,169 @@
+"""``shapes``: the built-in offline benchmark, drawn like the sample set, with exact ground truth.
+
+The sample set's language prior is "a shape is red" (its rejected answers say so whatever the image).
+Every scenario draws one shape in another colour: a world where that prior is wrong. Three kinds of
+question measure how far the model follows the prior instead of the picture:
+
+- **VLind pairs** (scored by :func:`napo.eval.vlind.score_instances`, the same pipeline as VLind-Bench):
+  a: "the <shape> is red" by common sense, on a factual (red) image; b: is there a <shape> / another
+  shape in the counterfactual image; c: the context "in this picture the <shape> is <colour>" with the
+  counterfactual image; d: the counterfactual statement on each of two counterfactual images, no
+  context. CK, VP, CB and LP as in VLind-Bench.
+- **colour questions**: "What color is the <shape> in the image?" on the counterfactual image
+  (``color_accuracy``: the first colour named is the drawn one) and on a blank white image
+  (``blank_prior_rate``: the share of blank-image answers that name the prior colour first, an
+  answer the image cannot have given).
+- **descriptions**: "Describe the image." on a picture of 1 to 3 shapes; every shape word of the
+  answer is an object mention, hallucinated when no such shape is drawn. CHAIR-style: ``CHAIRs``
+  (share of descriptions with a hallucinated shape), ``CHAIRi`` (hallucinated mentions / mentions)
+  and ``recall`` (drawn shapes mentioned / drawn shapes).
+
+Deterministic for a seed; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+
+from napo.eval.benchmark import Benchmark, Decoding, item, metas
+from napo.eval.vlind import collect_instances, instance_questions, pair_items, score_instances
+
+__all__ = ["ShapesBench", "shape_mentions"]
+
+# Shape words a description may use: the drawn ones and others a model may invent (each a hallucination).
+SHAPE_WORDS = ("circle", "square", "triangle", "rectangle", "oval", "star", "diamond", "hexagon", "pentagon", "heart")
+
+
+def shape_mentions(text: str) -> list[str]:
+    """Every shape word of ``text`` in order (singular; "squares" -> "square"), one per mention."""
+    words = re.findall(r"[a-z]+", (text or "").lower())
+    return [word.removesuffix("s") for word in words if word.removesuffix("s") in SHAPE_WORDS]
+
+
+def first_color(text: str) -> str | None:
+    from napo.data.sample import COLORS
+
+    for word in re.findall(r"[a-z]+", (text or "").lower()):
+        if word in COLORS:
+            return word
+    return None
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _scene(shapes: list[tuple[str, str]], rng: random.Random) -> bytes:
+    """Up to 4 shapes, each drawn (as the sample set draws one) in its own cell of a 2 x 2 grid."""
+    from PIL import Image
+
+    from napo.data.sample import draw_image
+
+    canvas = Image.new("RGB", (64, 64), (245, 245, 245))
+    cells = rng.sample([(0, 0), (32, 0), (0, 32), (32, 32)], len(shapes))
+    for (shape, color), cell in zip(shapes, cells, strict=True):
+        canvas.paste(draw_image(shape, color, rng, size=32), cell)
+    return _png(canvas)
+
+
+class ShapesBench(Benchmark):
+    """``scenarios`` counterfactual scenarios (10 items each); ``seed`` fixes every drawing."""
+
+    name = "shapes"
+    title = "shapes (built-in)"
+    headline = (
+        ("CB", "shapes CB", True),
+        ("LP", "shapes LP", True),
+        ("blank_prior_rate", "shapes blank prior", False),
+        ("CHAIRs", "shapes CHAIRs", False),
+        ("CHAIRi", "shapes CHAIRi", False),
+    )
+
+    def __init__(self, scenarios: int = 12, seed: int = 0, decoding: Decoding | None = None) -> None:
+        from napo.data.inputs import check_int
+
+        self.scenarios = check_int("scenarios", scenarios, 1)
+        self.seed = seed
+        self.data_dir = None
+        self.decoding = decoding or Decoding(max_new_tokens=32, num_beams=1)
+
+    def items(self) -> list[dict]:
+        from PIL import Image
+
+        from napo.data.sample import COLORS, PRIOR_COLOR, SHAPES, draw_image
+
+        rng = random.Random(self.seed)
+        blank = _png(Image.new("RGB", (64, 64), (255, 255, 255)))
+        rows: list[dict] = []
+        for number in range(self.scenarios):
+            shape = rng.choice(SHAPES)
+            color = rng.choice(sorted(c for c in COLORS if c != PRIOR_COLOR))
+            other = rng.choice([s for s in SHAPES if s != shape])
+            factual = _png(draw_image(shape, PRIOR_COLOR, rng))
+            counterfactual = {image_id: _png(draw_image(shape, color, rng)) for image_id in ("0", "1")}
+            votes = {"0": 3, "1": 3}  # drawn, not generated: every image is a good one
+            instance = {
+                "aggregated_human_label_good_images": votes,
+                "true_statement": f"The {shape} is {color}.",
+                "false_statement": f"The {shape} is {PRIOR_COLOR}.",
+                "existent_noun": f"a {shape}",
+                "non-existent_noun": f"a {other}",
+                "context": f"In this picture the {shape} is {color}.",
+            }
+            questions = instance_questions(instance, counterfactual.__getitem__, factual, list(votes))
+            prefix = f"{number:04d}"
+            rows += pair_items(prefix, questions, kind="vlind", instance=number, concept="color", votes=votes)
+            question = f"What color is the {shape} in the image?"
+            rows.append(item(f"{prefix}/color", counterfactual["0"], question, kind="color", truth=color))
+            rows.append(item(f"{prefix}/blank", blank, question, kind="blank", prior=PRIOR_COLOR))
+            drawn = [(s, rng.choice(sorted(COLORS))) for s in rng.sample(SHAPES, rng.randint(1, 3))]
+            truth = sorted({s for s, _ in drawn})
+            rows.append(
+                item(f"{prefix}/describe", _scene(drawn, rng), "Describe the image.", kind="describe", truth=truth)
+            )
+        return rows
+
+    def score(self, answers):
+        import pandas as pd
+
+        kinds = [m["kind"] for m in metas(answers)]
+        pairs = answers[[kind == "vlind" for kind in kinds]]
+        metrics, _ = score_instances(collect_instances(pairs))
+        per_item = []
+        color_hits, blank_prior, chair_s, mentions, hallucinated, covered, drawn = [], [], [], 0, 0, 0, 0
+        for meta, row in zip(metas(answers), answers.itertuples(index=False), strict=True):
+            result = {"idx": row.idx, "kind": meta["kind"], "answer": row.answer}
+            if meta["kind"] == "color":
+                result["correct"] = int(first_color(row.answer) == meta["truth"])
+                color_hits.append(result["correct"])
+            elif meta["kind"] == "blank":
+                result["prior"] = int(first_color(row.answer) == meta["prior"])
+                blank_prior.append(result["prior"])
+            elif meta["kind"] == "describe":
+                found = shape_mentions(row.answer)
+                wrong = [s for s in found if s not in meta["truth"]]
+                mentions += len(found)
+                hallucinated += len(wrong)
+                covered += len(set(found) & set(meta["truth"]))
+                drawn += len(meta["truth"])
+                chair_s.append(int(bool(wrong)))
+                result.update(mentions=len(found), hallucinated=len(wrong), truth=",".join(meta["truth"]))
+            else:
+                result["part"] = meta["part"]
+            per_item.append(result)
+
+        def mean(values: list[int]) -> float:
+            return sum(values) / len(values) if values else 0.0
+
+        metrics.update(
+            color_accuracy=mean(color_hits),
+            blank_prior_rate=mean(blank_prior),
+            CHAIRs=mean(chair_s),
+            CHAIRi=hallucinated / mentions if mentions else 0.0,
+            recall=covered / drawn if drawn else 0.0,
+        )
+        return metrics, pd.DataFrame(per_item)
