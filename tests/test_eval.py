@@ -130,7 +130,8 @@ def test_evaluate_end_to_end_two_models_and_rescoring(tiny, loaded, tmp_path):
     assert set(record["models"]) == {"llava", "llava-other"}
     run = record["models"]["llava"]
     assert (run["items"], run["answered"], run["skipped"]) == (26, 26, 0)
-    assert run["decoding"] == {"max_new_tokens": 4, "num_beams": 1, "do_sample": False}
+    assert run["decoding"] == {"max_new_tokens": 4, "num_beams": 1, "temperature": 0.0, "prompt_format": "template",
+                               "do_sample": False}  # fmt: skip
     csv = pd.read_csv(out / "shapes" / "metrics.csv")
     assert set(csv["model"]) == {"llava", "llava-other"} and "LP" in set(csv["metric"])
     assert len(pd.read_csv(out / "shapes" / "items-llava.csv")) == 26
@@ -327,3 +328,44 @@ def test_evaluate_every_file_based_benchmark_on_its_fixtures(tiny, loaded, tmp_p
     again = evaluate(None, names, tmp_path / "again", data_dir=tmp_path, answers=out, options=options, **QUIET)
     pd.testing.assert_frame_equal(again.metrics, result.metrics)
     assert judge.calls == 10
+
+
+def test_decoding_follows_the_reference_scripts_sampling_and_prompt_format(tiny, loaded, tmp_path, monkeypatch):
+    """Object HalBench, AMBER and MMHal answers are sampled at temperature 0.2 with 3 beams, as the authors'
+    muffin_vqa.py defaults; the sampling is seeded (a rerun of a batch gives the same answers) and the
+    prompt format (llava_v1, the scripts' conversation) reaches the prompts."""
+    import napo.data.generate as generate
+    from napo.data.generate import GenerationSettings, generate_answers
+    from napo.eval.benchmark import Decoding
+
+    model, processor = loaded
+    seen: dict = {}
+    original = model.generate
+
+    def spy(**kwargs):
+        seen.update({k: v for k, v in kwargs.items() if k in ("do_sample", "temperature", "num_beams")})
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    prompts = ["USER: hello ASSISTANT:"] * 2
+    sampled = GenerationSettings(max_new_tokens=6, num_beams=1, temperature=0.7)
+    first = generate_answers(model, processor, prompts, None, sampled)
+    assert seen == {"do_sample": True, "temperature": 0.7, "num_beams": 1}
+    assert generate_answers(model, processor, prompts, None, sampled) == first  # seeded
+    generate_answers(model, processor, prompts, None, GenerationSettings(max_new_tokens=6, num_beams=1))
+    assert seen["do_sample"] is False
+    monkeypatch.setattr(model, "generate", original)
+
+    asked: list[str] = []
+
+    def record(model, processor, prompts, images, settings):
+        asked.extend(prompts)
+        assert settings.temperature == 0.0
+        return ["red"] * len(prompts)
+
+    monkeypatch.setattr(generate, "generate_answers", record)
+    bench = ShapesBench(scenarios=1, seed=5)
+    generate_benchmark_answers(bench, tiny, tmp_path / "a", loaded=loaded,
+                               decoding=Decoding(3, 1, prompt_format="llava_v1"), **QUIET)  # fmt: skip
+    system = "A chat between a curious human and an artificial intelligence assistant."
+    assert asked and all(p.startswith(system) and p.endswith(" ASSISTANT:") for p in asked)

@@ -19,6 +19,7 @@ skip) and skipped. An image given by path is read only from inside the data's di
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import re
@@ -46,6 +47,10 @@ __all__ = ["REQUIRED_COLUMNS", "GenerationSettings", "decode_image", "generate_b
 MANIFEST = "generate.json"  # in the output's __napo__/ folder
 
 
+SAMPLING_SEED = 0
+"""The seed each sampled generate call starts from."""
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """What decides the answers; a rerun into the same output must use the same settings."""
@@ -54,18 +59,24 @@ class GenerationSettings:
     num_beams: int = 3
     blank_images: bool = False
     prompt_format: str = "template"
+    temperature: float = 0.0  # 0: no sampling (the paper's biased answers); > 0: sampled, seeded per batch
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("num_beams", self.num_beams, 1)
         check_prompt_format(self.prompt_format)
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0
+        ):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
 
     def recorded(self) -> dict:
-        """The settings as the manifest records them; the default prompt format is left out, so that
-        outputs written before the option existed still resume."""
+        """The settings as the manifest records them; options at their defaults are left out, so that
+        outputs written before the options existed still resume."""
         values = asdict(self)
-        if values["prompt_format"] == "template":
-            del values["prompt_format"]
+        for name, default in (("prompt_format", "template"), ("temperature", 0.0)):
+            if values[name] == default:
+                del values[name]
         return values
 
     @property
@@ -201,7 +212,8 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
 def generate_answers(
     model, processor, prompts: list[str], images: list | None, settings: GenerationSettings
 ) -> list[str]:
-    """One batched greedy beam search; the new tokens of each prompt, decoded and stripped."""
+    """One batched beam search (greedy, or sampled when ``settings.temperature`` > 0: seeded, so a rerun of
+    the same batch gives the same answers); the new tokens of each prompt, decoded and stripped."""
     import torch
 
     # Left padding whatever the processor's default: a right-padded batch would generate after the padding.
@@ -209,13 +221,17 @@ def generate_answers(
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.inference_mode():
+    sampled = settings.temperature > 0
+    sampling = {"do_sample": True, "temperature": settings.temperature} if sampled else {"do_sample": False}
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(SAMPLING_SEED)  # the caller's random state is left as it was
         output = model.generate(
             **inputs,
             max_new_tokens=settings.max_new_tokens,
             num_beams=settings.num_beams,
-            do_sample=False,
             pad_token_id=processor.tokenizer.pad_token_id,
+            **sampling,
         )
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]

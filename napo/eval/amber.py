@@ -17,7 +17,8 @@ Summed over answers, starting from the values of AMBER's ``metrics.txt`` (0 scor
 denominators, so that an empty run divides by no zero): ``CHAIR`` = hallucinated nouns / nouns,
 ``Cover`` = covered truth objects / truth objects, ``Hal`` = 1 - answers without a hallucinated noun /
 answers, ``Cog`` = hit hallucination targets / targets. Fractions (AMBER prints them times 100,
-rounded to 0.1). Generation: greedy, 3 beams, up to 1024 new tokens (the paper's settings).
+rounded to 0.1). Generation as the authors' script (zhangzef/NaPO
+``muffin/eval/muffin_vqa.py`` defaults): 3 beams sampled at temperature 0.2, up to 1024 new tokens.
 
 Reference: junyangwang0410/AMBER ``inference.py`` (``extract_nouns``, ``check_synonyms_word``, the
 generative branch of ``main``) and zhangzef/NaPO ``eval/eval_amber.py``. napo's implementation is its own.
@@ -169,7 +170,9 @@ class AmberBench(Benchmark):
         self, data_dir: str | Path, tools: TextTools | None = None, similarity: Similarity | None = None
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.decoding = Decoding(max_new_tokens=1024, num_beams=3)
+        # zhangzef/NaPO muffin/eval/muffin_vqa.py with its defaults: 3 beams, 1024 new tokens, sampling at
+        # temperature 0.2 (do_sample is on whenever the temperature is above 0).
+        self.decoding = Decoding(max_new_tokens=1024, num_beams=3, temperature=0.2)
         data = self.data_dir / "data"
         files = {name: data / name for name in ("annotations.json", "relation.json", "safe_words.txt", "metrics.txt")}
         files["queries"] = data / "query" / "query_generative.json"

@@ -62,15 +62,20 @@ def fingerprint(table: Any) -> str:
 def _answer_batch(llava, processor, items: list[tuple[dict, Any]], decoding: Decoding) -> list[dict]:
     """Answers one batch; items with and without an image go to separate generate calls (one call takes
     images for all of its prompts or for none)."""
-    from napo.data.generate import GenerationSettings, _prompt, generate_answers
+    from napo.data.generate import GenerationSettings, generate_answers
+    from napo.data.prompts import user_prompt
 
-    settings = GenerationSettings(max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams)
+    settings = GenerationSettings(max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams,
+                                  temperature=decoding.temperature)  # fmt: skip
     finished: list[dict] = []
     for with_image in (True, False):
         group = [(row, image) for row, image in items if (image is not None) == with_image]
         if not group:
             continue
-        prompts = [_prompt(processor, question=row["question"], with_image=with_image) for row, _ in group]
+        prompts = [
+            user_prompt(processor, decoding.prompt_format, question=row["question"], num_images=int(with_image))
+            for row, _ in group
+        ]
         images = [image for _, image in group] if with_image else None
         for (row, _), answer in zip(group, generate_answers(llava, processor, prompts, images, settings), strict=True):
             finished.append({**row, "answer": answer})

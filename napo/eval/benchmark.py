@@ -19,13 +19,17 @@ ITEM_COLUMNS = ("idx", "image", "question", "meta")
 
 @dataclass(frozen=True)
 class Decoding:
-    """How a benchmark's answers are generated: always greedy (no sampling), as its reference script."""
+    """How a benchmark's answers are generated, as its reference script does: beams, new tokens, and a
+    sampling temperature (0: no sampling). ``prompt_format`` is the prompt's rendering
+    (:mod:`napo.data.prompts`; ``llava_v1`` is the LLaVA-1.5 format the reference scripts use)."""
 
     max_new_tokens: int
     num_beams: int
+    temperature: float = 0.0
+    prompt_format: str = "template"
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "do_sample": False}
+        return {**asdict(self), "do_sample": self.temperature > 0}
 
 
 class MissingDataError(FileNotFoundError):

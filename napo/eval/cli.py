@@ -5,7 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from napo.cli import _error, _integer, _output_dir, _positive_int
+from napo.cli import _add_prompt_format_argument, _error, _integer, _output_dir, _positive_int
+
+
+def _temperature(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def _benchmark_list(text: str) -> list[str]:
@@ -31,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=8)
     parser.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: each benchmark's own")
     parser.add_argument("--num-beams", type=_positive_int, default=None, help="default: each benchmark's own")
+    parser.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=None,
+        help="sampling temperature, 0: none (default: each benchmark's own)",
+    )
+    _add_prompt_format_argument(parser)
     parser.add_argument("--shapes-scenarios", type=_positive_int, default=12, help="shapes: scenarios (10 items each)")
     parser.add_argument("--limit", type=_integer(0), default=None, help="only the first N items of each benchmark")
     parser.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
@@ -86,6 +105,8 @@ def run_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams,
+            temperature=args.temperature,
+            prompt_format=args.prompt_format or "template",
             limit=args.limit,
             num_shards=args.num_shards,
             shard_index=args.shard_index,

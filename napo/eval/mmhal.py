@@ -216,7 +216,9 @@ class MMHalBench(Benchmark):
 
     def __init__(self, data_dir: str | Path, judge: Judge | None = None, cache: str | Path | None = None) -> None:
         self.data_dir = Path(data_dir)
-        self.decoding = Decoding(max_new_tokens=1024, num_beams=3)
+        # zhangzef/NaPO muffin/eval/muffin_vqa.py with its defaults: 3 beams, 1024 new tokens, sampling at
+        # temperature 0.2 (do_sample is on whenever the temperature is above 0).
+        self.decoding = Decoding(max_new_tokens=1024, num_beams=3, temperature=0.2)
         records_path = self.data_dir / "response_template.json"
         if not records_path.is_file():
             raise MissingDataError(self.name, [str(records_path)], hint="download MMHal-Bench (see the README)")

@@ -18,7 +18,8 @@ mention is hallucinated when its object is not in the image's ground truth; ever
 
 Ratios are fractions (the paper prints them times 100); a ratio with a 0 denominator is 0 (the
 reference raises). Descriptions have "Assistant:" removed and are stripped, as the reference reads
-them. Generation: greedy, 3 beams, up to 1024 new tokens (the paper's generation settings).
+them. Generation as the authors' script (zhangzef/NaPO
+``muffin/eval/muffin_vqa.py`` defaults): 3 beams sampled at temperature 0.2, up to 1024 new tokens.
 
 Reference: zhangzef/NaPO ``eval/eval_gpt_obj_halbench.py`` (class ``CHAIR``, its ``caption_to_words``,
 ``get_annotations`` and ``compute_chair`` without the GPT object extraction), after RLAIF-V/RLAIF-V
@@ -169,7 +170,9 @@ class ObjectHalBench(Benchmark):
 
     def __init__(self, data_dir: str | Path, tools: TextTools | None = None) -> None:
         self.data_dir = Path(data_dir)
-        self.decoding = Decoding(max_new_tokens=1024, num_beams=3)
+        # zhangzef/NaPO muffin/eval/muffin_vqa.py with its defaults: 3 beams, 1024 new tokens, sampling at
+        # temperature 0.2 (do_sample is on whenever the temperature is above 0).
+        self.decoding = Decoding(max_new_tokens=1024, num_beams=3, temperature=0.2)
         questions = self.data_dir / "questions.jsonl"
         synonyms = self.data_dir / "synonyms.txt"
         coco = [self.data_dir / "annotations" / name for name in COCO_FILES]

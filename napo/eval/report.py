@@ -13,8 +13,9 @@ from napo.eval.benchmark import Benchmark
 def _decoding_text(decoding: dict) -> str:
     if not decoding:
         return "unknown"
-    mode = "greedy" if not decoding.get("do_sample") else "sampling"
-    return f"{mode}, {decoding.get('num_beams')} beam(s), max {decoding.get('max_new_tokens')} new tokens"
+    mode = "greedy" if not decoding.get("do_sample") else f"sampling at temperature {decoding.get('temperature')}"
+    text = f"{mode}, {decoding.get('num_beams')} beam(s), max {decoding.get('max_new_tokens')} new tokens"
+    return text + ("" if decoding.get("prompt_format", "template") == "template" else f", {decoding['prompt_format']}")
 
 
 def _run_record(answers, metrics: dict) -> dict:

@@ -167,6 +167,8 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     num_beams: int | None = None,
+    temperature: float | None = None,
+    prompt_format: str = "template",
     limit: int | None = None,
     num_shards: int | None = None,
     shard_index: int | None = None,
@@ -186,7 +188,9 @@ def evaluate(
         answers: score the answers of an earlier run (its output directory or its ``answers/``) without
             generating; ``models`` is then ignored.
         options: per-benchmark keyword arguments, e.g. ``{"shapes": {"scenarios": 4}}``.
-        max_new_tokens, num_beams: override every benchmark's decoding (recorded in the reports).
+        max_new_tokens, num_beams, temperature: override every benchmark's decoding (recorded in the reports).
+        prompt_format: ``template`` (the checkpoint's chat template) or ``llava_v1`` (the LLaVA-1.5 format the
+            reference scripts use): see :mod:`napo.data.prompts`.
         limit, num_shards, shard_index, rows_per_part, overwrite: as ``napo generate`` (per benchmark).
         loaded: {model: (model, processor)} already loaded.
     Returns:
@@ -224,6 +228,8 @@ def evaluate(
                 decoding = Decoding(
                     max_new_tokens=max_new_tokens or benchmark.decoding.max_new_tokens,
                     num_beams=num_beams or benchmark.decoding.num_beams,
+                    temperature=benchmark.decoding.temperature if temperature is None else temperature,
+                    prompt_format=prompt_format,
                 )
                 where = output / "answers" / tag / benchmark.name
                 summary = generate_benchmark_answers(
