@@ -226,3 +226,38 @@ def test_example_configs_pass_the_engine_checks(name, monkeypatch):
     values = load_config_file(root / "examples" / "scale" / name)
     check_engine_settings(values)
     assert values.get("deepspeed") or values.get("fsdp")
+
+
+class _ModelLoading(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("settings", "warned"),
+    [({"fsdp": True, "fsdp_config": {"version": 2}}, True), ({}, False)],
+    ids=["fsdp-on-cpu", "no-fsdp"],
+)
+def test_fsdp_settings_on_cpu_processes_warn_that_they_run_as_ddp(settings, warned, workdir, tmp_path, monkeypatch):
+    """accelerate 1.15 runs CPU processes with FSDP settings as plain DDP, silently: `napo train` says so, once,
+    before any model loads (stopped there: the warning is all this checks)."""
+    import warnings
+
+    import transformers
+
+    import napo.data.generate
+
+    def stop(*args, **kwargs):
+        raise _ModelLoading
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", stop)
+    monkeypatch.setattr(napo.data.generate, "load_weights", stop)
+    config = tmp_path / "engine.json"
+    config.write_text(json.dumps(settings))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(_ModelLoading):
+        warnings.simplefilter("always")
+        main(["train", "--model", str(workdir / "model"), "--data", str(workdir / "data"),
+              "--output", str(tmp_path / "run"), "--config", str(config), "--no-progress"])  # fmt: skip
+    about_fsdp = [str(w.message) for w in caught if "accelerate ignores FSDP" in str(w.message)]
+    assert len(about_fsdp) == (1 if warned else 0), about_fsdp
+    if warned:
+        assert "plain DDP" in about_fsdp[0] and "DeepSpeed ZeRO" in about_fsdp[0]

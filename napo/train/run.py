@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,20 @@ def check_engine_settings(values: dict[str, Any]) -> None:
             from torch.distributed.fsdp import fully_shard  # noqa: F401 - FSDP2, torch >= 2.6
         except ImportError as error:
             raise ValueError(f"fsdp needs FSDP2 (torch >= 2.6), which this torch lacks: {error}") from None
+
+
+def warn_if_fsdp_on_cpu(fsdp: Any, device_type: str) -> None:
+    """accelerate (1.15) drops FSDP settings when the processes are CPU ones and runs them as plain DDP, without a
+    word; a user who asked for FSDP (``fsdp=`` or ``accelerate launch`` with an FSDP config) hears it here."""
+    asked = bool(fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and device_type == "cpu":
+        warnings.warn(
+            "napo train: fsdp is set, but the processes run on the CPU, where accelerate ignores FSDP and trains "
+            "with plain DDP: every process holds the whole model, its gradients and its optimizer state. FSDP "
+            "needs GPU processes; on CPU processes DeepSpeed ZeRO (deepspeed=..., DS_ACCELERATOR=cpu) shards them",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def last_complete_checkpoint(output: Path) -> Path | None:
@@ -176,6 +192,8 @@ def train(
     args = NaPOConfig(output_dir=str(output), **values)
 
     state = PartialState()
+    if state.is_main_process:
+        warn_if_fsdp_on_cpu(args.fsdp, state.device.type)
     data = Path(data)
     names = parquet_schema(parquet_files(data)).names  # every file's columns, not only the first's
     terms = resolve_terms(args, names)
