@@ -154,7 +154,8 @@ def run_training_demo(workdir: str | Path, data: Path, learning_rate: float = 1e
     print("Step 2: reference log-probs of chosen, rejected, question_only, image_only (napo logps, fused kernel)")
     print("Step 3: NaPO training of the tiny LLaVA: DPO on the original pair, adaptive-q NaPO on the biased pairs,")
     print(
-        f"        dynamic weights; 4 epochs of batch 4 (paper), learning rate {learning_rate:g} (tiny random model)\n"
+        f"        dynamic weights; 4 epochs of batch 4 (paper), learning rate {learning_rate:g} (tiny random model),\n"
+        "        cosine after a 10% warmup (paper); the warmup starts at learning rate 0: step 2 repeats step 1\n"
     )
     start = time.perf_counter()
     train(
