@@ -192,8 +192,9 @@ static napo_status loss_backward(const void *grad_loss, napo_layout grad_layout,
 
 /* ---- adaptive q ---- */
 
-/* Compensated mean; a sum of finite values that overflows is redone on scaled values. */
-static double mean_of(const void *values, int64_t stride, int64_t n, napo_dtype dtype) {
+/* Compensated sum of values / *scale, where *scale is 1 unless the plain sum of finite values
+ * overflows: then it is redone on values divided by a power of two near the largest (exact). */
+static double scaled_sum(const void *values, int64_t stride, int64_t n, napo_dtype dtype, double *scale) {
   napo_sum_acc acc = {0.0, 0.0};
   double max_abs = 0.0;
   for (int64_t i = 0; i < n; ++i) {
@@ -201,15 +202,20 @@ static double mean_of(const void *values, int64_t stride, int64_t n, napo_dtype 
     napo_sum_add(&acc, x);
     max_abs = fmax(max_abs, fabs(x));
   }
-  const double scale = napo_sum_scale(napo_sum_value(&acc), max_abs);
-  if (scale == 1.0) {
-    return napo_sum_value(&acc) / (double)n;
+  *scale = napo_sum_scale(napo_sum_value(&acc), max_abs);
+  if (*scale != 1.0) {
+    acc = (napo_sum_acc){0.0, 0.0};
+    for (int64_t i = 0; i < n; ++i) {
+      napo_sum_add(&acc, load(values, dtype, i * stride) / *scale);
+    }
   }
-  acc = (napo_sum_acc){0.0, 0.0};
-  for (int64_t i = 0; i < n; ++i) {
-    napo_sum_add(&acc, load(values, dtype, i * stride) / scale);
-  }
-  return napo_sum_value(&acc) / (double)n * scale;
+  return napo_sum_value(&acc);
+}
+
+static double mean_of(const void *values, int64_t stride, int64_t n, napo_dtype dtype) {
+  double scale = 1.0;
+  const double sum = scaled_sum(values, stride, n, dtype, &scale);
+  return sum / (double)n * scale;
 }
 
 static napo_status adaptive_q(const void *margins, int64_t stride, int64_t n, double gamma, double q_min, double q_max,
@@ -257,21 +263,8 @@ static napo_status dynamic_weights(const void *reward_margins, int64_t stride, i
   if ((status = napo_check_weight_params(w_min, eps)) != NAPO_OK) {
     return status;
   }
-  napo_sum_acc acc = {0.0, 0.0};
-  double max_abs = 0.0;
-  for (int64_t i = 0; i < k; ++i) {
-    const double r = load(reward_margins, dtype, i * stride);
-    napo_sum_add(&acc, r);
-    max_abs = fmax(max_abs, fabs(r));
-  }
-  const double scale = napo_sum_scale(napo_sum_value(&acc), max_abs);
-  if (scale != 1.0) {
-    acc = (napo_sum_acc){0.0, 0.0};
-    for (int64_t i = 0; i < k; ++i) {
-      napo_sum_add(&acc, load(reward_margins, dtype, i * stride) / scale);
-    }
-  }
-  const double scaled_total = napo_sum_value(&acc);
+  double scale = 1.0;
+  const double scaled_total = scaled_sum(reward_margins, stride, k, dtype, &scale);
   /* The eps test needs the true total; scaled_total * scale may round to +-inf, on the right side. */
   const double total = scaled_total * scale;
   for (int64_t i = 0; i < k; ++i) {
