@@ -251,9 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval_parser(commands)
 
-    tiny = commands.add_parser("make-tiny-model", help="write the tiny random LLaVA (offline) to a directory")
+    tiny = commands.add_parser(
+        "make-tiny-model", help="write the tiny LLaVA (offline) to a directory: random, or pretrained (--pretrain)"
+    )
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=_seed, default=0)
+    tiny.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pretrain it on the sample world (under a minute on CPU): it sees colours, yet answers colour "
+        "questions from a language prior ('red') when the image is missing and often when it is not",
+    )
 
     sample = commands.add_parser("make-sample-data", help="write the embedded RLAIF-V-schema sample set as Parquet")
     sample.add_argument("path")
@@ -309,6 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_eval(args)
     if args.command == "make-tiny-model":
+        if args.pretrain:
+            from napo.data.world import pretrain_tiny_model
+
+            print(f"pretrained tiny LLaVA written to {pretrain_tiny_model(args.path, seed=args.seed)}")
+            return 0
         from napo.data import make_tiny_model
 
         print(f"tiny LLaVA written to {make_tiny_model(args.path, seed=args.seed)}")

@@ -44,6 +44,20 @@ def draw_image(shape: str, color: str, rng: random.Random, size: int = 64):
     return image
 
 
+def draw_scene(shapes: list[tuple[str, str]], rng: random.Random, size: int = 64):
+    """Up to 4 (shape, colour) pairs, each drawn as :func:`draw_image` draws one, in its own cell of a 2 x 2 grid."""
+    from PIL import Image
+
+    if not 1 <= len(shapes) <= 4:
+        raise ValueError(f"a scene holds 1 to 4 shapes, got {len(shapes)}")
+    half = size // 2
+    canvas = Image.new("RGB", (size, size), (245, 245, 245))
+    cells = rng.sample([(0, 0), (half, 0), (0, half), (half, half)], len(shapes))
+    for (shape, color), cell in zip(shapes, cells, strict=True):
+        canvas.paste(draw_image(shape, color, rng, size=half), cell)
+    return canvas
+
+
 def sample_rows(rows: int = 32, seed: int = 0) -> list[dict]:
     """The sample rows as dicts (image as {"bytes", "path"}), deterministic for a seed."""
     rng = random.Random(seed)

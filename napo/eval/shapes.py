@@ -58,16 +58,9 @@ def _png(image) -> bytes:
 
 
 def _scene(shapes: list[tuple[str, str]], rng: random.Random) -> bytes:
-    """Up to 4 shapes, each drawn (as the sample set draws one) in its own cell of a 2 x 2 grid."""
-    from PIL import Image
+    from napo.data.sample import draw_scene
 
-    from napo.data.sample import draw_image
-
-    canvas = Image.new("RGB", (64, 64), (245, 245, 245))
-    cells = rng.sample([(0, 0), (32, 0), (0, 32), (32, 32)], len(shapes))
-    for (shape, color), cell in zip(shapes, cells, strict=True):
-        canvas.paste(draw_image(shape, color, rng, size=32), cell)
-    return _png(canvas)
+    return _png(draw_scene(shapes, rng))
 
 
 class ShapesBench(Benchmark):
