@@ -163,17 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="the whole method on the embedded defaults: sample data, tiny LLaVA, biased answers, reference "
-        "log-probs, a short NaPO run printing q, weights and margins per step",
+        help="the whole method on the embedded defaults: a tiny LLaVA pretrained with a language prior, its "
+        "biased answers to the sample set, reference log-probs, NaPO training (q, weights, margins per step), a "
+        "DPO baseline, and napo eval --benchmark shapes before and after",
     )
     demo.add_argument("--steps", type=_positive_int, default=40, help="(--objective-only) steps of the toy run")
     demo.add_argument("--batch-size", type=_positive_int, default=32, help="(--objective-only) toy batch size")
-    demo.add_argument("--learning-rate", type=_positive_float, default=None, help="default 1e-3 (0.05 for the toy)")
+    demo.add_argument("--learning-rate", type=_positive_float, default=None, help="default 5e-5 (0.05 for the toy)")
     demo.add_argument("--beta", type=_positive_float, default=0.1)
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--device", default="cpu", help="(--objective-only) cpu, cuda or cuda:N")
     demo.add_argument("--workdir", default="napo-demo", help="where the tiny model, sample set and answers go")
-    demo.add_argument("--rows", type=_positive_int, default=16, help="rows of the sample set the demo trains on")
+    demo.add_argument("--rows", type=_positive_int, default=64, help="rows of the sample set the demo trains on")
+    demo.add_argument("--no-baseline", action="store_true", help="skip the DPO baseline run")
+    demo.add_argument(
+        "--eval-scenarios", type=_positive_int, default=40, help="shapes benchmark scenarios of the before/after eval"
+    )
     demo.add_argument(
         "--objective-only", action="store_true", help="only the objective, on a simulated toy policy (no model)"
     )
@@ -283,11 +288,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         trl_missing = importlib.util.find_spec("trl") is None
         if not args.objective_only and not trl_missing:
-            from napo.demo import run_training_demo
+            from napo.demo import DEMO_LEARNING_RATE, run_training_demo
 
-            data = run_data_demo(args.workdir, rows=args.rows)
+            data = run_data_demo(args.workdir, rows=args.rows, seed=args.seed)
             if data is not None:
-                run_training_demo(args.workdir, data, learning_rate=args.learning_rate or 1e-3, seed=args.seed)
+                run_training_demo(
+                    args.workdir,
+                    data,
+                    learning_rate=args.learning_rate or DEMO_LEARNING_RATE,
+                    seed=args.seed,
+                    baseline=not args.no_baseline,
+                    eval_scenarios=args.eval_scenarios,
+                )
                 return 0
         if trl_missing and not args.objective_only:
             print("(TRL is not installed: showing the objective alone; pip install 'napo[train]' for the full demo)\n")
@@ -318,9 +330,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_eval(args)
     if args.command == "make-tiny-model":
         if args.pretrain:
-            from napo.data.world import pretrain_tiny_model
+            from napo.data.world import write_pretrained_model
 
-            print(f"pretrained tiny LLaVA written to {pretrain_tiny_model(args.path, seed=args.seed)}")
+            try:
+                written = write_pretrained_model(args.path, seed=args.seed)
+            except FileExistsError as error:
+                print(f"napo make-tiny-model: {error}", file=sys.stderr)
+                return 2
+            print(f"pretrained tiny LLaVA written to {written} (napo_world.json: its recipe and measured prior)")
             return 0
         from napo.data import make_tiny_model
 

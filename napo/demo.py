@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -112,73 +113,202 @@ def run_demo(
     return rows
 
 
-def run_data_demo(workdir: str | Path, rows: int = 16, max_new_tokens: int = 16) -> Path | None:
-    """Tiny LLaVA + sample set -> biased answers under ``workdir``; prints a few rows. None if the
-    data extras are missing."""
+DEMO_LEARNING_RATE = 5e-5
+"""The demo's learning rate for the pretrained tiny LLaVA (64 rows, 4 epochs of batch 4): measured, a rate of
+1.5e-4 also debiases it, 5e-4 breaks its language (the paper's 5e-7 is for a 7B model)."""
+
+
+def prepare_model(workdir: str | Path, seed: int = 0) -> Path:
+    """``workdir/pretrained``: the tiny LLaVA pretrained on the sample world (from the cache, pretrained into it
+    the first time, under a minute on a CPU), its measured language prior printed."""
+    import json
+
+    from napo.data.world import MANIFEST, default_cache_dir, write_pretrained_model
+
+    print(f"Step 0: a tiny LLaVA pretrained on the sample world (cached in {default_cache_dir()})")
+    target = write_pretrained_model(Path(workdir) / "pretrained", seed=seed)
+    manifest = json.loads((target / MANIFEST).read_text())
+    prior = manifest["prior"]
+    print(f"  pretrained in {manifest['pretraining_seconds']:.0f} s the first time -> {target}")
+    print("  its language prior, on 60 probe pictures of a shape that is not red (napo.data.world.measure_prior):")
+    print(
+        f"    with the picture, it names the drawn colour  {prior['with_image_accuracy']:>4.0%}"
+        f"  (red instead: {prior['with_image_prior']:.0%})"
+    )
+    print(f"    without the picture, it answers red          {prior['question_only_prior']:>4.0%}")
+    print(
+        f"    without the question, it names the colour    {prior['image_only_names_color']:>4.0%}  (it sees colours)\n"
+    )
+    return target
+
+
+def run_data_demo(workdir: str | Path, rows: int = 64, max_new_tokens: int = 16, seed: int = 0) -> Path | None:
+    """The pretrained tiny LLaVA + sample set -> biased answers under ``workdir``; prints a few rows. None if
+    the data extras are missing."""
     try:
         import pandas as pd
 
-        from napo.data import generate_biased, make_sample_data, make_tiny_model
+        from napo.data import generate_biased, make_sample_data
     except ImportError as error:
         print(f"(skipping the data step: {error}; install napo[data] for it)\n")
         return None
     workdir = Path(workdir)
-    model_dir = workdir / "tiny-llava"
-    if not (model_dir / "config.json").exists():
-        make_tiny_model(model_dir)
+    model_dir = prepare_model(workdir, seed=seed)
     data = make_sample_data(workdir / "sample.parquet", rows=rows)
     output = workdir / "rlaif-v-bias"
+    _fresh(output)
     summary = generate_biased(
-        model_dir, data, output, batch_size=8, max_new_tokens=max_new_tokens, device="cpu", progress=False
+        model_dir,
+        data,
+        output,
+        batch_size=16,
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        device="cpu",
+        progress=False,
     )
     print(
-        f"Step 1: {summary.written} rows answered ({summary.already_done} already done) by the tiny LLaVA "
-        f"in {summary.seconds:.1f} s -> {output}"
+        f"Step 1: {summary.written} rows answered by the pretrained tiny LLaVA in {summary.seconds:.1f} s -> {output}\n"
+        "  (question_only: the question without the image, the language-biased answer; image_only: the image "
+        "without the question, the vision-biased one)"
     )
-    frame = pd.read_parquet(output).sort_values("idx").head(3)
-    for _, row in frame.iterrows():
+    frame = pd.read_parquet(output).sort_values("idx")
+    colour = frame[frame["question"].str.startswith("What color")]
+    shown = pd.concat([colour[colour["chosen"] != colour["question_only"].str.strip()].head(2), frame.head(1)])
+    for _, row in shown.drop_duplicates("idx").iterrows():
         print(f"  [{row['idx']}] {row['question']}")
         print(f"      chosen:        {row['chosen']}")
-        print(f"      question_only: {row['question_only'][:60]!r}  (no image: language-biased)")
-        print(f"      image_only:    {row['image_only'][:60]!r}  (no question: vision-biased)")
-    print("  (the tiny model is random, so its answers are noise: the pipeline is what is shown)\n")
+        print(f"      question_only: {row['question_only']}")
+        print(f"      image_only:    {row['image_only']}")
+    noisy = int((colour["chosen"] == colour["question_only"].str.strip()).sum())
+    print(
+        f"  {noisy} of {len(colour)} colour questions got a language-biased answer that is right anyway (the "
+        "shape is red): the paper's noise, which NaPO's adaptive q is built for.\n"
+    )
     return output
 
 
-def run_training_demo(workdir: str | Path, data: Path, learning_rate: float = 1e-3, seed: int = 0) -> Path:
-    """Steps 2 and 3: cache the reference log-probs, then train the tiny LLaVA with NaPO; prints a table per step."""
+def _fresh(folder: Path) -> None:
+    """Empties one of the demo's own output folders: a rerun (another seed, another pretrained model) must not
+    resume from what an earlier run left there."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _train_run(
+    workdir: Path, data: Path, name: str, learning_rate: float, seed: int, logging_steps: int, **terms: str
+) -> Path:
     from napo.train.run import train
 
-    workdir = Path(workdir)
-    output = workdir / "napo-run"
-    print("Step 2: reference log-probs of chosen, rejected, question_only, image_only (napo logps, fused kernel)")
-    print("Step 3: NaPO training of the tiny LLaVA: DPO on the original pair, adaptive-q NaPO on the biased pairs,")
-    print(
-        f"        dynamic weights; 4 epochs of batch 4 (paper), learning rate {learning_rate:g} (tiny random model),\n"
-        "        cosine after a 10% warmup (paper); the warmup starts at learning rate 0: step 2 repeats step 1\n"
-    )
-    start = time.perf_counter()
+    output = workdir / name
+    _fresh(output)
     train(
-        workdir / "tiny-llava",
+        workdir / "pretrained",
         data,
         output,
         config={
             "num_train_epochs": 4,
             "per_device_train_batch_size": 4,
             "learning_rate": learning_rate,
-            "logging_steps": 1,
+            "logging_steps": logging_steps,
             "save_strategy": "no",
             "seed": seed,
+            **terms,
         },
         progress=False,
+        print_table=name == "napo-run",
     )
+    return output
+
+
+def run_training_demo(
+    workdir: str | Path,
+    data: Path,
+    learning_rate: float = DEMO_LEARNING_RATE,
+    seed: int = 0,
+    baseline: bool = True,
+    eval_scenarios: int = 40,
+) -> Path:
+    """Steps 2-4: cache the reference log-probs, train with NaPO (and, as the baseline, DPO on the original
+    pairs alone), then ``napo eval --benchmark shapes`` on the models before and after, side by side."""
+    workdir = Path(workdir)
+    print("Step 2: reference log-probs of chosen, rejected, question_only, image_only (napo logps, fused kernel)")
+    print("Step 3: NaPO training of the pretrained tiny LLaVA: DPO on the original pair, adaptive-q NaPO on the")
+    print(
+        f"        biased pairs, dynamic weights; 4 epochs of batch 4 (paper), learning rate {learning_rate:g},\n"
+        "        cosine after a 10% warmup (paper); the warmup starts at learning rate 0: step 2 repeats step 1\n"
+    )
+    import pandas as pd
+
+    steps = 4 * -(-len(pd.read_parquet(data, columns=["idx"])) // 4)  # 4 epochs of batch 4
+    logging_steps = max(1, steps // 16)  # a table of at most ~16 rows
+    start = time.perf_counter()
+    output = _train_run(workdir, data, "napo-run", learning_rate, seed, logging_steps)
     print(f"\nTrained in {time.perf_counter() - start:.1f} s -> {output} (loads with from_pretrained).")
     print("q: adaptive noise-robustness (1 = MAE at step 1, falling toward DPO as margins grow; 0 for the DPO term);")
     print("w: dynamic weights (uniform at step 1); m: mean reward margin beta*M per term.")
+    models = [workdir / "pretrained", output]
+    if baseline:
+        start = time.perf_counter()
+        dpo = _train_run(
+            workdir, data, "dpo-run", learning_rate, seed, logging_steps, language_loss="none", vision_loss="none"
+        )
+        seconds = time.perf_counter() - start
+        print(f"Baseline: DPO on the original pairs alone, same data and steps, in {seconds:.1f} s -> {dpo}")
+        models.insert(1, dpo)
+    evaluation_demo(workdir, models, scenarios=eval_scenarios)
     print("\nNext, on what the demo made:")
     for command in next_commands(workdir):
         print(f"  {command}")
     return output
+
+
+DEMO_METRICS = (
+    ("color_accuracy", "colour right on a non-red shape", True),
+    ("blank_prior_rate", "'red' for a blank picture", False),
+    ("CHAIRs", "descriptions with an invented shape", False),
+    ("CHAIRi", "invented shapes / shapes named", False),
+    ("recall", "drawn shapes named", True),
+)
+
+
+DEMO_KINDS = ("color", "blank", "describe")
+"""The shapes benchmark's kinds the demo asks: not its VLind True/False pairs, which the tiny model was never
+taught to answer (it would score 0 on them before and after, whatever it sees)."""
+
+
+def evaluation_demo(workdir: str | Path, models: list[Path], scenarios: int = 40) -> Any:
+    """Step 4: ``napo eval --benchmark shapes --shapes-kinds color,blank,describe`` on ``models``; prints its
+    numbers side by side (read from the evaluation's metrics, not recomputed) and where the report and plot are."""
+    from napo.eval.run import evaluate
+
+    workdir = Path(workdir)
+    output = workdir / "eval"
+    _fresh(output)
+    start = time.perf_counter()
+    result = evaluate(
+        models,
+        "shapes",
+        output,
+        device="cpu",
+        progress=False,
+        batch_size=32,
+        options={"shapes": {"scenarios": scenarios, "kinds": DEMO_KINDS}},
+    )
+    print(
+        f"\nStep 4: napo eval --benchmark shapes --shapes-kinds {','.join(DEMO_KINDS)} --shapes-scenarios {scenarios}"
+        f" (shapes that are not red), before and after, in {time.perf_counter() - start:.1f} s"
+    )
+    table = result.metrics.pivot(index="metric", columns="model", values="value")
+    tags = list(dict.fromkeys(result.metrics["model"]))
+    width = max(len(label) for _, label, _ in DEMO_METRICS) + 2
+    print(f"  {'':<{width}}" + "".join(f"{tag:>12}" for tag in tags))
+    for key, label, higher in DEMO_METRICS:
+        arrow = "↑" if higher else "↓"
+        print(f"  {label + ' ' + arrow:<{width}}" + "".join(f"{table.loc[key, tag]:>12.3f}" for tag in tags))
+    print(f"  report: {output / 'report.md'}   plot: {output / 'comparison.png'}")
+    return result
 
 
 def next_commands(workdir: str | Path) -> list[str]:

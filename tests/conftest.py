@@ -53,3 +53,17 @@ def generator() -> torch.Generator:
 def random_logps(batch: int, dtype: torch.dtype, generator: torch.Generator, scale: float = 30.0) -> torch.Tensor:
     """Sequence log-probs of a plausible size (negative, tens of nats)."""
     return (-scale * torch.rand(batch, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def napo_cache_dir(tmp_path_factory):
+    """The tests' own napo cache (the pretrained tiny LLaVA is built once per session there), never the
+    user's ~/.cache/napo; subprocesses inherit it through the environment."""
+    previous = os.environ.get("NAPO_CACHE_DIR")
+    path = tmp_path_factory.mktemp("napo-cache")
+    os.environ["NAPO_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("NAPO_CACHE_DIR", None)
+    else:
+        os.environ["NAPO_CACHE_DIR"] = previous

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,25 +11,6 @@ import pytest
 
 from napo.cli import main
 from napo.demo import run_demo
-
-
-def test_demo_runs_the_whole_pipeline_and_prints_q_weights_margins_per_step(capsys, tmp_path):
-    pytest.importorskip("trl")
-    assert main(["demo", "--workdir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    assert out.startswith("Step 1: 16 rows answered") and "question_only:" in out
-    assert (tmp_path / "napo-run" / "reference-logps").is_dir()
-    header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["step", "loss", "q_orig", "q_lang"])
-    rows = [line.split() for line in lines[header + 1 : header + 17]]
-    assert [int(r[0]) for r in rows] == list(range(1, 17))  # 4 epochs x 4 batches of 4 rows
-    first, last = rows[0], rows[-1]
-    assert first[3:5] == ["1.0000", "1.0000"] and first[5:8] == ["0.3333"] * 3  # q = 1, uniform weights at step 1
-    assert float(last[3]) < 1.0 and float(last[1]) < float(first[1])  # margins grew: q fell, loss fell
-    assert "Trained in" in out
-    from transformers import AutoModelForImageTextToText
-
-    AutoModelForImageTextToText.from_pretrained(tmp_path / "napo-run")
 
 
 def test_demo_objective_only_prints_the_toy_table(capsys):
@@ -83,18 +65,47 @@ def test_make_commands_write_loadable_artifacts(tmp_path, capsys):
     AutoProcessor.from_pretrained(tmp_path / "m")
 
 
-def test_demo_prints_next_commands_that_work_as_printed(capsys, tmp_path, monkeypatch):
+def test_demo_runs_the_whole_pipeline_then_its_next_commands_work_as_printed(capsys, tmp_path, monkeypatch):
+    """`napo demo` on a reduced size (8 rows, 3 eval scenarios), in the default workdir as a user runs it."""
+    import json
     import os
     import shlex
 
     pytest.importorskip("trl")
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--rows", "8"]) == 0  # the default workdir, relative, as a user runs it
-    lines = capsys.readouterr().out.splitlines()
+    assert main(["demo", "--rows", "8", "--eval-scenarios", "3"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    workdir = tmp_path / "napo-demo"
+    # Step 0-1: the pretrained model's prior, then its biased answers: sentences, the prior's colour without the image.
+    assert out.startswith("Step 0: a tiny LLaVA pretrained on the sample world") and "without the picture" in out
+    assert "Step 1: 8 rows answered by the pretrained tiny LLaVA" in out
+    blind = [line.split("question_only:")[1].strip() for line in lines if line.strip().startswith("question_only:")]
+    assert blind and all(re.fullmatch(r"The (circle|square|triangle) in the image is red\.|The picture shows .*\.", b)
+                         for b in blind)  # fmt: skip
+    # Step 3: the NaPO table, one row per step (8 rows: 4 epochs x 2 batches of 4), q = 1 and uniform weights at 1.
+    header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["step", "loss", "q_orig", "q_lang"])
+    rows = [line.split() for line in lines[header + 1 : header + 9]]
+    assert [int(r[0]) for r in rows] == list(range(1, 9))
+    assert rows[0][3:5] == ["1.0000", "1.0000"] and rows[0][5:8] == ["0.3333"] * 3
+    assert (workdir / "napo-run" / "reference-logps").is_dir() and "Baseline: DPO" in out
+    # Step 4: the before/after table holds napo eval's own numbers (metrics.json), for the three models.
+    table_start = next(i for i, line in enumerate(lines) if line.startswith("Step 4: napo eval --benchmark shapes"))
+    assert lines[table_start + 1].split() == ["pretrained", "dpo-run", "napo-run"]
+    record = json.loads((workdir / "eval" / "shapes" / "metrics.json").read_text())
+    accuracy_line = next(line for line in lines[table_start:] if line.startswith("  colour right on a non-red shape"))
+    printed = [float(v) for v in accuracy_line.split()[-3:]]
+    stored = [record["models"][tag]["metrics"]["color_accuracy"] for tag in ("pretrained", "dpo-run", "napo-run")]
+    assert printed == [round(v, 3) for v in stored]
+    assert (workdir / "eval" / "comparison.png").is_file() and (workdir / "eval" / "report.md").is_file()
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText.from_pretrained(workdir / "napo-run")
+    # The next commands, run as printed.
     start = lines.index("Next, on what the demo made:")
     commands = [shlex.split(line) for line in lines[start + 1 :] if line.startswith("  napo ")]
     assert len(commands) >= 2 and any("--run" in words for words in commands)
-    assert (tmp_path / "napo-demo" / "napo-run" / "trainer_state.json").is_file()  # no checkpoints, still a state
+    assert (workdir / "napo-run" / "trainer_state.json").is_file()  # no checkpoints, still a state
     env = {**os.environ, "TQDM_DISABLE": "1"}
     for words in commands:
         result = subprocess.run([sys.executable, "-m", *words], cwd=tmp_path, env=env, capture_output=True, text=True,

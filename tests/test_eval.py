@@ -369,3 +369,28 @@ def test_decoding_follows_the_reference_scripts_sampling_and_prompt_format(tiny,
                                decoding=Decoding(3, 1, prompt_format="llava_v1"), **QUIET)  # fmt: skip
     system = "A chat between a curious human and an artificial intelligence assistant."
     assert asked and all(p.startswith(system) and p.endswith(" ASSISTANT:") for p in asked)
+
+
+def test_shapes_kinds_keep_a_subset_of_the_same_items_and_metrics():
+    full = ShapesBench(scenarios=3, seed=2).items()
+    bench = ShapesBench(scenarios=3, seed=2, kinds=("color", "describe"))
+    subset = bench.items()
+    assert subset == [i for i in full if json.loads(i["meta"])["kind"] in ("color", "describe")]  # same pictures
+    frame = pd.DataFrame(subset)
+    frame["answer"] = ["It is red." if json.loads(m)["kind"] == "color" else "A star." for m in frame["meta"]]
+    metrics, per_item = bench.score(frame)
+    assert set(metrics) == {"color_accuracy", "CHAIRs", "CHAIRi", "recall"}  # no VLind scores, no blank rate
+    assert metrics["color_accuracy"] == 0.0 and metrics["CHAIRs"] == 1.0 and len(per_item) == 6
+    for bad in ((), ("color", "color"), ("colour",)):
+        with pytest.raises(ValueError, match="kinds must be"):
+            ShapesBench(kinds=bad)
+
+
+def test_shapes_kinds_option_on_the_command_line(tmp_path, capsys):
+    from napo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["eval", "--model", "m", "--benchmark", "shapes", "--shapes-kinds", "color,nope", "--output", str(tmp_path)]
+        )
+    assert exit_info.value.code == 2 and "distinct comma-separated kinds among vlind" in capsys.readouterr().err

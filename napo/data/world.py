@@ -45,6 +45,7 @@ __all__ = [
     "pretrain_tiny_model",
     "weights_hash",
     "world_turns",
+    "write_pretrained_model",
 ]
 
 MANIFEST = "napo_world.json"
@@ -268,13 +269,13 @@ def weights_hash(model) -> str:
 
 
 def pretrain_tiny_model(
-    path: str | Path, seed: int = 0, recipe: WorldRecipe | None = None, progress: bool = True
+    path: str | Path, seed: int = 0, recipe: WorldRecipe | None = None, progress: bool = True, probes: int = 60
 ) -> Path:
     """Builds the tiny LLaVA (:mod:`napo.data.tiny`), pretrains it on the world and saves it to ``path``
     with ``save_pretrained``, beside ``napo_world.json`` (recipe, seed, weights hash, the measured prior).
 
     Deterministic: the same recipe and seed give the same weights on the same machine and torch build
-    (the caller's random state is left as it was)."""
+    (the caller's random state is left as it was). ``probes``: the size of :func:`measure_prior`'s probe set."""
     import torch
 
     from napo.data.tiny import build_model, build_processor
@@ -297,7 +298,7 @@ def pretrain_tiny_model(
         _pretrain_model(model, processor, recipe, rng, seed, log)
     model.eval()
     seconds = time.perf_counter() - start
-    prior = measure_prior((model, processor))
+    prior = measure_prior((model, processor), probes=probes)
     log(", ".join(f"{k} {v:.2f}" for k, v in prior.items()))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -345,6 +346,21 @@ def cached_pretrained_model(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def write_pretrained_model(path: str | Path, seed: int = 0, progress: bool = True) -> Path:
+    """The cached pretrained tiny LLaVA for ``seed`` (pretrained first when the cache lacks it) copied to
+    ``path``; a copy already there is replaced only when it is another model."""
+    path = Path(path)
+    cached = cached_pretrained_model(seed=seed, progress=progress)
+    wanted = (cached / MANIFEST).read_text()
+    if (path / MANIFEST).is_file() and (path / MANIFEST).read_text() == wanted:
+        return path
+    if path.exists() and any(path.iterdir()) and not (path / MANIFEST).is_file():
+        raise FileExistsError(f"{path} exists and is not a pretrained tiny LLaVA: choose an empty or new directory")
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.copytree(cached, path)
+    return path
 
 
 # ---------------------------------------------------------------- measuring the prior

@@ -30,6 +30,22 @@ def _benchmark_list(text: str) -> list[str]:
     return names
 
 
+def _shapes_kinds(text: str) -> tuple[str, ...]:
+    from napo.eval.shapes import KINDS
+
+    kinds = tuple(kind.strip() for kind in text.split(","))
+    if not all(kinds) or any(kind not in KINDS for kind in kinds) or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct comma-separated kinds among {', '.join(KINDS)}")
+    return kinds
+
+
+def _shapes_options(args: argparse.Namespace) -> dict:
+    options: dict = {"scenarios": args.shapes_scenarios}
+    if args.shapes_kinds is not None:
+        options["kinds"] = args.shapes_kinds
+    return options
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", action="append", default=None, help="a LLaVA checkpoint (repeat: models compared side by side)"
@@ -51,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_prompt_format_argument(parser)
     parser.add_argument("--shapes-scenarios", type=_positive_int, default=12, help="shapes: scenarios (10 items each)")
+    parser.add_argument(
+        "--shapes-kinds",
+        type=_shapes_kinds,
+        default=None,
+        help="shapes: comma-separated kinds of question kept, among vlind,color,blank,describe (default: all)",
+    )
     parser.add_argument("--limit", type=_integer(0), default=None, help="only the first N items of each benchmark")
     parser.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
     parser.add_argument("--shard-index", type=_integer(0), default=None, help="default: RANK or 0")
@@ -101,7 +123,7 @@ def run_eval(args: argparse.Namespace) -> int:
             args.output,
             data_dir=args.data_dir,
             answers=args.answers,
-            options={"shapes": {"scenarios": args.shapes_scenarios}, **judge_options},
+            options={"shapes": _shapes_options(args), **judge_options},
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             num_beams=args.num_beams,
