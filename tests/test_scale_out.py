@@ -1,5 +1,5 @@
 """NaPOTrainer under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2: two gloo CPU processes against one process on the same
-global batch, the fused LM head under sharded weights, ZeRO-3 resume after SIGKILL, and bad engine settings.
+global batch, the fused LM head under sharded weights, resume after SIGKILL under each engine, and bad engine settings.
 
 Each run is ``tests/scale_out_worker.py`` under ``torch.distributed.run``, a NaPOTrainer built from Python as a
 user script builds it (the model loaded before the config), on the tiny LLaVA and 8 rows with cached reference
@@ -151,11 +151,13 @@ def test_fused_head_under_sharding_equals_the_logits_fallback(engine, runs):
     assert_same_weights(fallback_dir, fused_dir)
 
 
-def test_zero3_resumes_after_sigkill_with_its_weights(workdir, runs, tmp_path):
-    """A ZeRO-3 run killed with SIGKILL after a checkpoint and rerun resumes from the newest complete checkpoint
-    and ends with the uninterrupted run's weights (gathered into one from_pretrained model) and metrics."""
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
+def test_resumes_after_sigkill_with_its_weights(engine, workdir, runs, tmp_path):
+    """A run killed with SIGKILL after a checkpoint and rerun resumes from the newest complete checkpoint (the
+    engine's own loader: DeepSpeed's, or the Trainer's FSDP one) and ends with the uninterrupted run's weights
+    (gathered into one from_pretrained model) and metrics."""
     killed = tmp_path / "killed"
-    command = launch(workdir, "zero3", killed, "--steps", "400", "--save-steps", "1", "--batch-size", "2")
+    command = launch(workdir, engine, killed, "--steps", "400", "--save-steps", "1", "--batch-size", "2")
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     try:
@@ -177,8 +179,8 @@ def test_zero3_resumes_after_sigkill_with_its_weights(workdir, runs, tmp_path):
             if int(path.name.removeprefix("checkpoint-")) > 1:
                 subprocess.run(["rm", "-rf", str(path)], check=True)
         complete = 1
-    resumed = run(workdir, "zero3", killed, "--batch-size", "2", "--resume", "--save-steps", "1")
-    full, full_dir = runs("zero3")
+    resumed = run(workdir, engine, killed, "--batch-size", "2", "--resume", "--save-steps", "1")
+    full, full_dir = runs(engine)
     # The log history comes back with the checkpoint: steps 1..complete from before the kill, then the new ones.
     assert_same_steps(full["steps"], resumed["steps"])
     assert_same_weights(full_dir, killed)
