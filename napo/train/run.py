@@ -18,7 +18,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_engine_settings", "last_complete_checkpoint", "load_config_file", "step_table_callback", "train"]
+__all__ = [
+    "check_engine_settings",
+    "engine_summary",
+    "last_complete_checkpoint",
+    "load_config_file",
+    "step_table_callback",
+    "train",
+]
 
 REFERENCE_DIR = "reference-logps"
 
@@ -104,6 +111,20 @@ def warn_if_fsdp_on_cpu(fsdp: Any, device_type: str) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def engine_summary(trainer: Any) -> str:
+    """How the Trainer runs, as ``napo train`` prints it: processes, their device, the engine. What the launcher and
+    the settings gave, not what was asked: accelerate runs FSDP settings on CPU processes as DDP, and a
+    ``MULTI_CPU`` accelerate config without ``mpirun`` starts one process."""
+    accelerator = trainer.accelerator
+    count = accelerator.num_processes
+    text = f"{count} process{'' if count == 1 else 'es'} ({accelerator.device.type})"
+    if trainer.is_deepspeed_enabled:
+        return f"{text}, DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if trainer.is_fsdp_enabled:
+        return f"{text}, FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    return f"{text}, DDP" if count > 1 else text
 
 
 def last_complete_checkpoint(output: Path) -> Path | None:
@@ -249,6 +270,8 @@ def train(
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw dict lines: the step table (or nothing) instead
+    if state.is_main_process:
+        print(f"napo train: training on {engine_summary(trainer)}")
     last = last_complete_checkpoint(output)
     if last is not None and state.is_main_process:
         print(f"napo train: resuming from {last}")
