@@ -193,16 +193,28 @@ def test_resumes_after_sigkill_with_its_weights(engine, workdir, runs, tmp_path)
         ({"deepspeed": {"zero_optimization": {"stage": 2, "overlap_com": True}}}, "overlap_com"),
         ({"deepspeed_zero": 3}, "deepspeed_zero"),
         ({"deepspeed": {"zero_optimization": {"stage": 2}}, "missing": "deepspeed"}, "DeepSpeed, which is not"),
+        # What `accelerate launch` with a DeepSpeed accelerate config sets: its zero_stage, or its deepspeed file.
+        ({"accelerate": {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}}, "zero3_save_16bit_model: true"),
+        ({"accelerate": {"ACCELERATE_DEEPSPEED_CONFIG_FILE": {"zero_optimization": {"stage": 3}}}},
+         "stage3_gather_16bit_weights_on_model_save"),
     ],
-    ids=["zero3-not-gathered", "unknown-zero-key", "unknown-field", "deepspeed-not-installed"],
-)
+    ids=["zero3-not-gathered", "unknown-zero-key", "unknown-field", "deepspeed-not-installed",
+         "accelerate-zero3-not-gathered", "accelerate-deepspeed-file"],
+)  # fmt: skip
 def test_bad_engine_settings_fail_before_any_model_loads(settings, message, workdir, tmp_path, monkeypatch, capsys):
     """`napo train --config` with engine settings that would fail after loading (or save no loadable model)
-    exits with a usage error naming the setting, before scoring the reference log-probs loads any model."""
+    exits with a usage error naming the setting, before scoring the reference log-probs loads any model; so does
+    plain `napo train` under `accelerate launch` with such DeepSpeed settings in the accelerate config."""
     settings = dict(settings)
     if settings.pop("missing", None):
         monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without it gives
         monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.config", None)
+    for name, value in settings.pop("accelerate", {}).items():
+        if isinstance(value, dict):
+            (tmp_path / "ds.json").write_text(json.dumps(value))
+            value = str(tmp_path / "ds.json")
+        monkeypatch.setenv(name, value)
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     config = tmp_path / "engine.json"
     config.write_text(json.dumps(settings))
     import transformers

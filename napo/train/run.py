@@ -70,8 +70,23 @@ def check_engine_settings(values: dict[str, Any]) -> None:
     only after the models are loaded and sharded: the engine is not installed, a ``zero_optimization`` key
     DeepSpeed does not know (checked by DeepSpeed's own config model), and ZeRO-3 without
     ``stage3_gather_16bit_weights_on_model_save``, which ``napo train`` needs to save a ``from_pretrained``
-    model (without it only the per-rank shards are written)."""
+    model (without it only the per-rank shards are written).
+
+    With no ``deepspeed`` field, the same holds for the DeepSpeed settings ``accelerate launch`` hands over from
+    an accelerate config with ``distributed_type: DEEPSPEED`` (TRL's way of choosing the engine): its
+    ``deepspeed_config_file``, or ``zero_stage: 3`` without ``zero3_save_16bit_model: true``."""
     settings = values.get("deepspeed")
+    if not settings and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        settings = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        settings = None if settings == "none" else settings
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        gathered = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false").lower() == "true"
+        if settings is None and stage == "3" and not gathered:
+            raise ValueError(
+                "accelerate's DeepSpeed settings ask for ZeRO-3 without zero3_save_16bit_model: true: the final "
+                "model could not be gathered into one from_pretrained checkpoint; set it to true in the accelerate "
+                "config (or pass --zero3_save_16bit_model true to accelerate launch)"
+            )
     if settings:
         try:
             from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
