@@ -18,6 +18,16 @@ from pathlib import Path
 import torch
 
 ENGINES = ("plain", "zero2", "zero3", "fsdp2")
+# The NaPOConfig fields of every run besides its steps, batch, checkpoints and engine (tests/test_scale_out.py hands
+# the same to `napo train --config` under each launcher).
+TRAINING = {
+    "learning_rate": 1e-3,
+    "warmup_steps": 0,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 1,
+    "seed": 3,
+    "bf16": False,
+}
 
 
 def engine_settings(engine: str) -> dict:
@@ -133,18 +143,13 @@ def main() -> None:
         output_dir=options.output,
         max_steps=options.steps,
         per_device_train_batch_size=options.batch_size,
-        learning_rate=1e-3,
-        warmup_steps=0,
-        lr_scheduler_type="constant",
-        logging_steps=1,
         save_strategy="steps" if options.save_steps else "no",
         save_steps=options.save_steps or 500,
-        seed=3,
-        bf16=False,
         use_cpu=True,
         report_to="none",
         disable_tqdm=True,
         dataloader_pin_memory=False,
+        **TRAINING,
         **engine_settings(options.engine),
     )
     trainer = NaPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)

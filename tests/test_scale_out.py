@@ -26,6 +26,7 @@ pytest.importorskip("deepspeed")  # CI installs it (requirements/ci-constraints.
 
 import pandas as pd
 import psutil
+from scale_out_worker import TRAINING, engine_settings
 from transformers import AutoModelForImageTextToText
 
 from napo.cli import main
@@ -33,6 +34,7 @@ from napo.data import make_sample_data, make_tiny_model
 from napo.train.run import last_complete_checkpoint
 
 WORKER = Path(__file__).with_name("scale_out_worker.py")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scale"
 # DeepSpeed on CPU processes: its CPU accelerator (it JIT-builds a small shared-memory comm op once, cached).
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
 STEPS = 3
@@ -184,6 +186,45 @@ def test_resumes_after_sigkill_with_its_weights(engine, workdir, runs, tmp_path)
     # The log history comes back with the checkpoint: steps 1..complete from before the kill, then the new ones.
     assert_same_steps(full["steps"], resumed["steps"])
     assert_same_weights(full_dir, killed)
+
+
+def launcher(name: str, port: int) -> list[str]:
+    """The command line before `napo train` (a module) under each launcher, two processes."""
+    if name == "deepspeed":  # on CPU processes --num_gpus N starts N; without it, one per NUMA node
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+                "--module"]  # fmt: skip
+    config = EXAMPLES / ("accelerate_zero3_2proc.yaml" if name == "accelerate-zero3" else "accelerate_2proc.yaml")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_port", str(port), "-m"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "engine", "expected"),
+    [
+        ("accelerate", "zero2", "DeepSpeed ZeRO-2"),  # examples/scale/accelerate_2proc.yaml, engine in napo.json
+        ("accelerate-zero3", "plain", "DeepSpeed ZeRO-3"),  # the engine in the accelerate config, TRL's way
+        ("deepspeed", "zero3", "DeepSpeed ZeRO-3"),  # DeepSpeed's own launcher (it passes --local_rank to napo)
+    ],
+    ids=["accelerate", "accelerate-zero3-config", "deepspeed"],
+)
+def test_napo_train_under_each_launcher_matches_one_process(name, engine, expected, workdir, runs, tmp_path):
+    """`napo train` as users start TRL runs: under `accelerate launch` (the engine from the napo config or from the
+    accelerate config) and DeepSpeed's launcher, two processes on the engine it reports, with every step's loss, q,
+    weights and margins and the trained weights of one process on the same global batch."""
+    config = tmp_path / "napo.json"
+    settings = {**TRAINING, "max_steps": STEPS, "per_device_train_batch_size": 2, "save_strategy": "no"}
+    config.write_text(json.dumps({**settings, **engine_settings(engine)}))
+    output = tmp_path / "run"
+    napo = ["napo", "train", "--model", str(workdir / "model"), "--data", str(workdir / "data"),
+            "--output", str(output), "--config", str(config), "--no-progress"]  # fmt: skip
+    result = subprocess.run([*launcher(name, next(_ports)), *napo], env=ENV, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert f"napo train: training on 2 processes (cpu), {expected}\n" in result.stdout
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    one, one_dir = runs("one")
+    assert_same_steps(one["steps"], [entry for entry in history if "loss" in entry])
+    assert_same_weights(one_dir, output)
 
 
 @pytest.mark.parametrize(
