@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="napo", description="Noise-Aware Preference Optimization (NaPO) toolkit.")
     parser.add_argument("--version", action="version", version=f"napo {__version__}")
+    # DeepSpeed's launcher (`deepspeed --module napo train ...`) starts each process as `python -m napo
+    # --local_rank=N train ...`; the LOCAL_RANK variable it sets as well is what accelerate reads.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(

@@ -18,6 +18,16 @@ from pathlib import Path
 import torch
 
 ENGINES = ("plain", "zero2", "zero3", "fsdp2")
+# The NaPOConfig fields of every run besides its steps, batch, checkpoints and engine (tests/test_scale_out.py hands
+# the same to `napo train --config` under each launcher).
+TRAINING = {
+    "learning_rate": 1e-3,
+    "warmup_steps": 0,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 1,
+    "seed": 3,
+    "bf16": False,
+}
 
 
 def engine_settings(engine: str) -> dict:
@@ -82,7 +92,7 @@ def fsdp_on_cpu_processes() -> None:
     """accelerate (1.15) drops an FSDP plugin when the processes are CPU ones (MULTI_CPU) and runs plain DDP,
     silently. torch's FSDP2 itself runs on CPU with gloo; this lifts that one restriction, so that here the
     Trainer takes its FSDP2 path (fully_shard, FSDP state dicts) as it does on GPUs."""
-    from accelerate.state import AcceleratorState, DistributedType
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
 
     original = AcceleratorState.__init__
 
@@ -91,20 +101,11 @@ def fsdp_on_cpu_processes() -> None:
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
+            # As accelerate does on GPUs: every later AcceleratorState() copies PartialState's shared state over its
+            # own, so the type set above alone would be back to MULTI_CPU by the time the Trainer saves.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     AcceleratorState.__init__ = init
-
-
-def save_fsdp2_model(trainer, output: str) -> None:
-    """The gathered FSDP2 weights in HF format. (The Trainer's own FULL_STATE_DICT save goes through torch's
-    get_model_state_dict with cpu_offload, which on CPU processes hands back tensors whose storage FSDP has
-    already freed; safetensors then fails on them. On GPUs the offload copies them.)"""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    state = {}
-    for name, tensor in model.state_dict().items():  # full_tensor is a collective: every rank gathers
-        state[name] = (tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor).detach().clone()
-    if trainer.is_world_process_zero():
-        model.save_pretrained(output, state_dict=state)
 
 
 def main() -> None:
@@ -142,18 +143,13 @@ def main() -> None:
         output_dir=options.output,
         max_steps=options.steps,
         per_device_train_batch_size=options.batch_size,
-        learning_rate=1e-3,
-        warmup_steps=0,
-        lr_scheduler_type="constant",
-        logging_steps=1,
         save_strategy="steps" if options.save_steps else "no",
         save_steps=options.save_steps or 500,
-        seed=3,
-        bf16=False,
         use_cpu=True,
         report_to="none",
         disable_tqdm=True,
         dataloader_pin_memory=False,
+        **TRAINING,
         **engine_settings(options.engine),
     )
     trainer = NaPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
@@ -167,10 +163,7 @@ def main() -> None:
         last = last_complete_checkpoint(Path(options.output))
         resume = None if last is None else str(last)
     trainer.train(resume_from_checkpoint=resume)
-    if options.engine == "fsdp2":
-        save_fsdp2_model(trainer, options.output)
-    else:
-        trainer.save_model(options.output)
+    trainer.save_model(options.output)  # FSDP2: the Trainer's FULL_STATE_DICT save, gathered to rank 0
     if trainer.is_world_process_zero():
         steps = [entry for entry in trainer.state.log_history if "loss" in entry]
         engine = {"processes": trainer.accelerator.num_processes, "head": head_layout(trainer)}

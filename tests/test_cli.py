@@ -41,6 +41,13 @@ def test_bad_arguments_exit_with_usage_error(argv, capsys):
     assert "usage: napo" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--local_rank=1", "--local-rank=0"])
+def test_the_local_rank_deepspeeds_launcher_passes_is_accepted(flag, tmp_path, capsys):
+    """`deepspeed --module napo train ...` runs `python -m napo --local_rank=N train ...` in each process."""
+    assert main([flag, "make-sample-data", str(tmp_path / "s.parquet"), "--rows", "2"]) == 0
+    assert "2 sample rows written" in capsys.readouterr().out
+
+
 def test_python_dash_m_napo_runs():
     result = subprocess.run([sys.executable, "-m", "napo", "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("napo ")

@@ -1,5 +1,5 @@
 """NaPOTrainer under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2: two gloo CPU processes against one process on the same
-global batch, the fused LM head under sharded weights, ZeRO-3 resume after SIGKILL, and bad engine settings.
+global batch, the fused LM head under sharded weights, resume after SIGKILL under each engine, and bad engine settings.
 
 Each run is ``tests/scale_out_worker.py`` under ``torch.distributed.run``, a NaPOTrainer built from Python as a
 user script builds it (the model loaded before the config), on the tiny LLaVA and 8 rows with cached reference
@@ -26,6 +26,7 @@ pytest.importorskip("deepspeed")  # CI installs it (requirements/ci-constraints.
 
 import pandas as pd
 import psutil
+from scale_out_worker import TRAINING, engine_settings
 from transformers import AutoModelForImageTextToText
 
 from napo.cli import main
@@ -33,6 +34,7 @@ from napo.data import make_sample_data, make_tiny_model
 from napo.train.run import last_complete_checkpoint
 
 WORKER = Path(__file__).with_name("scale_out_worker.py")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "scale"
 # DeepSpeed on CPU processes: its CPU accelerator (it JIT-builds a small shared-memory comm op once, cached).
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
 STEPS = 3
@@ -151,11 +153,13 @@ def test_fused_head_under_sharding_equals_the_logits_fallback(engine, runs):
     assert_same_weights(fallback_dir, fused_dir)
 
 
-def test_zero3_resumes_after_sigkill_with_its_weights(workdir, runs, tmp_path):
-    """A ZeRO-3 run killed with SIGKILL after a checkpoint and rerun resumes from the newest complete checkpoint
-    and ends with the uninterrupted run's weights (gathered into one from_pretrained model) and metrics."""
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
+def test_resumes_after_sigkill_with_its_weights(engine, workdir, runs, tmp_path):
+    """A run killed with SIGKILL after a checkpoint and rerun resumes from the newest complete checkpoint (the
+    engine's own loader: DeepSpeed's, or the Trainer's FSDP one) and ends with the uninterrupted run's weights
+    (gathered into one from_pretrained model) and metrics."""
     killed = tmp_path / "killed"
-    command = launch(workdir, "zero3", killed, "--steps", "400", "--save-steps", "1", "--batch-size", "2")
+    command = launch(workdir, engine, killed, "--steps", "400", "--save-steps", "1", "--batch-size", "2")
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     try:
@@ -177,11 +181,50 @@ def test_zero3_resumes_after_sigkill_with_its_weights(workdir, runs, tmp_path):
             if int(path.name.removeprefix("checkpoint-")) > 1:
                 subprocess.run(["rm", "-rf", str(path)], check=True)
         complete = 1
-    resumed = run(workdir, "zero3", killed, "--batch-size", "2", "--resume", "--save-steps", "1")
-    full, full_dir = runs("zero3")
+    resumed = run(workdir, engine, killed, "--batch-size", "2", "--resume", "--save-steps", "1")
+    full, full_dir = runs(engine)
     # The log history comes back with the checkpoint: steps 1..complete from before the kill, then the new ones.
     assert_same_steps(full["steps"], resumed["steps"])
     assert_same_weights(full_dir, killed)
+
+
+def launcher(name: str, port: int) -> list[str]:
+    """The command line before `napo train` (a module) under each launcher, two processes."""
+    if name == "deepspeed":  # on CPU processes --num_gpus N starts N; without it, one per NUMA node
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+                "--module"]  # fmt: skip
+    config = EXAMPLES / ("accelerate_zero3_2proc.yaml" if name == "accelerate-zero3" else "accelerate_2proc.yaml")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_port", str(port), "-m"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "engine", "expected"),
+    [
+        ("accelerate", "zero2", "DeepSpeed ZeRO-2"),  # examples/scale/accelerate_2proc.yaml, engine in napo.json
+        ("accelerate-zero3", "plain", "DeepSpeed ZeRO-3"),  # the engine in the accelerate config, TRL's way
+        ("deepspeed", "zero3", "DeepSpeed ZeRO-3"),  # DeepSpeed's own launcher (it passes --local_rank to napo)
+    ],
+    ids=["accelerate", "accelerate-zero3-config", "deepspeed"],
+)
+def test_napo_train_under_each_launcher_matches_one_process(name, engine, expected, workdir, runs, tmp_path):
+    """`napo train` as users start TRL runs: under `accelerate launch` (the engine from the napo config or from the
+    accelerate config) and DeepSpeed's launcher, two processes on the engine it reports, with every step's loss, q,
+    weights and margins and the trained weights of one process on the same global batch."""
+    config = tmp_path / "napo.json"
+    settings = {**TRAINING, "max_steps": STEPS, "per_device_train_batch_size": 2, "save_strategy": "no"}
+    config.write_text(json.dumps({**settings, **engine_settings(engine)}))
+    output = tmp_path / "run"
+    napo = ["napo", "train", "--model", str(workdir / "model"), "--data", str(workdir / "data"),
+            "--output", str(output), "--config", str(config), "--no-progress"]  # fmt: skip
+    result = subprocess.run([*launcher(name, next(_ports)), *napo], env=ENV, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert f"napo train: training on 2 processes (cpu), {expected}\n" in result.stdout
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    one, one_dir = runs("one")
+    assert_same_steps(one["steps"], [entry for entry in history if "loss" in entry])
+    assert_same_weights(one_dir, output)
 
 
 @pytest.mark.parametrize(
@@ -191,16 +234,28 @@ def test_zero3_resumes_after_sigkill_with_its_weights(workdir, runs, tmp_path):
         ({"deepspeed": {"zero_optimization": {"stage": 2, "overlap_com": True}}}, "overlap_com"),
         ({"deepspeed_zero": 3}, "deepspeed_zero"),
         ({"deepspeed": {"zero_optimization": {"stage": 2}}, "missing": "deepspeed"}, "DeepSpeed, which is not"),
+        # What `accelerate launch` with a DeepSpeed accelerate config sets: its zero_stage, or its deepspeed file.
+        ({"accelerate": {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}}, "zero3_save_16bit_model: true"),
+        ({"accelerate": {"ACCELERATE_DEEPSPEED_CONFIG_FILE": {"zero_optimization": {"stage": 3}}}},
+         "stage3_gather_16bit_weights_on_model_save"),
     ],
-    ids=["zero3-not-gathered", "unknown-zero-key", "unknown-field", "deepspeed-not-installed"],
-)
+    ids=["zero3-not-gathered", "unknown-zero-key", "unknown-field", "deepspeed-not-installed",
+         "accelerate-zero3-not-gathered", "accelerate-deepspeed-file"],
+)  # fmt: skip
 def test_bad_engine_settings_fail_before_any_model_loads(settings, message, workdir, tmp_path, monkeypatch, capsys):
     """`napo train --config` with engine settings that would fail after loading (or save no loadable model)
-    exits with a usage error naming the setting, before scoring the reference log-probs loads any model."""
+    exits with a usage error naming the setting, before scoring the reference log-probs loads any model; so does
+    plain `napo train` under `accelerate launch` with such DeepSpeed settings in the accelerate config."""
     settings = dict(settings)
     if settings.pop("missing", None):
         monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without it gives
         monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.config", None)
+    for name, value in settings.pop("accelerate", {}).items():
+        if isinstance(value, dict):
+            (tmp_path / "ds.json").write_text(json.dumps(value))
+            value = str(tmp_path / "ds.json")
+        monkeypatch.setenv(name, value)
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     config = tmp_path / "engine.json"
     config.write_text(json.dumps(settings))
     import transformers

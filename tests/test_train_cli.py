@@ -114,6 +114,7 @@ def test_three_way_training_logs_metrics_and_saves_a_loadable_model(workdir, tmp
     assert code == 0
     out = capsys.readouterr().out
     assert "q_lang" in out and f"model saved to {run}" in out
+    assert "napo train: training on 1 process (cpu)\n" in out
     assert (run / "reference-logps").is_dir()  # the data had no reference columns: computed first
     history = [h for h in log_history(run) if "loss" in h]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
@@ -234,6 +235,7 @@ def test_two_gloo_processes_compute_the_same_q_as_one(workdir, scored, tmp_path)
     double = subprocess.run([*launcher, *common, "--output", str(tmp_path / "two"), "--batch-size", "2"],
                             env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert double.returncode == 0, double.stderr[-3000:]
+    assert "training on 1 process (cpu)\n" in single.stdout and "training on 2 processes (cpu), DDP" in double.stdout
     one, two = log_history(tmp_path / "one")[0], log_history(tmp_path / "two")[0]
     keys = [k for k in one if k.startswith(("napo/q_", "napo/weight_", "napo/margin_"))]
     assert len(keys) == 9 and 0.001 < one["napo/q_language"] < 1.0

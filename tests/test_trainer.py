@@ -141,6 +141,28 @@ def test_vision_equivalence_with_trl_dpo(tiny, processor, sample, tmp_path, napo
     assert_grads_match(dpo_grads, napo_grads)
 
 
+@pytest.mark.parametrize(("feature_layer", "unread"), [(-1, 2), (-2, 18)], ids=["layer-1", "layer-2"])
+def test_vision_parameters_nothing_reads_are_frozen_and_only_those(feature_layer, unread, tiny, processor, sample,
+                                                                   tmp_path):  # fmt: skip
+    """The frozen parameters are exactly those a training step leaves without a gradient once trainable again:
+    the post-layernorm (2 tensors), and at vision_feature_layer -2 (LLaVA-1.5's) also the last CLIP layer (16)."""
+    rows = conversational(sample)
+    policy = AutoModelForImageTextToText.from_pretrained(tiny[0])
+    policy.config.vision_feature_layer = feature_layer
+    reference = AutoModelForImageTextToText.from_pretrained(tiny[1])
+    args = NaPOConfig(output_dir=str(tmp_path), **TRAINING)
+    trainer = NaPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor
+    )
+    frozen = set(trainer.napo_frozen_parameters)
+    assert len(frozen) == unread
+    assert frozen == {name for name, p in policy.named_parameters() if not p.requires_grad}
+    for parameter in policy.parameters():
+        parameter.requires_grad_(True)
+    _, grads = one_step(trainer, rows[:4])
+    assert {name for name, _ in policy.named_parameters()} - grads.keys() == frozen
+
+
 @pytest.mark.parametrize("napo_options", NAPO_AS_DPO, ids=["dpo-term", "napo-q0"])
 def test_text_equivalence_with_trl_dpo(text_models, sample, tmp_path, napo_options):
     from transformers import AutoTokenizer

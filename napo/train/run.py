@@ -18,7 +18,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_engine_settings", "last_complete_checkpoint", "load_config_file", "step_table_callback", "train"]
+__all__ = [
+    "check_engine_settings",
+    "engine_summary",
+    "last_complete_checkpoint",
+    "load_config_file",
+    "step_table_callback",
+    "train",
+]
 
 REFERENCE_DIR = "reference-logps"
 
@@ -63,8 +70,23 @@ def check_engine_settings(values: dict[str, Any]) -> None:
     only after the models are loaded and sharded: the engine is not installed, a ``zero_optimization`` key
     DeepSpeed does not know (checked by DeepSpeed's own config model), and ZeRO-3 without
     ``stage3_gather_16bit_weights_on_model_save``, which ``napo train`` needs to save a ``from_pretrained``
-    model (without it only the per-rank shards are written)."""
+    model (without it only the per-rank shards are written).
+
+    With no ``deepspeed`` field, the same holds for the DeepSpeed settings ``accelerate launch`` hands over from
+    an accelerate config with ``distributed_type: DEEPSPEED`` (TRL's way of choosing the engine): its
+    ``deepspeed_config_file``, or ``zero_stage: 3`` without ``zero3_save_16bit_model: true``."""
     settings = values.get("deepspeed")
+    if not settings and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        settings = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        settings = None if settings == "none" else settings
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        gathered = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false").lower() == "true"
+        if settings is None and stage == "3" and not gathered:
+            raise ValueError(
+                "accelerate's DeepSpeed settings ask for ZeRO-3 without zero3_save_16bit_model: true: the final "
+                "model could not be gathered into one from_pretrained checkpoint; set it to true in the accelerate "
+                "config (or pass --zero3_save_16bit_model true to accelerate launch)"
+            )
     if settings:
         try:
             from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -104,6 +126,20 @@ def warn_if_fsdp_on_cpu(fsdp: Any, device_type: str) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def engine_summary(trainer: Any) -> str:
+    """How the Trainer runs, as ``napo train`` prints it: processes, their device, the engine. What the launcher and
+    the settings gave, not what was asked: accelerate runs FSDP settings on CPU processes as DDP, and a
+    ``MULTI_CPU`` accelerate config without ``mpirun`` starts one process."""
+    accelerator = trainer.accelerator
+    count = accelerator.num_processes
+    text = f"{count} process{'' if count == 1 else 'es'} ({accelerator.device.type})"
+    if trainer.is_deepspeed_enabled:
+        return f"{text}, DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if trainer.is_fsdp_enabled:
+        return f"{text}, FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    return f"{text}, DDP" if count > 1 else text
 
 
 def last_complete_checkpoint(output: Path) -> Path | None:
@@ -249,6 +285,8 @@ def train(
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw dict lines: the step table (or nothing) instead
+    if state.is_main_process:
+        print(f"napo train: training on {engine_summary(trainer)}")
     last = last_complete_checkpoint(output)
     if last is not None and state.is_main_process:
         print(f"napo train: resuming from {last}")

@@ -234,6 +234,9 @@ class NaPOTrainer(DPOTrainer):
     ``napo/margin_<term>`` (batch-mean beta * M), ``napo/accuracy_<term>``, ``napo/loss_<term>``, and
     ``rewards/<column>`` / ``logps/<column>`` for the biased answers. TRL's per-token ``entropy``,
     ``logits/*`` and ``mean_token_accuracy`` are not computed: napo's kernel never forms the logits.
+
+    The parameters of a LLaVA vision tower that no output reads (the layers past ``vision_feature_layer``, its
+    ``post_layernorm``) are frozen, listed in ``napo_frozen_parameters``: they get no gradient either way.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "dpo", "napo"]
@@ -304,7 +307,9 @@ class NaPOTrainer(DPOTrainer):
         finally:
             args.precompute_ref_log_probs = requested_precompute
         unwrapped = self.accelerator.unwrap_model(self.model)
-        add_napo_lm_head(unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped)
+        base = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+        self.napo_frozen_parameters = freeze_unread_vision_parameters(base)
+        add_napo_lm_head(base)
         if self.ref_model is not None:
             _check_same_vocabulary(unwrapped, self.ref_model)
             add_napo_lm_head(self.accelerator.unwrap_model(self.ref_model))
@@ -670,6 +675,41 @@ def _check_dpo_options(args: NaPOConfig) -> None:
         problems.append(f"label_smoothing={args.label_smoothing!r}")
     if problems:
         raise ValueError("NaPOTrainer does not support these DPO options: " + "; ".join(problems))
+
+
+_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+
+def freeze_unread_vision_parameters(model: Any) -> list[str]:
+    """Freezes the parameters of a LLaVA's vision tower whose outputs nothing reads; returns their names.
+
+    LLaVA (and LLaVA-NeXT / -OneVision) take the image features from the tower's
+    ``hidden_states[vision_feature_layer]``: the encoder layers past that layer, the tower's ``post_layernorm``
+    and SigLIP's pooling ``head`` compute outputs the loss never sees (LLaVA-1.5 reads layer -2: its last CLIP
+    layer and the post-layernorm). They never receive a gradient, so training leaves them unchanged either way;
+    left trainable, they make FSDP2 checkpoints impossible to resume from: torch's ``set_optimizer_state_dict``
+    (strict) refuses a checkpoint without the AdamW state of a trainable parameter, and a parameter that never had
+    a gradient has none. Other models (and CLIP/SigLIP towers of another layout) are left as they are."""
+    config = getattr(model, "config", None)
+    read = getattr(config, "vision_feature_layer", None)
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    if read is None or tower is None or not type(model).__module__.startswith("transformers.models.llava"):
+        return []
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    if getattr(tower.config, "model_type", None) not in _VISION_TOWERS or not isinstance(layers, torch.nn.ModuleList):
+        return []
+    count = len(layers)  # hidden_states[0] is the embeddings' output, hidden_states[k + 1] layer k's
+    deepest = max(i if i >= 0 else count + 1 + i for i in ([read] if isinstance(read, int) else read))
+    unread = [layers[k] for k in range(deepest, count)]
+    unread += [getattr(tower, name) for name in ("post_layernorm", "head") if getattr(tower, name, None) is not None]
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    frozen = []
+    for module in unread:
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen.append(names[id(parameter)])
+    return frozen
 
 
 def _vocabulary_size(model: Any) -> int | None:
