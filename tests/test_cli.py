@@ -104,7 +104,9 @@ def test_demo_runs_the_whole_pipeline_then_its_next_commands_work_as_printed(cap
     printed = [float(v) for v in accuracy_line.split()[-3:]]
     stored = [record["models"][tag]["metrics"]["color_accuracy"] for tag in ("pretrained", "dpo-run", "napo-run")]
     assert printed == [round(v, 3) for v in stored]
-    assert (workdir / "eval" / "comparison.png").is_file() and (workdir / "eval" / "report.md").is_file()
+    report = (workdir / "eval" / "report.md").read_text()
+    assert (workdir / "eval" / "comparison.png").is_file() and "shapes colour acc" in report
+    assert "shapes CB" not in report  # the VLind kind was not asked: no empty column for it
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(workdir / "napo-run")

@@ -14,7 +14,7 @@ def plot_comparison(metrics, benchmarks: Sequence[str] | None = None, keys: dict
         metrics: the long table of :func:`napo.eval.evaluate` (``EvalResult.metrics``): model, benchmark,
             metric, value.
         benchmarks: which panels (default: every benchmark in the table).
-        keys: {benchmark: metrics to show}; default: each benchmark's headline metrics.
+        keys: {benchmark: metrics to show}; default: each benchmark's headline metrics that some model has.
     Returns:
         A ``matplotlib.figure.Figure``.
     """
@@ -34,6 +34,8 @@ def plot_comparison(metrics, benchmarks: Sequence[str] | None = None, keys: dict
         chosen = metrics[metrics["benchmark"] == name]
         default = [key for key, _, _ in registry[name].headline] if name in registry else []
         wanted = list((keys or {}).get(name, default)) or list(dict.fromkeys(chosen["metric"]))
+        if name not in (keys or {}):  # a headline metric no model has (e.g. shapes without its VLind kind): no slot
+            wanted = [key for key in wanted if key in set(chosen["metric"])]
         positions = np.arange(len(wanted))
         for offset, model in enumerate(models):
             values = chosen[chosen["model"] == model].set_index("metric")["value"]

@@ -127,7 +127,8 @@ def comparison_table(metrics, benchmarks: list[Benchmark]) -> Any:
         chosen = metrics[metrics["benchmark"] == benchmark.name]
         for key, label, higher in benchmark.headline:
             values = chosen[chosen["metric"] == key].set_index("model")["value"]
-            columns[f"{label} {'↑' if higher else '↓'}"] = values.to_dict()
+            if len(values):  # a metric no model has (a benchmark run on a subset of its kinds) gets no column
+                columns[f"{label} {'↑' if higher else '↓'}"] = values.to_dict()
     models = list(dict.fromkeys(metrics["model"]))
     frame = pd.DataFrame({"model": models})
     for label, values in columns.items():
