@@ -113,3 +113,19 @@ def test_make_tiny_model_pretrain_writes_the_cached_model(pretrained, tmp_path, 
 def test_bad_recipes_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         WorldRecipe(**{field: value})
+
+
+def test_an_interrupted_pretraining_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    import napo.data.world as world
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(world, "measure_prior", interrupted)  # after training, before anything is saved
+    with pytest.raises(KeyboardInterrupt):
+        cached_pretrained_model(tmp_path, seed=5, recipe=SMALL, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no half model, no scratch folder
+    monkeypatch.undo()
+    path = cached_pretrained_model(tmp_path, seed=5, recipe=SMALL, progress=False)
+    assert path.name == f"tiny-llava-world-{SMALL.key(5)}" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert cached_pretrained_model(tmp_path, seed=5, recipe=SMALL, progress=False) == path  # reused, not rebuilt
