@@ -25,8 +25,12 @@ held-out preference accuracy on clean rows of another seed: the share of rows wh
 pretrained reference (Eq. 2, logp) is positive, chosen vs rejected, and chosen vs question_only on the rows whose
 question_only answer is not as good as chosen (via :func:`napo.analysis.margins.margins`).
 
-Run (the RESULTS.md section):
+Two controls, not run by default, take the dynamic weights out: the two three-term objectives with every weight 1.
+
+Run (the RESULTS.md section; the pretrained model is built once into --cache, 5 minutes on a busy machine):
   python benchmarks/noise_world.py --seeds 5
+  python benchmarks/noise_world.py --seeds 5 --levels natural:0 natural:0.4 --plot "" \
+      --methods "3-term NaPO, weights 1" "3-term DPO, weights 1"
 """
 
 from __future__ import annotations
@@ -46,13 +50,18 @@ from results_csv import append_rows, default_path
 
 HERE = Path(__file__).parent
 ORIGINAL_ONLY = {"language_loss": "none", "vision_loss": "none"}
+ALL_DPO = {"original_loss": "dpo", "language_loss": "dpo", "vision_loss": "dpo"}
 METHODS = {
     "DPO": {"original_loss": "dpo", **ORIGINAL_ONLY},
     "NaPO q=0.5": {"original_loss": "napo", "original_q": "0.5", **ORIGINAL_ONLY},
     "NaPO adaptive": {"original_loss": "napo", "original_q": "adaptive", **ORIGINAL_ONLY},
     "3-term NaPO (paper)": {"original_loss": "dpo"},  # language / vision: NaPOConfig's defaults, the paper's
-    "3-term DPO": {"original_loss": "dpo", "language_loss": "dpo", "vision_loss": "dpo"},
+    "3-term DPO": ALL_DPO,
+    # Controls, not run by default: the two three-term objectives without the dynamic weights (every weight 1).
+    "3-term NaPO, weights 1": {"original_loss": "dpo", "napo_weights": "none"},
+    "3-term DPO, weights 1": {**ALL_DPO, "napo_weights": "none"},
 }
+DEFAULT_METHODS = tuple(METHODS)[:5]
 LEVELS = ("natural:0", "natural:0.2", "natural:0.4", "0.5:0", "0.5:0.4")
 BENCH_METRICS = ("color_accuracy", "blank_prior_rate", "CHAIRs", "CHAIRi", "recall")
 ANSWERS = ["chosen", "rejected", "question_only", "image_only"]
@@ -167,7 +176,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="training rows per seed")
     parser.add_argument("--heldout", type=int, default=96, help="held-out clean rows (one set, seed 999)")
     parser.add_argument("--levels", nargs="+", default=list(LEVELS), help="RED:FLIP (RED: natural or a share)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--epochs", type=float, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-5)
@@ -256,7 +265,7 @@ def main() -> None:
                            **held_out_accuracy(run, held, clean_language), **training_log(run)}  # fmt: skip
                     runs.append(row)
                     shown = "  ".join(f"{k} {row[k]:.3f}" for k, _ in SHOWN)
-                    log(f"seed {seed} red {label} flip {flip:g} {method:<20} train {seconds:5.1f} s  {shown}")
+                    log(f"seed {seed} red {label} flip {flip:g} {method:<22} train {seconds:5.1f} s  {shown}")
                 for run, _ in trained.values():
                     shutil.rmtree(run, ignore_errors=True)
     wall = time.perf_counter() - start
