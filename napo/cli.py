@@ -79,9 +79,10 @@ def _error(command: str, error: BaseException) -> int:
     return 2
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every resumable row stage (generate, logps) shares."""
-    parser.add_argument("--limit", type=_integer(0), default=None, help="only the first N input rows")
+def _add_run_arguments(parser: argparse.ArgumentParser, rows: str = "input rows", images: bool = True) -> None:
+    """The options every resumable row stage (generate, logps, eval's answers) shares; ``rows`` names what one
+    row is in the help, ``images``: also --allow-outside-images (the stage reads the user's image paths)."""
+    parser.add_argument("--limit", type=_integer(0), default=None, help=f"only the first N {rows}")
     parser.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
     parser.add_argument("--shard-index", type=_integer(0), default=None, help="default: RANK or 0")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -89,7 +90,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows-per-part", type=_positive_int, default=256, help="rows per Parquet part file")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run with other settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_image_argument(parser)
+    if images:
+        _add_image_argument(parser)
 
 
 def _add_prompt_format_argument(parser: argparse.ArgumentParser) -> None:

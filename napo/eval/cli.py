@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from napo.cli import _add_prompt_format_argument, _error, _integer, _output_dir, _positive_int
+from napo.cli import _add_prompt_format_argument, _add_run_arguments, _error, _output_dir, _positive_int
 
 
 def _temperature(text: str) -> float:
@@ -73,14 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="shapes: comma-separated kinds of question kept, among vlind,color,blank,describe (default: all)",
     )
-    parser.add_argument("--limit", type=_integer(0), default=None, help="only the first N items of each benchmark")
-    parser.add_argument("--num-shards", type=_positive_int, default=None, help="default: WORLD_SIZE or 1")
-    parser.add_argument("--shard-index", type=_integer(0), default=None, help="default: RANK or 0")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--rows-per-part", type=_positive_int, default=256, help="answers per Parquet part file")
-    parser.add_argument("--overwrite", action="store_true", help="discard earlier answers made with other settings")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_arguments(parser, rows="items of each benchmark", images=False)
     parser.add_argument(
         "--judge",
         default="openai",
