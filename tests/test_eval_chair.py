@@ -13,23 +13,10 @@ import pytest
 pd = pytest.importorskip("pandas")
 pytest.importorskip("PIL")
 
+from test_eval_metrics import _answer, _jpeg  # noqa: E402  the benchmark tests' shared helpers
+
 from napo.eval.benchmark import DataFormatError, MissingDataError  # noqa: E402
 from napo.eval.nlp import NlpUnavailable, TextTools  # noqa: E402
-
-
-def _jpeg(path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (10, 200, 30)).save(path, format="JPEG")
-
-
-def _answer(bench, answer_of) -> pd.DataFrame:
-    """The benchmark's items with ``answer_of(idx, meta)`` as each answer."""
-    frame = pd.DataFrame(bench.items())
-    frame["answer"] = [answer_of(i, json.loads(m)) for i, m in zip(frame["idx"], frame["meta"], strict=True)]
-    return frame
-
 
 # ---------------------------------------------------------------- Object HalBench (CHAIR)
 
