@@ -174,13 +174,14 @@ def run_data_demo(workdir: str | Path, rows: int = 64, max_new_tokens: int = 16,
     )
     frame = pd.read_parquet(output).sort_values("idx")
     colour = frame[frame["question"].str.startswith("What color")]
-    shown = pd.concat([colour[colour["chosen"] != colour["question_only"].str.strip()].head(2), frame.head(1)])
+    right_anyway = colour["chosen"] == colour["question_only"].str.strip()
+    shown = pd.concat([colour[~right_anyway].head(2), frame.head(1)])
     for _, row in shown.drop_duplicates("idx").iterrows():
         print(f"  [{row['idx']}] {row['question']}")
         print(f"      chosen:        {row['chosen']}")
         print(f"      question_only: {row['question_only']}")
         print(f"      image_only:    {row['image_only']}")
-    noisy = int((colour["chosen"] == colour["question_only"].str.strip()).sum())
+    noisy = int(right_anyway.sum())
     print(
         f"  {noisy} of {len(colour)} colour questions got a language-biased answer that is right anyway (the "
         "shape is red): the paper's noise, which NaPO's adaptive q is built for.\n"

@@ -35,7 +35,8 @@ def plot_comparison(metrics, benchmarks: Sequence[str] | None = None, keys: dict
         default = [key for key, _, _ in registry[name].headline] if name in registry else []
         wanted = list((keys or {}).get(name, default)) or list(dict.fromkeys(chosen["metric"]))
         if name not in (keys or {}):  # a headline metric no model has (e.g. shapes without its VLind kind): no slot
-            wanted = [key for key in wanted if key in set(chosen["metric"])]
+            present = set(chosen["metric"])
+            wanted = [key for key in wanted if key in present]
         positions = np.arange(len(wanted))
         for offset, model in enumerate(models):
             values = chosen[chosen["model"] == model].set_index("metric")["value"]

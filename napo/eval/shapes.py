@@ -136,12 +136,14 @@ class ShapesBench(Benchmark):
     def score(self, answers):
         import pandas as pd
 
-        kinds = [m["kind"] for m in metas(answers)]
-        pairs = answers[[kind == "vlind" for kind in kinds]]
-        metrics = score_instances(collect_instances(pairs))[0] if "vlind" in self.kinds else {}
+        parsed = metas(answers)
+        metrics = {}
+        if "vlind" in self.kinds:
+            pairs = answers[[meta["kind"] == "vlind" for meta in parsed]]
+            metrics = score_instances(collect_instances(pairs))[0]
         per_item = []
         color_hits, blank_prior, chair_s, mentions, hallucinated, covered, drawn = [], [], [], 0, 0, 0, 0
-        for meta, row in zip(metas(answers), answers.itertuples(index=False), strict=True):
+        for meta, row in zip(parsed, answers.itertuples(index=False), strict=True):
             result = {"idx": row.idx, "kind": meta["kind"], "answer": row.answer}
             if meta["kind"] == "color":
                 result["correct"] = int(first_color(row.answer) == meta["truth"])
