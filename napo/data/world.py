@@ -298,7 +298,7 @@ def pretrain_tiny_model(
         _pretrain_model(model, processor, recipe, rng, seed, log)
     model.eval()
     seconds = time.perf_counter() - start
-    prior = measure_prior((model, processor), probes=probes)
+    prior = measure_prior((model, processor), probes=probes, recipe=recipe)
     log(", ".join(f"{k} {v:.2f}" for k, v in prior.items()))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -366,7 +366,9 @@ def write_pretrained_model(path: str | Path, seed: int = 0, progress: bool = Tru
 # ---------------------------------------------------------------- measuring the prior
 
 
-def measure_prior(model: Any, probes: int = 60, seed: int = 1234, batch_size: int = 32) -> dict[str, float]:
+def measure_prior(
+    model: Any, probes: int = 60, seed: int = 1234, batch_size: int = 32, recipe: WorldRecipe | None = None
+) -> dict[str, float]:
     """How the model answers a fixed probe set of colour questions, each about one shape drawn in a colour
     other than the prior's (so that the prior answer is always wrong):
 
@@ -374,7 +376,8 @@ def measure_prior(model: Any, probes: int = 60, seed: int = 1234, batch_size: in
     - ``with_image_prior``: with the picture, the share that names the prior colour instead;
     - ``question_only_prior``: the question without the picture, the share that names the prior colour;
     - ``image_only_names_color``: the picture without the question, the share that names the drawn colour;
-    - ``world_accuracy``: with the picture, over pictures drawn with the world's odds (half red).
+    - ``world_accuracy``: with the picture, over pictures drawn with the world's odds (``recipe``'s: half red by
+      default).
 
     ``model``: a checkpoint directory, or a ``(model, processor)`` pair. Greedy decoding, 24 new tokens.
     """
@@ -386,7 +389,7 @@ def measure_prior(model: Any, probes: int = 60, seed: int = 1234, batch_size: in
     rng = random.Random(seed)
     others = [c for c in sorted(COLORS) if c != PRIOR_COLOR]
     drawn = [(rng.choice(SHAPES), rng.choice(others)) for _ in range(probes)]
-    world = [(rng.choice(SHAPES), _world_color(rng, WorldRecipe())) for _ in range(probes)]
+    world = [(rng.choice(SHAPES), _world_color(rng, recipe or WorldRecipe())) for _ in range(probes)]
     settings = GenerationSettings(max_new_tokens=24, num_beams=1)
 
     def answers(items, pictures, with_image: bool, with_question: bool) -> list[str]:
