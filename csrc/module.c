@@ -1,35 +1,122 @@
 /*
  * napo._C: the CPython binding of the C core.
  *
- * Arrays arrive as any object speaking DLPack (torch.Tensor, numpy.ndarray,
- * ...). Each is exported once into a small napo_arg, checked (dtype, rank,
- * shape, device, compactness of outputs), then the C kernel runs with the GIL
- * released. Errors name the argument and the value: TypeError for types,
- * ValueError for shapes and values, LookupError for dtypes the core does not
- * compute in (bf16/fp16 are upcast by the caller). Outputs are passed in by
- * the caller, which owns the allocator (torch's caching allocator on CUDA).
+ * Each entry point is one table row (the *_entry variables below): its arguments, the checks run on them
+ * in order, and the kernel to call. One generic path (call_entry) parses the arguments, exports each array
+ * once through DLPack (torch.Tensor, numpy.ndarray, ...) into a napo_arg, runs the checks, calls the kernel
+ * with the GIL released (CPU) or on the caller's stream (CUDA), turns its status into an exception and
+ * releases the exports. Errors name the argument and the value: TypeError for types, ValueError for shapes
+ * and values, LookupError for dtypes the core does not compute in (bf16/fp16 are upcast by the caller).
+ * Outputs are passed in by the caller, which owns the allocator (torch's caching allocator on CUDA).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "dlpack.h"
 #include "napo.h"
 
+#define MAX_ARGS 8
+#define MAX_CHECKS 12
+
+/* An exported array and what the checks learnt about it for the kernel call. */
 typedef struct {
   const char *name;  /* the Python argument name, for messages */
   PyObject *capsule; /* owns the export; its destructor calls the producer's deleter */
-  DLTensor *tensor;
+  DLTensor *tensor;  /* NULL for an optional array not given */
+  int f64;           /* FLOAT_DTYPE: float64, else float32 */
+  napo_logits_dtype logits_dtype;
+  napo_layout layout;        /* MARGINS */
+  napo_logits_layout logits; /* LOGITS_LAYOUT and the labels' own shape in STANDALONE_LABELS */
+  napo_labels labels;
+  int64_t length, stride; /* VECTOR, MEANS; ROW_Q sets q's stride per row */
 } napo_arg;
 
-typedef enum { DTYPE_F32, DTYPE_F64 } arg_dtype;
+typedef enum { ARG_ARRAY, ARG_OPTIONAL_ARRAY, ARG_REAL, ARG_INTEGER, ARG_STREAM } arg_kind;
 
-static void release(napo_arg *arg) {
-  Py_CLEAR(arg->capsule);
-  arg->tensor = NULL;
+/* Each check reads argument a, against reference argument b where it has one. */
+typedef enum {
+  END,
+  FLOAT_DTYPE,       /* a is float32 or float64 */
+  LOGITS_DTYPE,      /* a is float32, float64, bfloat16 or float16 */
+  ON_DEVICE,         /* a is on the CPU or CUDA */
+  MARGINS,           /* a is 1-D [batch] or 2-D [terms, batch] */
+  ROW_Q,             /* a is q for margins b: 0-dim for 1-D, one per row for 2-D */
+  SAME,              /* a has b's dtype and device */
+  SAME_SHAPE,        /* a has b's shape */
+  OUTPUT_LIKE,       /* a has b's shape and is compact */
+  VECTOR,            /* a is 1-D */
+  SCALAR,            /* a holds one value */
+  OUTPUT_VECTOR,     /* a is a compact vector of b's length */
+  MEANS,             /* a is 0-dim or 1-D */
+  OUTPUT_OF_MEANS,   /* a is shaped like means b, compact */
+  NONEMPTY,          /* a (a VECTOR) has an element; the entry's empty_hint says why */
+  BETA,              /* the loss's beta */
+  Q_PARAMS,          /* gamma, q_min, q_max */
+  WEIGHT_PARAMS,     /* w_min, eps */
+  LOGITS_LAYOUT,     /* a is 3-D [batch, time, vocab] */
+  LABELS,            /* a is int64 [batch, time] on the device of logits b */
+  TOKEN_BUFFER,      /* a is a compact [batch, time] buffer in logits b's accumulation dtype */
+  LSE_BUFFER,        /* a is a compact [batch, time] float64 buffer */
+  GRAD_MEMORY,       /* a (written) overlaps neither itself nor logits b, unless it is b */
+  STANDALONE_LABELS, /* a is CPU int64 [batch, time] labels checked alone against `vocab` */
+} check_op;
+
+typedef struct {
+  check_op op;
+  int a, b;
+} check;
+
+typedef struct entry_point entry_point;
+
+/* One call's arguments: arrays by position, numbers by name. */
+typedef struct {
+  const entry_point *entry;
+  PyObject *object[MAX_ARGS];
+  napo_arg arg[MAX_ARGS];
+  double beta, gamma, q_min, q_max, w_min, eps;
+  long long ignore_index, num_threads, position_offset, vocab;
+  unsigned long long stream;
+  int cuda_error;
+  napo_label_error bad;
+} napo_call;
+
+typedef struct {
+  const char *name;
+  arg_kind kind;
+  size_t value; /* ARG_REAL, ARG_INTEGER: offsetof the value in napo_call */
+} arg_spec;
+
+#define ARRAY(name) {name, ARG_ARRAY, 0}
+#define OPTIONAL_ARRAY(name) {name, ARG_OPTIONAL_ARRAY, 0}
+#define REAL(field) {#field, ARG_REAL, offsetof(napo_call, field)}
+#define INTEGER(field) {#field, ARG_INTEGER, offsetof(napo_call, field)}
+#define STREAM {"stream", ARG_STREAM, offsetof(napo_call, stream)}
+
+struct entry_point {
+  const char *name;
+  arg_spec args[MAX_ARGS];
+  int required; /* the leading arguments without a default */
+  check checks[MAX_CHECKS];
+  napo_status (*run)(napo_call *call, int on_cuda); /* on the CPU it runs without the GIL */
+  int device_arg;                                   /* the array whose device picks the kernel */
+  const char *empty_hint;                           /* NONEMPTY's reason */
+  char format[3 * MAX_ARGS + 32];                   /* filled by prepare() */
+  char *keywords[MAX_ARGS + 1];
+};
+
+static int fail(PyObject *type, const char *format, ...) {
+  va_list args;
+  va_start(args, format);
+  PyErr_FormatV(type, format, args);
+  va_end(args);
+  return -1;
 }
 
 /* Re-raise the pending exception as `type`, prefixed with the argument name,
@@ -66,8 +153,6 @@ static void reraise_with_name(PyObject *type, const char *name, const char *what
 
 static int acquire(PyObject *obj, const char *name, napo_arg *arg) {
   arg->name = name;
-  arg->capsule = NULL;
-  arg->tensor = NULL;
   if (PyCapsule_CheckExact(obj)) {
     /* A capsule from torch.utils.dlpack.to_dlpack (napo's own fast path: it
      * skips two Python-level method calls per tensor). Borrowed, not consumed:
@@ -75,18 +160,16 @@ static int acquire(PyObject *obj, const char *name, napo_arg *arg) {
     DLManagedTensor *managed = (DLManagedTensor *)PyCapsule_GetPointer(obj, "dltensor");
     if (managed == NULL) {
       PyErr_Clear();
-      PyErr_Format(PyExc_TypeError, "argument '%s' is a capsule but not an unconsumed 'dltensor' capsule", name);
-      return -1;
+      return fail(PyExc_TypeError, "argument '%s' is a capsule but not an unconsumed 'dltensor' capsule", name);
     }
     arg->capsule = Py_NewRef(obj);
     arg->tensor = &managed->dl_tensor;
     return 0;
   }
   if (!PyObject_HasAttrString(obj, "__dlpack__") || !PyObject_HasAttrString(obj, "__dlpack_device__")) {
-    PyErr_Format(PyExc_TypeError,
-                 "argument '%s' must be an array that supports DLPack (torch.Tensor, numpy.ndarray, ...), got %s", name,
-                 Py_TYPE(obj)->tp_name);
-    return -1;
+    return fail(PyExc_TypeError,
+                "argument '%s' must be an array that supports DLPack (torch.Tensor, numpy.ndarray, ...), got %s", name,
+                Py_TYPE(obj)->tp_name);
   }
   PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
   if (device == NULL) {
@@ -121,10 +204,9 @@ static int acquire(PyObject *obj, const char *name, napo_arg *arg) {
   }
   DLManagedTensor *managed = (DLManagedTensor *)PyCapsule_GetPointer(arg->capsule, "dltensor");
   if (managed == NULL) {
-    release(arg);
+    Py_CLEAR(arg->capsule);
     PyErr_Clear();
-    PyErr_Format(PyExc_TypeError, "argument '%s': __dlpack__ did not return an unconsumed 'dltensor' capsule", name);
-    return -1;
+    return fail(PyExc_TypeError, "argument '%s': __dlpack__ did not return an unconsumed 'dltensor' capsule", name);
   }
   arg->tensor = &managed->dl_tensor;
   return 0;
@@ -149,21 +231,54 @@ static const char *dtype_name(DLDataType dtype) {
   }
 }
 
-static int arg_dtype_of(const napo_arg *arg, arg_dtype *out) {
+static int is_cuda(const napo_arg *arg) { return arg->tensor->device.device_type == kDLCUDA; }
+
+static void *data_of(const napo_arg *arg) { return (char *)arg->tensor->data + arg->tensor->byte_offset; }
+
+/* Element stride of dimension d (DLPack's NULL strides mean compact, row-major). */
+static int64_t stride_of(const DLTensor *t, int32_t d) {
+  int64_t stride = 1;
+  for (int32_t later = d + 1; t->strides == NULL && later < t->ndim; ++later) {
+    stride *= t->shape[later];
+  }
+  return t->strides != NULL ? t->strides[d] : stride;
+}
+
+static int64_t numel(const DLTensor *t) {
+  int64_t n = 1;
+  for (int32_t d = 0; d < t->ndim; ++d) {
+    n *= t->shape[d];
+  }
+  return n;
+}
+
+static int float_dtype_of(napo_arg *arg) {
   const DLDataType dtype = arg->tensor->dtype;
   if (dtype.lanes == 1 && dtype.code == kDLFloat && (dtype.bits == 32 || dtype.bits == 64)) {
-    *out = dtype.bits == 32 ? DTYPE_F32 : DTYPE_F64;
+    arg->f64 = dtype.bits == 64;
     return 0;
   }
   if (dtype.lanes == 1 && (dtype.code == kDLFloat || dtype.code == kDLBfloat)) {
-    PyErr_Format(PyExc_LookupError,
-                 "argument '%s' has dtype %s; napo's C core computes in float32 or float64 (upcast first)", arg->name,
-                 dtype_name(dtype));
-  } else {
-    PyErr_Format(PyExc_TypeError, "argument '%s' must be a floating-point array, got dtype %s", arg->name,
-                 dtype_name(dtype));
+    return fail(PyExc_LookupError,
+                "argument '%s' has dtype %s; napo's C core computes in float32 or float64 (upcast first)", arg->name,
+                dtype_name(dtype));
   }
-  return -1;
+  return fail(PyExc_TypeError, "argument '%s' must be a floating-point array, got dtype %s", arg->name,
+              dtype_name(dtype));
+}
+
+static int logits_dtype_of(napo_arg *arg) {
+  const DLDataType d = arg->tensor->dtype;
+  if (d.lanes == 1 && d.code == kDLFloat && (d.bits == 32 || d.bits == 64 || d.bits == 16)) {
+    arg->logits_dtype = d.bits == 32 ? NAPO_LOGITS_F32 : d.bits == 64 ? NAPO_LOGITS_F64 : NAPO_LOGITS_F16;
+    return 0;
+  }
+  if (d.lanes == 1 && d.code == kDLBfloat && d.bits == 16) {
+    arg->logits_dtype = NAPO_LOGITS_BF16;
+    return 0;
+  }
+  return fail(PyExc_TypeError, "argument '%s' must be float32, float64, bfloat16 or float16, got %s", arg->name,
+              dtype_name(d));
 }
 
 static int check_device_supported(const napo_arg *arg) {
@@ -171,78 +286,53 @@ static int check_device_supported(const napo_arg *arg) {
   if (type == kDLCPU || type == kDLCUDAHost || type == kDLCUDA) {
     return 0;
   }
-  PyErr_Format(PyExc_ValueError, "argument '%s' lives on DLPack device type %d; napo supports CPU and CUDA", arg->name,
-               (int)type);
-  return -1;
+  return fail(PyExc_ValueError, "argument '%s' lives on DLPack device type %d; napo supports CPU and CUDA", arg->name,
+              (int)type);
 }
 
-static int is_cuda(const napo_arg *arg) { return arg->tensor->device.device_type == kDLCUDA; }
-
-static int64_t numel(const napo_arg *arg) {
-  int64_t n = 1;
-  for (int32_t d = 0; d < arg->tensor->ndim; ++d) {
-    n *= arg->tensor->shape[d];
-  }
-  return n;
-}
-
-static void *data_of(const napo_arg *arg) { return (char *)arg->tensor->data + arg->tensor->byte_offset; }
-
-/* A 1-D input: its length and element stride (DLPack's NULL strides mean compact). */
-static int vector_of(const napo_arg *arg, int64_t *length, int64_t *stride) {
+/* A 1-D array: its length and element stride. */
+static int vector_of(napo_arg *arg) {
   if (arg->tensor->ndim != 1) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' must be 1-D, got %d dimensions", arg->name, (int)arg->tensor->ndim);
-    return -1;
+    return fail(PyExc_ValueError, "argument '%s' must be 1-D, got %d dimensions", arg->name, (int)arg->tensor->ndim);
   }
-  *length = arg->tensor->shape[0];
-  *stride = arg->tensor->strides != NULL ? arg->tensor->strides[0] : 1;
+  arg->length = arg->tensor->shape[0];
+  arg->stride = stride_of(arg->tensor, 0);
   return 0;
 }
 
 static int check_scalar(const napo_arg *arg) {
-  if (numel(arg) != 1 || arg->tensor->ndim > 1) {
-    PyErr_Format(PyExc_ValueError,
-                 "argument '%s' must hold exactly one value (0-dim), got %d dimensions and %lld elements", arg->name,
-                 (int)arg->tensor->ndim, (long long)numel(arg));
-    return -1;
+  if (numel(arg->tensor) != 1 || arg->tensor->ndim > 1) {
+    return fail(PyExc_ValueError,
+                "argument '%s' must hold exactly one value (0-dim), got %d dimensions and %lld elements", arg->name,
+                (int)arg->tensor->ndim, (long long)numel(arg->tensor));
   }
   return 0;
 }
 
 /* Margins of the loss: a 1-D vector is one term (one row), a 2-D array one term per row. */
-static int layout_of(const napo_arg *arg, napo_layout *layout) {
+static int margins_layout_of(napo_arg *arg) {
   const DLTensor *t = arg->tensor;
-  if (t->ndim == 1) {
-    layout->rows = 1;
-    layout->cols = t->shape[0];
-    layout->row_stride = 0;
-    layout->col_stride = t->strides != NULL ? t->strides[0] : 1;
-    return 0;
+  if (t->ndim != 1 && t->ndim != 2) {
+    return fail(PyExc_ValueError, "argument '%s' must be 1-D [batch] or 2-D [terms, batch], got %d dimensions",
+                arg->name, (int)t->ndim);
   }
-  if (t->ndim == 2) {
-    layout->rows = t->shape[0];
-    layout->cols = t->shape[1];
-    layout->row_stride = t->strides != NULL ? t->strides[0] : t->shape[1];
-    layout->col_stride = t->strides != NULL ? t->strides[1] : 1;
-    return 0;
-  }
-  PyErr_Format(PyExc_ValueError, "argument '%s' must be 1-D [batch] or 2-D [terms, batch], got %d dimensions",
-               arg->name, (int)t->ndim);
-  return -1;
+  const napo_layout vector = {1, t->shape[0], 0, stride_of(t, 0)};
+  const napo_layout rows = {t->shape[0], t->ndim == 2 ? t->shape[1] : 0, stride_of(t, 0),
+                            t->ndim == 2 ? stride_of(t, 1) : 0};
+  arg->layout = t->ndim == 1 ? vector : rows;
+  return 0;
 }
 
-/* q: one value for 1-D margins, one per row for 2-D margins; returns its element stride. */
-static int row_q_of(const napo_arg *q, const napo_arg *margins, int64_t rows, int64_t *q_stride) {
+static int row_q_of(napo_arg *q, const napo_arg *margins) {
+  q->stride = 0;
   if (margins->tensor->ndim == 1) {
-    *q_stride = 0;
     return check_scalar(q);
   }
-  if (q->tensor->ndim != 1 || q->tensor->shape[0] != rows) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' must be 1-D with one value per row of '%s' (%lld), got %d dimensions",
-                 q->name, margins->name, (long long)rows, (int)q->tensor->ndim);
-    return -1;
+  if (q->tensor->ndim != 1 || q->tensor->shape[0] != margins->layout.rows) {
+    return fail(PyExc_ValueError, "argument '%s' must be 1-D with one value per row of '%s' (%lld), got %d dimensions",
+                q->name, margins->name, (long long)margins->layout.rows, (int)q->tensor->ndim);
   }
-  *q_stride = q->tensor->strides != NULL ? q->tensor->strides[0] : 1;
+  q->stride = stride_of(q->tensor, 0);
   return 0;
 }
 
@@ -257,8 +347,7 @@ static void shape_repr(const DLTensor *t, char *buffer, size_t size) {
   }
 }
 
-/* `other` has the same dimensions and shape as `ref` (a 1-D or 2-D margins array). */
-static int check_same_shape(const napo_arg *ref, const napo_arg *other) {
+static int check_same_shape(const napo_arg *other, const napo_arg *ref) {
   int same = other->tensor->ndim == ref->tensor->ndim;
   for (int32_t d = 0; same && d < ref->tensor->ndim; ++d) {
     same = other->tensor->shape[d] == ref->tensor->shape[d];
@@ -267,63 +356,50 @@ static int check_same_shape(const napo_arg *ref, const napo_arg *other) {
     char want[64], got[64];
     shape_repr(ref->tensor, want, sizeof want);
     shape_repr(other->tensor, got, sizeof got);
-    PyErr_Format(PyExc_ValueError, "argument '%s' must have the shape of '%s' %s, got %s", other->name, ref->name, want,
-                 got);
-    return -1;
+    return fail(PyExc_ValueError, "argument '%s' must have the shape of '%s' %s, got %s", other->name, ref->name, want,
+                got);
   }
   return 0;
 }
 
-/* An output shaped like `ref` and compact (row-major, no gaps). */
-static int check_output_like(const napo_arg *out, const napo_arg *ref) {
-  if (check_same_shape(ref, out) != 0) {
-    return -1;
-  }
-  napo_layout layout;
-  if (layout_of(out, &layout) != 0) {
+/* An output shaped like `ref` (1-D or 2-D) and compact (row-major, no gaps). */
+static int check_output_like(napo_arg *out, const napo_arg *ref) {
+  if (check_same_shape(out, ref) != 0 || margins_layout_of(out) != 0) {
     return -1;
   }
   /* An empty output has nothing to write: producers give it arbitrary strides. */
+  const napo_layout layout = out->layout;
   const int compact = layout.rows == 0 || layout.cols == 0 ||
                       ((layout.cols <= 1 || layout.col_stride == 1) &&
                        (out->tensor->ndim == 1 || layout.rows <= 1 || layout.row_stride == layout.cols));
-  if (!compact) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' must be contiguous", out->name);
-    return -1;
-  }
-  return 0;
+  return compact ? 0 : fail(PyExc_ValueError, "argument '%s' must be contiguous", out->name);
 }
 
-/* `other` must match `ref` in dtype and device; outputs must also be compact. */
-static int check_same(const napo_arg *ref, const napo_arg *other) {
+static int check_same(const napo_arg *other, const napo_arg *ref) {
   const DLDataType a = ref->tensor->dtype, b = other->tensor->dtype;
   if (a.code != b.code || a.bits != b.bits || a.lanes != b.lanes) {
-    PyErr_Format(PyExc_LookupError, "argument '%s' has dtype %s but '%s' has dtype %s; they must match", other->name,
-                 dtype_name(b), ref->name, dtype_name(a));
-    return -1;
+    return fail(PyExc_LookupError, "argument '%s' has dtype %s but '%s' has dtype %s; they must match", other->name,
+                dtype_name(b), ref->name, dtype_name(a));
   }
   const DLDevice da = ref->tensor->device, db = other->tensor->device;
   if (is_cuda(ref) != is_cuda(other) || (is_cuda(ref) && da.device_id != db.device_id)) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' is on device (%d, %d) but '%s' is on device (%d, %d)", other->name,
-                 (int)db.device_type, (int)db.device_id, ref->name, (int)da.device_type, (int)da.device_id);
-    return -1;
+    return fail(PyExc_ValueError, "argument '%s' is on device (%d, %d) but '%s' is on device (%d, %d)", other->name,
+                (int)db.device_type, (int)db.device_id, ref->name, (int)da.device_type, (int)da.device_id);
   }
   return 0;
 }
 
-static int check_output_vector(const napo_arg *out, int64_t expected_length) {
-  int64_t length = 0, stride = 0;
-  if (vector_of(out, &length, &stride) != 0) {
+static int check_output_vector(napo_arg *out, int64_t expected_length) {
+  if (vector_of(out) != 0) {
     return -1;
   }
-  if (length != expected_length) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' must have length %lld, got %lld", out->name,
-                 (long long)expected_length, (long long)length);
-    return -1;
+  if (out->length != expected_length) {
+    return fail(PyExc_ValueError, "argument '%s' must have length %lld, got %lld", out->name,
+                (long long)expected_length, (long long)out->length);
   }
-  if (length > 1 && stride != 1) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' must be contiguous, got stride %lld", out->name, (long long)stride);
-    return -1;
+  if (out->length > 1 && out->stride != 1) {
+    return fail(PyExc_ValueError, "argument '%s' must be contiguous, got stride %lld", out->name,
+                (long long)out->stride);
   }
   return 0;
 }
@@ -337,10 +413,6 @@ static int raise_parameter(const char *name, double value, const char *requireme
   return -1;
 }
 
-static int check_beta(double beta) {
-  return napo_check_loss_params(beta) == NAPO_OK ? 0 : raise_parameter("beta", beta, "a finite number > 0");
-}
-
 static int check_q_params(double gamma, double q_min, double q_max) {
   if (!(isfinite(gamma) && gamma > 0.0)) {
     return raise_parameter("gamma", gamma, "a finite number > 0");
@@ -348,408 +420,69 @@ static int check_q_params(double gamma, double q_min, double q_max) {
   if (!(q_min >= 0.0 && q_min <= 1.0)) {
     return raise_parameter("q_min", q_min, "in [0, 1]");
   }
-  if (!(q_max >= q_min && q_max <= 1.0)) {
-    return raise_parameter("q_max", q_max, "in [q_min, 1]");
-  }
-  return 0;
+  return q_max >= q_min && q_max <= 1.0 ? 0 : raise_parameter("q_max", q_max, "in [q_min, 1]");
 }
 
 static int check_weight_params(double w_min, double eps) {
   if (!(w_min >= 0.0 && w_min <= 1.0)) {
     return raise_parameter("w_min", w_min, "in [0, 1]");
   }
-  if (!(isfinite(eps) && eps >= 0.0)) {
-    return raise_parameter("eps", eps, "a finite number >= 0");
-  }
-  return 0;
+  return isfinite(eps) && eps >= 0.0 ? 0 : raise_parameter("eps", eps, "a finite number >= 0");
 }
 
-/* Turns a kernel status into the matching Python exception; 0 when ok. */
-static int raise_status(napo_status status, int cuda_error, const napo_arg *q) {
-  switch (status) {
-  case NAPO_OK:
-    return 0;
-  case NAPO_ERR_Q_RANGE: {
-    if (is_cuda(q)) { /* never dereference device memory on the host */
-      PyErr_SetString(PyExc_ValueError, "q must be in [0, 1]");
-      return -1;
-    }
-    const double value = q->tensor->dtype.bits == 32 ? (double)*(const float *)data_of(q) : *(const double *)data_of(q);
-    return raise_parameter("q", value, "in [0, 1]");
-  }
-  case NAPO_ERR_CUDA: {
-    const int code = cuda_error & ~NAPO_CUDA_FOREIGN_ERROR;
-#ifdef NAPO_WITH_CUDA
-    const char *what = napo_cuda_error_string(code);
-#else
-    const char *what = "unknown";
-#endif
-    if (cuda_error & NAPO_CUDA_FOREIGN_ERROR) {
-      PyErr_Format(PyExc_RuntimeError,
-                   "a CUDA error was already pending before napo's kernel launch, left by earlier CUDA work (not by "
-                   "napo; napo did not launch): %s (CUDA error %d). NAPO_CUDA_DEBUG=1 and CUDA_LAUNCH_BLOCKING=1 help "
-                   "find its source.",
-                   what, code);
-    } else {
-      PyErr_Format(PyExc_RuntimeError, "napo CUDA kernel failed: %s (CUDA error %d)", what, code);
-    }
-    return -1;
-  }
-  case NAPO_ERR_NO_CUDA:
-    PyErr_SetString(PyExc_RuntimeError,
-                    "napo was built without CUDA kernels; rebuild with nvcc on PATH (NAPO_CUDA=1) to use CUDA tensors");
-    return -1;
-  default:
-    PyErr_Format(PyExc_ValueError, "napo: %s", napo_status_message(status));
-    return -1;
-  }
-}
-
-#ifdef NAPO_WITH_CUDA
-#define NAPO_CUDA_CALL(call) (call)
-#else
-#define NAPO_CUDA_CALL(call) NAPO_ERR_NO_CUDA
-#endif
-
-#define NAPO_CUDA_ARGS(arg) (int)(arg).tensor->device.device_id, (void *)(uintptr_t)stream, &cuda_error
-
-/* ------------------------------------------------------------------ */
-
-PyDoc_STRVAR(loss_forward_doc, "loss_forward(margins, q, beta, out, grad_out=None, stream=0)\n--\n\n"
-                               "Per-pair NaPO loss into `out` and, if given, dL/dmargins into `grad_out`.\n"
-                               "margins [B] with a 0-dim q, or [K, B] with q [K] (one loss term per row);\n"
-                               "q == 0 is DPO.");
-
-static PyObject *py_loss_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
-  (void)self;
-  static char *keywords[] = {"margins", "q", "beta", "out", "grad_out", "stream", NULL};
-  PyObject *margins_obj, *q_obj, *out_obj, *grad_obj = Py_None;
-  double beta;
-  unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOdO|OK:loss_forward", keywords, &margins_obj, &q_obj, &beta,
-                                   &out_obj, &grad_obj, &stream)) {
-    return NULL;
-  }
-  napo_arg margins = {0}, q = {0}, out = {0}, grad = {0};
-  PyObject *result = NULL;
-  arg_dtype dtype;
-  napo_layout layout;
-  int64_t q_stride = 0;
-  int cuda_error = 0;
-  napo_status status = NAPO_OK;
-  const int with_grad = grad_obj != Py_None;
-  if (acquire(margins_obj, "margins", &margins) || acquire(q_obj, "q", &q) || acquire(out_obj, "out", &out) ||
-      (with_grad && acquire(grad_obj, "grad_out", &grad)) || arg_dtype_of(&margins, &dtype) ||
-      check_device_supported(&margins) || layout_of(&margins, &layout) || check_same(&margins, &q) ||
-      row_q_of(&q, &margins, layout.rows, &q_stride) || check_same(&margins, &out) ||
-      check_output_like(&out, &margins) ||
-      (with_grad && (check_same(&margins, &grad) || check_output_like(&grad, &margins))) || check_beta(beta)) {
-    goto cleanup;
-  }
-  void *grad_data = with_grad ? data_of(&grad) : NULL;
-  if (is_cuda(&margins)) {
-    status = dtype == DTYPE_F32
-                 ? NAPO_CUDA_CALL(napo_loss_forward_f32_cuda(data_of(&margins), layout, data_of(&q), q_stride, beta,
-                                                             data_of(&out), grad_data, NAPO_CUDA_ARGS(margins)))
-                 : NAPO_CUDA_CALL(napo_loss_forward_f64_cuda(data_of(&margins), layout, data_of(&q), q_stride, beta,
-                                                             data_of(&out), grad_data, NAPO_CUDA_ARGS(margins)));
-  } else {
-    Py_BEGIN_ALLOW_THREADS;
-    status =
-        dtype == DTYPE_F32
-            ? napo_loss_forward_f32(data_of(&margins), layout, data_of(&q), q_stride, beta, data_of(&out), grad_data)
-            : napo_loss_forward_f64(data_of(&margins), layout, data_of(&q), q_stride, beta, data_of(&out), grad_data);
-    Py_END_ALLOW_THREADS;
-  }
-  if (raise_status(status, cuda_error, &q) == 0) {
-    result = Py_NewRef(Py_None);
-  }
-cleanup:
-  release(&grad);
-  release(&out);
-  release(&q);
-  release(&margins);
-  return result;
-}
-
-PyDoc_STRVAR(loss_backward_doc, "loss_backward(grad_loss, grad_factor, out, stream=0)\n--\n\n"
-                                "out = grad_loss * grad_factor (the dL/dmargins saved by loss_forward).");
-
-static PyObject *py_loss_backward(PyObject *self, PyObject *args, PyObject *kwargs) {
-  (void)self;
-  static char *keywords[] = {"grad_loss", "grad_factor", "out", "stream", NULL};
-  PyObject *grad_obj, *factor_obj, *out_obj;
-  unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|K:loss_backward", keywords, &grad_obj, &factor_obj, &out_obj,
-                                   &stream)) {
-    return NULL;
-  }
-  napo_arg grad = {0}, factor = {0}, out = {0};
-  PyObject *result = NULL;
-  arg_dtype dtype;
-  napo_layout grad_layout;
-  int cuda_error = 0;
-  napo_status status = NAPO_OK;
-  if (acquire(grad_obj, "grad_loss", &grad) || acquire(factor_obj, "grad_factor", &factor) ||
-      acquire(out_obj, "out", &out) || arg_dtype_of(&factor, &dtype) || check_device_supported(&factor) ||
-      layout_of(&factor, &grad_layout) || check_same(&factor, &grad) || check_same_shape(&factor, &grad) ||
-      layout_of(&grad, &grad_layout) || check_output_like(&factor, &factor) || check_same(&factor, &out) ||
-      check_output_like(&out, &factor)) {
-    goto cleanup;
-  }
-  if (is_cuda(&factor)) {
-    status = dtype == DTYPE_F32
-                 ? NAPO_CUDA_CALL(napo_loss_backward_f32_cuda(data_of(&grad), grad_layout, data_of(&factor),
-                                                              data_of(&out), NAPO_CUDA_ARGS(factor)))
-                 : NAPO_CUDA_CALL(napo_loss_backward_f64_cuda(data_of(&grad), grad_layout, data_of(&factor),
-                                                              data_of(&out), NAPO_CUDA_ARGS(factor)));
-  } else {
-    Py_BEGIN_ALLOW_THREADS;
-    status = dtype == DTYPE_F32 ? napo_loss_backward_f32(data_of(&grad), grad_layout, data_of(&factor), data_of(&out))
-                                : napo_loss_backward_f64(data_of(&grad), grad_layout, data_of(&factor), data_of(&out));
-    Py_END_ALLOW_THREADS;
-  }
-  if (raise_status(status, cuda_error, &factor) == 0) {
-    result = Py_NewRef(Py_None);
-  }
-cleanup:
-  release(&out);
-  release(&factor);
-  release(&grad);
-  return result;
-}
-
-PyDoc_STRVAR(adaptive_q_doc, "adaptive_q(margins, gamma, q_min, q_max, out, stream=0)\n--\n\n"
-                             "out = clip(2 * (1 - sigmoid(gamma * mean(margins))), q_min, q_max); out is 0-dim.");
-
-static PyObject *py_adaptive_q(PyObject *self, PyObject *args, PyObject *kwargs) {
-  (void)self;
-  static char *keywords[] = {"margins", "gamma", "q_min", "q_max", "out", "stream", NULL};
-  PyObject *margins_obj, *out_obj;
-  double gamma, q_min, q_max;
-  unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OdddO|K:adaptive_q", keywords, &margins_obj, &gamma, &q_min, &q_max,
-                                   &out_obj, &stream)) {
-    return NULL;
-  }
-  napo_arg margins = {0}, out = {0};
-  PyObject *result = NULL;
-  arg_dtype dtype;
-  int64_t n = 0, stride = 0;
-  int cuda_error = 0;
-  napo_status status = NAPO_OK;
-  if (acquire(margins_obj, "margins", &margins) || acquire(out_obj, "out", &out) || arg_dtype_of(&margins, &dtype) ||
-      check_device_supported(&margins) || vector_of(&margins, &n, &stride) || check_same(&margins, &out) ||
-      check_scalar(&out) || check_q_params(gamma, q_min, q_max)) {
-    goto cleanup;
-  }
-  if (n == 0) {
-    PyErr_SetString(PyExc_ValueError, "argument 'margins' is empty; adaptive q needs the mean of at least one margin");
-    goto cleanup;
-  }
-  if (is_cuda(&margins)) {
-    status = dtype == DTYPE_F32
-                 ? NAPO_CUDA_CALL(napo_adaptive_q_f32_cuda(data_of(&margins), stride, n, gamma, q_min, q_max,
-                                                           data_of(&out), NAPO_CUDA_ARGS(margins)))
-                 : NAPO_CUDA_CALL(napo_adaptive_q_f64_cuda(data_of(&margins), stride, n, gamma, q_min, q_max,
-                                                           data_of(&out), NAPO_CUDA_ARGS(margins)));
-  } else {
-    Py_BEGIN_ALLOW_THREADS;
-    status = dtype == DTYPE_F32 ? napo_adaptive_q_f32(data_of(&margins), stride, n, gamma, q_min, q_max, data_of(&out))
-                                : napo_adaptive_q_f64(data_of(&margins), stride, n, gamma, q_min, q_max, data_of(&out));
-    Py_END_ALLOW_THREADS;
-  }
-  if (raise_status(status, cuda_error, &out) == 0) {
-    result = Py_NewRef(Py_None);
-  }
-cleanup:
-  release(&out);
-  release(&margins);
-  return result;
-}
-
-PyDoc_STRVAR(q_from_mean_doc, "q_from_mean(means, gamma, q_min, q_max, out, stream=0)\n--\n\n"
-                              "Adaptive q from already-reduced (e.g. all-reduced) mean margins, elementwise:\n"
-                              "means is 0-dim or 1-D, out has its shape.");
-
-static PyObject *py_q_from_mean(PyObject *self, PyObject *args, PyObject *kwargs) {
-  (void)self;
-  static char *keywords[] = {"means", "gamma", "q_min", "q_max", "out", "stream", NULL};
-  PyObject *means_obj, *out_obj;
-  double gamma, q_min, q_max;
-  unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OdddO|K:q_from_mean", keywords, &means_obj, &gamma, &q_min, &q_max,
-                                   &out_obj, &stream)) {
-    return NULL;
-  }
-  napo_arg means = {0}, out = {0};
-  PyObject *result = NULL;
-  arg_dtype dtype;
-  int64_t n = 1, stride = 0;
-  int cuda_error = 0;
-  napo_status status = NAPO_OK;
-  if (acquire(means_obj, "means", &means) || acquire(out_obj, "out", &out) || arg_dtype_of(&means, &dtype) ||
-      check_device_supported(&means) || check_same(&means, &out) || check_q_params(gamma, q_min, q_max)) {
-    goto cleanup;
-  }
-  if (means.tensor->ndim > 1) {
-    PyErr_Format(PyExc_ValueError, "argument 'means' must be 0-dim or 1-D, got %d dimensions", (int)means.tensor->ndim);
-    goto cleanup;
-  }
-  if (means.tensor->ndim == 1 && vector_of(&means, &n, &stride) != 0) {
-    goto cleanup;
-  }
-  if (means.tensor->ndim == 1 ? check_output_vector(&out, n) : check_scalar(&out)) {
-    goto cleanup;
-  }
-  if (is_cuda(&means)) {
-    status = dtype == DTYPE_F32
-                 ? NAPO_CUDA_CALL(napo_q_from_mean_f32_cuda(data_of(&means), n, stride, gamma, q_min, q_max,
-                                                            data_of(&out), NAPO_CUDA_ARGS(means)))
-                 : NAPO_CUDA_CALL(napo_q_from_mean_f64_cuda(data_of(&means), n, stride, gamma, q_min, q_max,
-                                                            data_of(&out), NAPO_CUDA_ARGS(means)));
-  } else {
-    status = dtype == DTYPE_F32 ? napo_q_from_mean_f32(data_of(&means), n, stride, gamma, q_min, q_max, data_of(&out))
-                                : napo_q_from_mean_f64(data_of(&means), n, stride, gamma, q_min, q_max, data_of(&out));
-  }
-  if (raise_status(status, cuda_error, &out) == 0) {
-    result = Py_NewRef(Py_None);
-  }
-cleanup:
-  release(&out);
-  release(&means);
-  return result;
-}
-
-PyDoc_STRVAR(dynamic_weights_doc, "dynamic_weights(reward_margins, w_min, eps, out, stream=0)\n--\n\n"
-                                  "out[k] = clip(R_k / sum(R), w_min, 1), uniform 1/K when sum(R) <= eps.");
-
-static PyObject *py_dynamic_weights(PyObject *self, PyObject *args, PyObject *kwargs) {
-  (void)self;
-  static char *keywords[] = {"reward_margins", "w_min", "eps", "out", "stream", NULL};
-  PyObject *margins_obj, *out_obj;
-  double w_min, eps;
-  unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OddO|K:dynamic_weights", keywords, &margins_obj, &w_min, &eps,
-                                   &out_obj, &stream)) {
-    return NULL;
-  }
-  napo_arg margins = {0}, out = {0};
-  PyObject *result = NULL;
-  arg_dtype dtype;
-  int64_t k = 0, stride = 0;
-  int cuda_error = 0;
-  napo_status status = NAPO_OK;
-  if (acquire(margins_obj, "reward_margins", &margins) || acquire(out_obj, "out", &out) ||
-      arg_dtype_of(&margins, &dtype) || check_device_supported(&margins) || vector_of(&margins, &k, &stride) ||
-      check_same(&margins, &out) || check_output_vector(&out, k) || check_weight_params(w_min, eps)) {
-    goto cleanup;
-  }
-  if (k == 0) {
-    PyErr_SetString(PyExc_ValueError, "argument 'reward_margins' is empty; dynamic weights need K >= 1 loss terms");
-    goto cleanup;
-  }
-  if (is_cuda(&margins)) {
-    status = dtype == DTYPE_F32 ? NAPO_CUDA_CALL(napo_dynamic_weights_f32_cuda(data_of(&margins), stride, k, w_min, eps,
-                                                                               data_of(&out), NAPO_CUDA_ARGS(margins)))
-                                : NAPO_CUDA_CALL(napo_dynamic_weights_f64_cuda(data_of(&margins), stride, k, w_min, eps,
-                                                                               data_of(&out), NAPO_CUDA_ARGS(margins)));
-  } else {
-    status = dtype == DTYPE_F32 ? napo_dynamic_weights_f32(data_of(&margins), stride, k, w_min, eps, data_of(&out))
-                                : napo_dynamic_weights_f64(data_of(&margins), stride, k, w_min, eps, data_of(&out));
-  }
-  if (raise_status(status, cuda_error, &out) == 0) {
-    result = Py_NewRef(Py_None);
-  }
-cleanup:
-  release(&out);
-  release(&margins);
-  return result;
-}
-
-/* ---- sequence log-probs ---- */
-
-static int logits_dtype_of(const napo_arg *arg, napo_logits_dtype *out) {
-  const DLDataType d = arg->tensor->dtype;
-  if (d.lanes == 1 && d.code == kDLFloat && (d.bits == 32 || d.bits == 64 || d.bits == 16)) {
-    *out = d.bits == 32 ? NAPO_LOGITS_F32 : d.bits == 64 ? NAPO_LOGITS_F64 : NAPO_LOGITS_F16;
-    return 0;
-  }
-  if (d.lanes == 1 && d.code == kDLBfloat && d.bits == 16) {
-    *out = NAPO_LOGITS_BF16;
-    return 0;
-  }
-  PyErr_Format(PyExc_TypeError, "argument '%s' must be float32, float64, bfloat16 or float16, got %s", arg->name,
-               dtype_name(d));
-  return -1;
-}
-
-static int logits_layout_of(const napo_arg *arg, napo_logits_layout *layout) {
+static int logits_layout_of(napo_arg *arg) {
   const DLTensor *t = arg->tensor;
   if (t->ndim != 3) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' must be 3-D [batch, time, vocab], got %d dimensions", arg->name,
-                 (int)t->ndim);
-    return -1;
+    return fail(PyExc_ValueError, "argument '%s' must be 3-D [batch, time, vocab], got %d dimensions", arg->name,
+                (int)t->ndim);
   }
-  layout->batch = t->shape[0];
-  layout->time = t->shape[1];
-  layout->vocab = t->shape[2];
-  layout->stride_b = t->strides != NULL ? t->strides[0] : t->shape[1] * t->shape[2];
-  layout->stride_t = t->strides != NULL ? t->strides[1] : t->shape[2];
-  layout->stride_v = t->strides != NULL ? t->strides[2] : 1;
-  if (layout->vocab < 1) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' has an empty vocabulary dimension", arg->name);
-    return -1;
+  const napo_logits_layout layout = {t->shape[0],     t->shape[1],     t->shape[2],
+                                     stride_of(t, 0), stride_of(t, 1), stride_of(t, 2)};
+  arg->logits = layout;
+  return layout.vocab < 1 ? fail(PyExc_ValueError, "argument '%s' has an empty vocabulary dimension", arg->name) : 0;
+}
+
+static int check_device_of(const napo_arg *arg, const napo_arg *logits) {
+  if (is_cuda(arg) != is_cuda(logits) || arg->tensor->device.device_id != logits->tensor->device.device_id) {
+    return fail(PyExc_ValueError, "argument '%s' is not on the device of '%s'", arg->name, logits->name);
   }
   return 0;
 }
 
-static int labels_of(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout, napo_labels *labels) {
+static int labels_of(napo_arg *arg, const napo_arg *logits) {
   const DLTensor *t = arg->tensor;
+  const napo_logits_layout layout = logits->logits;
   if (t->dtype.code != kDLInt || t->dtype.bits != 64 || t->dtype.lanes != 1) {
-    PyErr_Format(PyExc_TypeError, "argument '%s' must be int64, got %s with %d bits", arg->name, dtype_name(t->dtype),
-                 (int)t->dtype.bits);
-    return -1;
+    return fail(PyExc_TypeError, "argument '%s' must be int64, got %s with %d bits", arg->name, dtype_name(t->dtype),
+                (int)t->dtype.bits);
   }
   if (t->ndim != 2 || t->shape[0] != layout.batch || t->shape[1] != layout.time) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' must have shape [batch, time] = (%lld, %lld) like '%s'", arg->name,
-                 (long long)layout.batch, (long long)layout.time, logits->name);
+    return fail(PyExc_ValueError, "argument '%s' must have shape [batch, time] = (%lld, %lld) like '%s'", arg->name,
+                (long long)layout.batch, (long long)layout.time, logits->name);
+  }
+  if (check_device_of(arg, logits) != 0) {
     return -1;
   }
-  if (is_cuda(arg) != is_cuda(logits) || arg->tensor->device.device_id != logits->tensor->device.device_id) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' is not on the device of '%s'", arg->name, logits->name);
-    return -1;
-  }
-  labels->data = (const int64_t *)data_of(arg);
-  labels->stride_b = t->strides != NULL ? t->strides[0] : t->shape[1];
-  labels->stride_t = t->strides != NULL ? t->strides[1] : 1;
+  const napo_labels labels = {(const int64_t *)data_of(arg), stride_of(t, 0), stride_of(t, 1)};
+  arg->labels = labels;
   return 0;
 }
 
 /* A compact [batch, time] float buffer of `bits` bits on the logits' device. */
-static int check_row_buffer(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout, int bits) {
+static int check_row_buffer(const napo_arg *arg, const napo_arg *logits, int bits) {
   const DLTensor *t = arg->tensor;
+  const napo_logits_layout layout = logits->logits;
   if (t->dtype.code != kDLFloat || t->dtype.bits != bits || t->dtype.lanes != 1) {
-    PyErr_Format(PyExc_LookupError, "argument '%s' must be float%d (for %s logits), got %s", arg->name, bits,
-                 dtype_name(logits->tensor->dtype), dtype_name(t->dtype));
-    return -1;
+    return fail(PyExc_LookupError, "argument '%s' must be float%d (for %s logits), got %s", arg->name, bits,
+                dtype_name(logits->tensor->dtype), dtype_name(t->dtype));
   }
   if (t->ndim != 2 || t->shape[0] != layout.batch || t->shape[1] != layout.time) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' must have shape (%lld, %lld)", arg->name, (long long)layout.batch,
-                 (long long)layout.time);
-    return -1;
+    return fail(PyExc_ValueError, "argument '%s' must have shape (%lld, %lld)", arg->name, (long long)layout.batch,
+                (long long)layout.time);
   }
-  const int compact = layout.batch * layout.time == 0 || t->strides == NULL ||
-                      ((layout.time <= 1 || t->strides[1] == 1) && (layout.batch <= 1 || t->strides[0] == layout.time));
-  if (!compact) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' must be contiguous", arg->name);
-    return -1;
-  }
-  if (is_cuda(arg) != is_cuda(logits) || arg->tensor->device.device_id != logits->tensor->device.device_id) {
-    PyErr_Format(PyExc_ValueError, "argument '%s' is not on the device of '%s'", arg->name, logits->name);
-    return -1;
-  }
-  return 0;
+  const int compact = layout.batch * layout.time == 0 || ((layout.time <= 1 || stride_of(t, 1) == 1) &&
+                                                          (layout.batch <= 1 || stride_of(t, 0) == layout.time));
+  return compact ? check_device_of(arg, logits) : fail(PyExc_ValueError, "argument '%s' must be contiguous", arg->name);
 }
 
 /* The lowest and highest element offsets a (checked) layout reaches from its data pointer. */
@@ -768,8 +501,8 @@ static void offset_range(napo_logits_layout layout, int64_t *lowest, int64_t *hi
  * expanded array would get the sum of races), and it may share memory with the logits only by
  * being them (the in-place backward reads each row before writing it). Layouts the kernel's own
  * checks refuse are left to them. */
-static int check_grad_out_memory(const napo_arg *grad, napo_logits_layout g, const napo_arg *logits,
-                                 napo_logits_layout l) {
+static int check_grad_out_memory(const napo_arg *grad, const napo_arg *logits) {
+  const napo_logits_layout g = grad->logits, l = logits->logits;
   if (g.batch * g.time == 0 || napo_check_logits_layout(data_of(grad), g) != NAPO_OK ||
       napo_check_logits_layout(data_of(logits), l) != NAPO_OK) {
     return 0;
@@ -793,12 +526,11 @@ static int check_grad_out_memory(const napo_arg *grad, napo_logits_layout g, con
   int64_t span = 0;
   for (int i = 0; i < n; ++i) {
     if (dims[i][0] <= span) {
-      PyErr_Format(PyExc_ValueError,
-                   "argument '%s' overlaps itself (shape (%lld, %lld, %lld), strides (%lld, %lld, %lld)): it is "
-                   "written, so every element needs memory of its own",
-                   grad->name, (long long)g.batch, (long long)g.time, (long long)g.vocab, (long long)g.stride_b,
-                   (long long)g.stride_t, (long long)g.stride_v);
-      return -1;
+      return fail(PyExc_ValueError,
+                  "argument '%s' overlaps itself (shape (%lld, %lld, %lld), strides (%lld, %lld, %lld)): it is "
+                  "written, so every element needs memory of its own",
+                  grad->name, (long long)g.batch, (long long)g.time, (long long)g.vocab, (long long)g.stride_b,
+                  (long long)g.stride_t, (long long)g.stride_v);
     }
     span += dims[i][0] * (dims[i][1] - 1);
   }
@@ -814,36 +546,466 @@ static int check_grad_out_memory(const napo_arg *grad, napo_logits_layout g, con
   const uintptr_t l_first = (uintptr_t)data_of(logits) + (uintptr_t)l_low * item;
   const uintptr_t l_end = (uintptr_t)data_of(logits) + (uintptr_t)(l_high + 1) * item;
   if (!same && g_first < l_end && l_first < g_end) {
-    PyErr_Format(PyExc_ValueError,
-                 "argument '%s' overlaps '%s' without being the same array: pass a separate buffer, or the "
-                 "logits themselves for an in-place backward",
-                 grad->name, logits->name);
-    return -1;
+    return fail(PyExc_ValueError,
+                "argument '%s' overlaps '%s' without being the same array: pass a separate buffer, or the "
+                "logits themselves for an in-place backward",
+                grad->name, logits->name);
   }
   return 0;
 }
 
-/* token_logps and grad_token: the accumulation dtype (float64 for float64 logits, else float32). */
-static int check_token_buffer(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout,
-                              napo_logits_dtype dtype) {
-  return check_row_buffer(arg, logits, layout, dtype == NAPO_LOGITS_F64 ? 64 : 32);
+/* check_labels' labels: CPU [batch, time], their own reference for labels_of. */
+static int standalone_labels_of(napo_arg *arg, long long vocab) {
+  const DLTensor *t = arg->tensor;
+  if (t->ndim != 2) {
+    return fail(PyExc_ValueError, "argument '%s' must be 2-D [batch, time], got %d dimensions", arg->name,
+                (int)t->ndim);
+  }
+  if (is_cuda(arg) || check_device_supported(arg)) {
+    if (!PyErr_Occurred()) {
+      PyErr_Format(PyExc_ValueError, "argument '%s' must be on the CPU for check_labels", arg->name);
+    }
+    return -1;
+  }
+  const napo_logits_layout shape = {t->shape[0], t->shape[1], vocab, 0, 0, 0};
+  arg->logits = shape;
+  return labels_of(arg, arg);
 }
 
-/* lse: always float64 (csrc/napo.h says why). */
-static int check_lse_buffer(const napo_arg *arg, const napo_arg *logits, napo_logits_layout layout) {
-  return check_row_buffer(arg, logits, layout, 64);
+static int run_check(napo_call *c, check s) {
+  napo_arg *a = &c->arg[s.a], *b = &c->arg[s.b];
+  switch (s.op) {
+  case FLOAT_DTYPE:
+    return float_dtype_of(a);
+  case LOGITS_DTYPE:
+    return logits_dtype_of(a);
+  case ON_DEVICE:
+    return check_device_supported(a);
+  case MARGINS:
+    return margins_layout_of(a);
+  case ROW_Q:
+    return row_q_of(a, b);
+  case SAME:
+    return check_same(a, b);
+  case SAME_SHAPE:
+    return check_same_shape(a, b);
+  case OUTPUT_LIKE:
+    return check_output_like(a, b);
+  case VECTOR:
+    return vector_of(a);
+  case SCALAR:
+    return check_scalar(a);
+  case OUTPUT_VECTOR:
+    return check_output_vector(a, b->length);
+  case MEANS:
+    if (a->tensor->ndim > 1) {
+      return fail(PyExc_ValueError, "argument '%s' must be 0-dim or 1-D, got %d dimensions", a->name,
+                  (int)a->tensor->ndim);
+    }
+    a->length = 1;
+    a->stride = 0;
+    return a->tensor->ndim == 1 ? vector_of(a) : 0;
+  case OUTPUT_OF_MEANS:
+    return b->tensor->ndim == 1 ? check_output_vector(a, b->length) : check_scalar(a);
+  case NONEMPTY:
+    return a->length != 0 ? 0 : fail(PyExc_ValueError, "argument '%s' is empty; %s", a->name, c->entry->empty_hint);
+  case BETA:
+    return napo_check_loss_params(c->beta) == NAPO_OK ? 0 : raise_parameter("beta", c->beta, "a finite number > 0");
+  case Q_PARAMS:
+    return check_q_params(c->gamma, c->q_min, c->q_max);
+  case WEIGHT_PARAMS:
+    return check_weight_params(c->w_min, c->eps);
+  case LOGITS_LAYOUT:
+    return logits_layout_of(a);
+  case LABELS:
+    return labels_of(a, b);
+  case TOKEN_BUFFER: /* the accumulation dtype: float64 for float64 logits, else float32 */
+    return check_row_buffer(a, b, b->logits_dtype == NAPO_LOGITS_F64 ? 64 : 32);
+  case LSE_BUFFER: /* always float64 (csrc/napo.h says why) */
+    return check_row_buffer(a, b, 64);
+  case GRAD_MEMORY:
+    return check_grad_out_memory(a, b);
+  case STANDALONE_LABELS:
+    return standalone_labels_of(a, c->vocab);
+  case END:
+    break;
+  }
+  return 0;
 }
 
-static int raise_label_error(const napo_label_error *bad, int64_t ignore_index, int64_t vocab, long long time_offset) {
-  PyErr_Format(PyExc_ValueError,
-               "labels[%lld, %lld] = %lld is outside the vocabulary [0, %lld) and is not ignore_index (%lld)",
-               (long long)bad->batch, (long long)bad->time + time_offset, (long long)bad->value, (long long)vocab,
-               (long long)ignore_index);
-  return -1;
+/* Turns a kernel status into the matching Python exception; 0 when ok. */
+static int raise_status(const napo_call *c, napo_status status) {
+  const napo_arg *q = NULL;
+  switch (status) {
+  case NAPO_OK:
+    return 0;
+  case NAPO_ERR_LABEL:
+    return fail(PyExc_ValueError,
+                "labels[%lld, %lld] = %lld is outside the vocabulary [0, %lld) and is not ignore_index (%lld)",
+                (long long)c->bad.batch, (long long)c->bad.time + c->position_offset, (long long)c->bad.value,
+                (long long)c->arg[c->entry->device_arg].logits.vocab, c->ignore_index);
+  case NAPO_ERR_Q_RANGE:
+    for (int i = 0; i < MAX_ARGS; ++i) {
+      q = c->arg[i].tensor != NULL && strcmp(c->arg[i].name, "q") == 0 ? &c->arg[i] : q;
+    }
+    if (q == NULL || is_cuda(q)) { /* never dereference device memory on the host */
+      PyErr_SetString(PyExc_ValueError, "q must be in [0, 1]");
+      return -1;
+    }
+    return raise_parameter(
+        "q", q->tensor->dtype.bits == 32 ? (double)*(const float *)data_of(q) : *(const double *)data_of(q),
+        "in [0, 1]");
+  case NAPO_ERR_CUDA: {
+    const int code = c->cuda_error & ~NAPO_CUDA_FOREIGN_ERROR;
+#ifdef NAPO_WITH_CUDA
+    const char *what = napo_cuda_error_string(code);
+#else
+    const char *what = "unknown";
+#endif
+    if (c->cuda_error & NAPO_CUDA_FOREIGN_ERROR) {
+      return fail(PyExc_RuntimeError,
+                  "a CUDA error was already pending before napo's kernel launch, left by earlier CUDA work (not by "
+                  "napo; napo did not launch): %s (CUDA error %d). NAPO_CUDA_DEBUG=1 and CUDA_LAUNCH_BLOCKING=1 help "
+                  "find its source.",
+                  what, code);
+    }
+    return fail(PyExc_RuntimeError, "napo CUDA kernel failed: %s (CUDA error %d)", what, code);
+  }
+  case NAPO_ERR_NO_CUDA:
+    PyErr_SetString(PyExc_RuntimeError,
+                    "napo was built without CUDA kernels; rebuild with nvcc on PATH (NAPO_CUDA=1) to use CUDA tensors");
+    return -1;
+  default:
+    return fail(PyExc_ValueError, "napo: %s", napo_status_message(status));
+  }
 }
+
+/* ---- the kernels: one run function per entry point, its arguments by position ---- */
+
+#define CPU_KERNEL(arg, kernel, ...) ((arg)->f64 ? kernel##_f64(__VA_ARGS__) : kernel##_f32(__VA_ARGS__))
+#ifdef NAPO_WITH_CUDA
+#define CUDA_KERNEL(arg, kernel, ...) ((arg)->f64 ? kernel##_f64_cuda(__VA_ARGS__) : kernel##_f32_cuda(__VA_ARGS__))
+#define CUDA_CALL(call) (call)
+#else
+#define CUDA_KERNEL(arg, kernel, ...) NAPO_ERR_NO_CUDA
+#define CUDA_CALL(call) NAPO_ERR_NO_CUDA
+#endif
+#define CUDA_ARGS(c, arg) (int)(arg)->tensor->device.device_id, (void *)(uintptr_t)(c)->stream, &(c)->cuda_error
+#define DATA(i) data_of(&c->arg[i])
 
 static int clamp_threads(long long requested) { return requested < 1 ? 1 : requested > 64 ? 64 : (int)requested; }
 
+static napo_status run_loss_forward(napo_call *c, int on_cuda) {
+  const napo_arg *m = &c->arg[0], *q = &c->arg[1];
+  void *grad = c->arg[4].tensor != NULL ? DATA(4) : NULL;
+  return on_cuda ? CUDA_KERNEL(m, napo_loss_forward, DATA(0), m->layout, DATA(1), q->stride, c->beta, DATA(3), grad,
+                               CUDA_ARGS(c, m))
+                 : CPU_KERNEL(m, napo_loss_forward, DATA(0), m->layout, DATA(1), q->stride, c->beta, DATA(3), grad);
+}
+
+static napo_status run_loss_backward(napo_call *c, int on_cuda) {
+  const napo_arg *grad = &c->arg[0], *factor = &c->arg[1];
+  return on_cuda
+             ? CUDA_KERNEL(factor, napo_loss_backward, DATA(0), grad->layout, DATA(1), DATA(2), CUDA_ARGS(c, factor))
+             : CPU_KERNEL(factor, napo_loss_backward, DATA(0), grad->layout, DATA(1), DATA(2));
+}
+
+static napo_status run_adaptive_q(napo_call *c, int on_cuda) {
+  const napo_arg *m = &c->arg[0];
+  return on_cuda ? CUDA_KERNEL(m, napo_adaptive_q, DATA(0), m->stride, m->length, c->gamma, c->q_min, c->q_max, DATA(4),
+                               CUDA_ARGS(c, m))
+                 : CPU_KERNEL(m, napo_adaptive_q, DATA(0), m->stride, m->length, c->gamma, c->q_min, c->q_max, DATA(4));
+}
+
+static napo_status run_q_from_mean(napo_call *c, int on_cuda) {
+  const napo_arg *m = &c->arg[0];
+  return on_cuda
+             ? CUDA_KERNEL(m, napo_q_from_mean, DATA(0), m->length, m->stride, c->gamma, c->q_min, c->q_max, DATA(4),
+                           CUDA_ARGS(c, m))
+             : CPU_KERNEL(m, napo_q_from_mean, DATA(0), m->length, m->stride, c->gamma, c->q_min, c->q_max, DATA(4));
+}
+
+static napo_status run_dynamic_weights(napo_call *c, int on_cuda) {
+  const napo_arg *m = &c->arg[0];
+  return on_cuda ? CUDA_KERNEL(m, napo_dynamic_weights, DATA(0), m->stride, m->length, c->w_min, c->eps, DATA(3),
+                               CUDA_ARGS(c, m))
+                 : CPU_KERNEL(m, napo_dynamic_weights, DATA(0), m->stride, m->length, c->w_min, c->eps, DATA(3));
+}
+
+static napo_status run_token_logps(napo_call *c, int on_cuda) {
+  const napo_arg *l = &c->arg[0];
+  return on_cuda ? CUDA_CALL(napo_token_logps_cuda(DATA(0), l->logits, l->logits_dtype, c->arg[1].labels,
+                                                   c->ignore_index, DATA(3), DATA(4), CUDA_ARGS(c, l)))
+                 : napo_token_logps(DATA(0), l->logits, l->logits_dtype, c->arg[1].labels, c->ignore_index, DATA(3),
+                                    DATA(4), clamp_threads(c->num_threads), &c->bad);
+}
+
+static napo_status run_token_logps_backward(napo_call *c, int on_cuda) {
+  const napo_arg *l = &c->arg[0];
+  return on_cuda ? CUDA_CALL(napo_token_logps_backward_cuda(DATA(0), l->logits, l->logits_dtype, c->arg[1].labels,
+                                                            c->ignore_index, DATA(3), DATA(4), DATA(5),
+                                                            c->arg[5].logits, CUDA_ARGS(c, l)))
+                 : napo_token_logps_backward(DATA(0), l->logits, l->logits_dtype, c->arg[1].labels, c->ignore_index,
+                                             DATA(3), DATA(4), DATA(5), c->arg[5].logits, clamp_threads(c->num_threads),
+                                             &c->bad);
+}
+
+static napo_status run_check_labels(napo_call *c, int on_cuda) {
+  (void)on_cuda; /* STANDALONE_LABELS refuses CUDA labels */
+  const napo_arg *labels = &c->arg[0];
+  return napo_check_labels(labels->labels, labels->logits.batch, labels->logits.time, c->vocab, c->ignore_index,
+                           &c->bad);
+}
+
+/* ---- the table ---- */
+
+static entry_point loss_forward_entry = {
+    .name = "loss_forward",
+    .args = {ARRAY("margins"), ARRAY("q"), REAL(beta), ARRAY("out"), OPTIONAL_ARRAY("grad_out"), STREAM},
+    .required = 4,
+    .checks = {{FLOAT_DTYPE, 0, 0},
+               {ON_DEVICE, 0, 0},
+               {MARGINS, 0, 0},
+               {SAME, 1, 0},
+               {ROW_Q, 1, 0},
+               {SAME, 3, 0},
+               {OUTPUT_LIKE, 3, 0},
+               {SAME, 4, 0},
+               {OUTPUT_LIKE, 4, 0},
+               {BETA, 0, 0}},
+    .run = run_loss_forward,
+};
+
+static entry_point loss_backward_entry = {
+    .name = "loss_backward",
+    .args = {ARRAY("grad_loss"), ARRAY("grad_factor"), ARRAY("out"), STREAM},
+    .required = 3,
+    .checks = {{FLOAT_DTYPE, 1, 0},
+               {ON_DEVICE, 1, 0},
+               {MARGINS, 1, 0},
+               {SAME, 0, 1},
+               {SAME_SHAPE, 0, 1},
+               {MARGINS, 0, 0},
+               {OUTPUT_LIKE, 1, 1},
+               {SAME, 2, 1},
+               {OUTPUT_LIKE, 2, 1}},
+    .run = run_loss_backward,
+    .device_arg = 1,
+};
+
+static entry_point adaptive_q_entry = {
+    .name = "adaptive_q",
+    .args = {ARRAY("margins"), REAL(gamma), REAL(q_min), REAL(q_max), ARRAY("out"), STREAM},
+    .required = 5,
+    .checks = {{FLOAT_DTYPE, 0, 0},
+               {ON_DEVICE, 0, 0},
+               {VECTOR, 0, 0},
+               {SAME, 4, 0},
+               {SCALAR, 4, 0},
+               {Q_PARAMS, 0, 0},
+               {NONEMPTY, 0, 0}},
+    .run = run_adaptive_q,
+    .empty_hint = "adaptive q needs the mean of at least one margin",
+};
+
+static entry_point q_from_mean_entry = {
+    .name = "q_from_mean",
+    .args = {ARRAY("means"), REAL(gamma), REAL(q_min), REAL(q_max), ARRAY("out"), STREAM},
+    .required = 5,
+    .checks = {{FLOAT_DTYPE, 0, 0},
+               {ON_DEVICE, 0, 0},
+               {SAME, 4, 0},
+               {Q_PARAMS, 0, 0},
+               {MEANS, 0, 0},
+               {OUTPUT_OF_MEANS, 4, 0}},
+    .run = run_q_from_mean,
+};
+
+static entry_point dynamic_weights_entry = {
+    .name = "dynamic_weights",
+    .args = {ARRAY("reward_margins"), REAL(w_min), REAL(eps), ARRAY("out"), STREAM},
+    .required = 4,
+    .checks = {{FLOAT_DTYPE, 0, 0},
+               {ON_DEVICE, 0, 0},
+               {VECTOR, 0, 0},
+               {SAME, 3, 0},
+               {OUTPUT_VECTOR, 3, 0},
+               {WEIGHT_PARAMS, 0, 0},
+               {NONEMPTY, 0, 0}},
+    .run = run_dynamic_weights,
+    .empty_hint = "dynamic weights need K >= 1 loss terms",
+};
+
+static entry_point token_logps_entry = {
+    .name = "token_logps",
+    .args = {ARRAY("logits"), ARRAY("labels"), INTEGER(ignore_index), ARRAY("token_out"), ARRAY("lse_out"),
+             INTEGER(num_threads), INTEGER(position_offset), STREAM},
+    .required = 5,
+    .checks = {{LOGITS_DTYPE, 0, 0},
+               {ON_DEVICE, 0, 0},
+               {LOGITS_LAYOUT, 0, 0},
+               {LABELS, 1, 0},
+               {TOKEN_BUFFER, 3, 0},
+               {LSE_BUFFER, 4, 0}},
+    .run = run_token_logps,
+};
+
+static entry_point token_logps_backward_entry = {
+    .name = "token_logps_backward",
+    .args = {ARRAY("logits"), ARRAY("labels"), INTEGER(ignore_index), ARRAY("lse"), ARRAY("grad_token"),
+             ARRAY("grad_out"), INTEGER(num_threads), STREAM},
+    .required = 6,
+    .checks = {{LOGITS_DTYPE, 0, 0},
+               {ON_DEVICE, 0, 0},
+               {LOGITS_LAYOUT, 0, 0},
+               {LABELS, 1, 0},
+               {LSE_BUFFER, 3, 0},
+               {TOKEN_BUFFER, 4, 0},
+               {LOGITS_DTYPE, 5, 0},
+               {SAME, 5, 0},
+               {SAME_SHAPE, 5, 0},
+               {LOGITS_LAYOUT, 5, 0},
+               {GRAD_MEMORY, 5, 0}},
+    .run = run_token_logps_backward,
+};
+
+static entry_point check_labels_entry = {
+    .name = "check_labels",
+    .args = {ARRAY("labels"), INTEGER(vocab), INTEGER(ignore_index), INTEGER(position_offset)},
+    .required = 3,
+    .checks = {{STANDALONE_LABELS, 0, 0}},
+    .run = run_check_labels,
+};
+
+/* ---- the generic path ---- */
+
+typedef int (*converter)(PyObject *, void *);
+
+static int to_object(PyObject *obj, void *out) {
+  *(PyObject **)out = obj;
+  return 1;
+}
+
+static int to_real(PyObject *obj, void *out) { /* PyArg's "d" */
+  *(double *)out = PyFloat_AsDouble(obj);
+  return !(*(double *)out == -1.0 && PyErr_Occurred());
+}
+
+static int to_integer(PyObject *obj, void *out) { /* PyArg's "L" */
+  *(long long *)out = PyLong_AsLongLong(obj);
+  return !(*(long long *)out == -1 && PyErr_Occurred());
+}
+
+static int to_stream(PyObject *obj, void *out) { /* PyArg's "K", and its message */
+  if (!PyLong_Check(obj)) {
+    const entry_point *e = ((const napo_call *)(void *)((char *)out - offsetof(napo_call, stream)))->entry;
+    int position = 1;
+    while (e->args[position - 1].kind != ARG_STREAM) {
+      ++position;
+    }
+    fail(PyExc_TypeError, "%.200s() argument %d must be int, not %.50s", e->name, position,
+         obj == Py_None ? "None" : Py_TYPE(obj)->tp_name);
+    return 0;
+  }
+  *(unsigned long long *)out = PyLong_AsUnsignedLongLongMask(obj);
+  return 1;
+}
+
+static int validate(napo_call *c, int n) {
+  const entry_point *e = c->entry;
+  for (int i = 0; i < n; ++i) {
+    const arg_kind kind = e->args[i].kind;
+    if ((kind == ARG_ARRAY || (kind == ARG_OPTIONAL_ARRAY && c->object[i] != Py_None)) &&
+        acquire(c->object[i], e->args[i].name, &c->arg[i]) != 0) {
+      return -1;
+    }
+  }
+  for (const check *s = e->checks; s->op != END; ++s) {
+    const int absent = (e->args[s->a].kind == ARG_OPTIONAL_ARRAY && c->arg[s->a].tensor == NULL) ||
+                       (e->args[s->b].kind == ARG_OPTIONAL_ARRAY && c->arg[s->b].tensor == NULL);
+    if (!absent && run_check(c, *s) != 0) {
+      return -1;
+    }
+  }
+  return 0;
+}
+
+static PyObject *call_entry(const entry_point *e, PyObject *args, PyObject *kwargs) {
+  napo_call c;
+  memset(&c, 0, sizeof c);
+  c.entry = e;
+  converter convert[MAX_ARGS] = {0};
+  void *into[MAX_ARGS] = {0};
+  int n = 0;
+  for (; n < MAX_ARGS && e->args[n].name != NULL; ++n) {
+    const arg_kind kind = e->args[n].kind;
+    c.object[n] = Py_None;
+    convert[n] = kind == ARG_REAL      ? to_real
+                 : kind == ARG_INTEGER ? to_integer
+                 : kind == ARG_STREAM  ? to_stream
+                                       : to_object;
+    into[n] = kind == ARG_ARRAY || kind == ARG_OPTIONAL_ARRAY ? (void *)&c.object[n] : (char *)&c + e->args[n].value;
+  }
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, e->format, (char **)e->keywords, convert[0], into[0], convert[1],
+                                   into[1], convert[2], into[2], convert[3], into[3], convert[4], into[4], convert[5],
+                                   into[5], convert[6], into[6], convert[7], into[7])) {
+    return NULL;
+  }
+  PyObject *result = NULL;
+  if (validate(&c, n) == 0) {
+    napo_status status;
+    if (is_cuda(&c.arg[e->device_arg])) {
+      status = e->run(&c, 1);
+    } else {
+      Py_BEGIN_ALLOW_THREADS;
+      status = e->run(&c, 0);
+      Py_END_ALLOW_THREADS;
+    }
+    result = raise_status(&c, status) == 0 ? Py_NewRef(Py_None) : NULL;
+  }
+  for (int i = n; i-- > 0;) {
+    Py_CLEAR(c.arg[i].capsule);
+  }
+  return result;
+}
+
+/* PyArg's format ("O&O&|O&:name", one converter per argument) and keyword list. */
+static void prepare(entry_point *e) {
+  char *format = e->format;
+  for (int i = 0; i < MAX_ARGS && e->args[i].name != NULL; ++i) {
+    format += sprintf(format, "%sO&", i == e->required ? "|" : "");
+    e->keywords[i] = (char *)e->args[i].name;
+  }
+  snprintf(format, sizeof e->format - (size_t)(format - e->format), ":%s", e->name);
+}
+
+/* ---- the module ---- */
+
+#define ENTRY_POINTS(X)                                                                                                \
+  X(loss_forward)                                                                                                      \
+  X(loss_backward)                                                                                                     \
+  X(adaptive_q) X(q_from_mean) X(dynamic_weights) X(token_logps) X(token_logps_backward) X(check_labels)
+
+#define WRAPPER(name)                                                                                                  \
+  static PyObject *py_##name(PyObject *self, PyObject *args, PyObject *kwargs) {                                       \
+    (void)self;                                                                                                        \
+    return call_entry(&name##_entry, args, kwargs);                                                                    \
+  }
+ENTRY_POINTS(WRAPPER)
+
+PyDoc_STRVAR(loss_forward_doc, "loss_forward(margins, q, beta, out, grad_out=None, stream=0)\n--\n\n"
+                               "Per-pair NaPO loss into `out` and, if given, dL/dmargins into `grad_out`.\n"
+                               "margins [B] with a 0-dim q, or [K, B] with q [K] (one loss term per row);\n"
+                               "q == 0 is DPO.");
+PyDoc_STRVAR(loss_backward_doc, "loss_backward(grad_loss, grad_factor, out, stream=0)\n--\n\n"
+                                "out = grad_loss * grad_factor (the dL/dmargins saved by loss_forward).");
+PyDoc_STRVAR(adaptive_q_doc, "adaptive_q(margins, gamma, q_min, q_max, out, stream=0)\n--\n\n"
+                             "out = clip(2 * (1 - sigmoid(gamma * mean(margins))), q_min, q_max); out is 0-dim.");
+PyDoc_STRVAR(q_from_mean_doc, "q_from_mean(means, gamma, q_min, q_max, out, stream=0)\n--\n\n"
+                              "Adaptive q from already-reduced (e.g. all-reduced) mean margins, elementwise:\n"
+                              "means is 0-dim or 1-D, out has its shape.");
+PyDoc_STRVAR(dynamic_weights_doc, "dynamic_weights(reward_margins, w_min, eps, out, stream=0)\n--\n\n"
+                                  "out[k] = clip(R_k / sum(R), w_min, 1), uniform 1/K when sum(R) <= eps.");
 PyDoc_STRVAR(token_logps_doc,
              "token_logps(logits, labels, ignore_index, token_out, lse_out, num_threads=1, position_offset=0, "
              "stream=0)\n--\n\n"
@@ -851,163 +1013,14 @@ PyDoc_STRVAR(token_logps_doc,
              "(already aligned with the logits) into token_out, compact [B, T] float32 (float64 for float64\n"
              "logits), and the log-sum-exp into lse_out, compact [B, T] float64. position_offset is added to the time\n"
              "index in error messages (the caller's shift).");
-
-static PyObject *py_token_logps(PyObject *self, PyObject *args, PyObject *kwargs) {
-  (void)self;
-  static char *keywords[] = {"logits",      "labels",          "ignore_index", "token_out", "lse_out",
-                             "num_threads", "position_offset", "stream",       NULL};
-  PyObject *logits_obj, *labels_obj, *token_obj, *lse_obj;
-  long long ignore_index, num_threads = 1, position_offset = 0;
-  unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLOO|LLK:token_logps", keywords, &logits_obj, &labels_obj,
-                                   &ignore_index, &token_obj, &lse_obj, &num_threads, &position_offset, &stream)) {
-    return NULL;
-  }
-  napo_arg logits = {0}, labels_arg = {0}, token = {0}, lse = {0};
-  PyObject *result = NULL;
-  napo_logits_dtype dtype;
-  napo_logits_layout layout;
-  napo_labels labels;
-  napo_label_error bad = {0, 0, 0};
-  int cuda_error = 0;
-  napo_status status = NAPO_OK;
-  if (acquire(logits_obj, "logits", &logits) || acquire(labels_obj, "labels", &labels_arg) ||
-      acquire(token_obj, "token_out", &token) || acquire(lse_obj, "lse_out", &lse) ||
-      logits_dtype_of(&logits, &dtype) || check_device_supported(&logits) || logits_layout_of(&logits, &layout) ||
-      labels_of(&labels_arg, &logits, layout, &labels) || check_token_buffer(&token, &logits, layout, dtype) ||
-      check_lse_buffer(&lse, &logits, layout)) {
-    goto cleanup;
-  }
-  if (is_cuda(&logits)) {
-    status = NAPO_CUDA_CALL(napo_token_logps_cuda(data_of(&logits), layout, dtype, labels, ignore_index,
-                                                  data_of(&token), data_of(&lse), NAPO_CUDA_ARGS(logits)));
-  } else {
-    const int threads = clamp_threads(num_threads);
-    Py_BEGIN_ALLOW_THREADS;
-    status = napo_token_logps(data_of(&logits), layout, dtype, labels, ignore_index, data_of(&token), data_of(&lse),
-                              threads, &bad);
-    Py_END_ALLOW_THREADS;
-  }
-  if (status == NAPO_ERR_LABEL) {
-    raise_label_error(&bad, ignore_index, layout.vocab, position_offset);
-  } else if (raise_status(status, cuda_error, &token) == 0) {
-    result = Py_NewRef(Py_None);
-  }
-cleanup:
-  release(&lse);
-  release(&token);
-  release(&labels_arg);
-  release(&logits);
-  return result;
-}
-
 PyDoc_STRVAR(token_logps_backward_doc,
              "token_logps_backward(logits, labels, ignore_index, lse, grad_token, grad_out, num_threads=1, "
              "stream=0)\n--\n\n"
              "grad_out[b, t, v] = grad_token[b, t] * (1[v == label] - softmax(logits[b, t])[v]), 0 at ignored\n"
              "positions. grad_out has the logits' shape and dtype, any strides; it may be the logits itself.");
-
-static PyObject *py_token_logps_backward(PyObject *self, PyObject *args, PyObject *kwargs) {
-  (void)self;
-  static char *keywords[] = {"logits",   "labels",      "ignore_index", "lse", "grad_token",
-                             "grad_out", "num_threads", "stream",       NULL};
-  PyObject *logits_obj, *labels_obj, *lse_obj, *grad_token_obj, *grad_obj;
-  long long ignore_index, num_threads = 1;
-  unsigned long long stream = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLOOO|LK:token_logps_backward", keywords, &logits_obj, &labels_obj,
-                                   &ignore_index, &lse_obj, &grad_token_obj, &grad_obj, &num_threads, &stream)) {
-    return NULL;
-  }
-  napo_arg logits = {0}, labels_arg = {0}, lse = {0}, grad_token = {0}, grad = {0};
-  PyObject *result = NULL;
-  napo_logits_dtype dtype, grad_dtype;
-  napo_logits_layout layout, grad_layout;
-  napo_labels labels;
-  napo_label_error bad = {0, 0, 0};
-  int cuda_error = 0;
-  napo_status status = NAPO_OK;
-  if (acquire(logits_obj, "logits", &logits) || acquire(labels_obj, "labels", &labels_arg) ||
-      acquire(lse_obj, "lse", &lse) || acquire(grad_token_obj, "grad_token", &grad_token) ||
-      acquire(grad_obj, "grad_out", &grad) || logits_dtype_of(&logits, &dtype) || check_device_supported(&logits) ||
-      logits_layout_of(&logits, &layout) || labels_of(&labels_arg, &logits, layout, &labels) ||
-      check_lse_buffer(&lse, &logits, layout) || check_token_buffer(&grad_token, &logits, layout, dtype) ||
-      logits_dtype_of(&grad, &grad_dtype) || check_same(&logits, &grad) || check_same_shape(&logits, &grad) ||
-      logits_layout_of(&grad, &grad_layout) || check_grad_out_memory(&grad, grad_layout, &logits, layout)) {
-    goto cleanup;
-  }
-  if (is_cuda(&logits)) {
-    status = NAPO_CUDA_CALL(napo_token_logps_backward_cuda(data_of(&logits), layout, dtype, labels, ignore_index,
-                                                           data_of(&lse), data_of(&grad_token), data_of(&grad),
-                                                           grad_layout, NAPO_CUDA_ARGS(logits)));
-  } else {
-    const int threads = clamp_threads(num_threads);
-    Py_BEGIN_ALLOW_THREADS;
-    status = napo_token_logps_backward(data_of(&logits), layout, dtype, labels, ignore_index, data_of(&lse),
-                                       data_of(&grad_token), data_of(&grad), grad_layout, threads, &bad);
-    Py_END_ALLOW_THREADS;
-  }
-  if (status == NAPO_ERR_LABEL) {
-    raise_label_error(&bad, ignore_index, layout.vocab, 0);
-  } else if (raise_status(status, cuda_error, &lse) == 0) {
-    result = Py_NewRef(Py_None);
-  }
-cleanup:
-  release(&grad);
-  release(&grad_token);
-  release(&lse);
-  release(&labels_arg);
-  release(&logits);
-  return result;
-}
-
 PyDoc_STRVAR(check_labels_doc, "check_labels(labels, vocab, ignore_index, position_offset=0)\n--\n\n"
                                "Raises ValueError naming the first int64 label of the CPU array labels [B, T]\n"
                                "outside [0, vocab) that is not ignore_index.");
-
-static PyObject *py_check_labels(PyObject *self, PyObject *args, PyObject *kwargs) {
-  (void)self;
-  static char *keywords[] = {"labels", "vocab", "ignore_index", "position_offset", NULL};
-  PyObject *labels_obj;
-  long long vocab, ignore_index, position_offset = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLL|L:check_labels", keywords, &labels_obj, &vocab, &ignore_index,
-                                   &position_offset)) {
-    return NULL;
-  }
-  napo_arg labels_arg = {0};
-  PyObject *result = NULL;
-  napo_labels labels;
-  napo_label_error bad = {0, 0, 0};
-  if (acquire(labels_obj, "labels", &labels_arg)) {
-    goto cleanup;
-  }
-  const DLTensor *t = labels_arg.tensor;
-  if (t->ndim != 2) {
-    PyErr_Format(PyExc_ValueError, "argument 'labels' must be 2-D [batch, time], got %d dimensions", (int)t->ndim);
-    goto cleanup;
-  }
-  if (is_cuda(&labels_arg) || check_device_supported(&labels_arg)) {
-    if (!PyErr_Occurred()) {
-      PyErr_SetString(PyExc_ValueError, "argument 'labels' must be on the CPU for check_labels");
-    }
-    goto cleanup;
-  }
-  const napo_logits_layout shape = {t->shape[0], t->shape[1], vocab, 0, 0, 0};
-  napo_arg self_ref = labels_arg; /* labels_of compares devices with a reference array: itself */
-  if (labels_of(&labels_arg, &self_ref, shape, &labels)) {
-    goto cleanup;
-  }
-  const napo_status status = napo_check_labels(labels, shape.batch, shape.time, vocab, ignore_index, &bad);
-  if (status == NAPO_ERR_LABEL) {
-    raise_label_error(&bad, ignore_index, vocab, position_offset);
-  } else if (status != NAPO_OK) {
-    PyErr_Format(PyExc_ValueError, "napo: %s", napo_status_message(status));
-  } else {
-    result = Py_NewRef(Py_None);
-  }
-cleanup:
-  release(&labels_arg);
-  return result;
-}
 
 static PyObject *py_cuda_available(PyObject *self, PyObject *unused) {
   (void)self;
@@ -1069,18 +1082,11 @@ static PyObject *py_built_with_cuda(PyObject *self, PyObject *unused) {
 #endif
 }
 
+#define METHOD(name) {#name, (PyCFunction)(void (*)(void))py_##name, METH_VARARGS | METH_KEYWORDS, name##_doc},
+
 static PyMethodDef napo_methods[] = {
-    {"loss_forward", (PyCFunction)(void (*)(void))py_loss_forward, METH_VARARGS | METH_KEYWORDS, loss_forward_doc},
-    {"loss_backward", (PyCFunction)(void (*)(void))py_loss_backward, METH_VARARGS | METH_KEYWORDS, loss_backward_doc},
-    {"adaptive_q", (PyCFunction)(void (*)(void))py_adaptive_q, METH_VARARGS | METH_KEYWORDS, adaptive_q_doc},
-    {"q_from_mean", (PyCFunction)(void (*)(void))py_q_from_mean, METH_VARARGS | METH_KEYWORDS, q_from_mean_doc},
-    {"dynamic_weights", (PyCFunction)(void (*)(void))py_dynamic_weights, METH_VARARGS | METH_KEYWORDS,
-     dynamic_weights_doc},
-    {"token_logps", (PyCFunction)(void (*)(void))py_token_logps, METH_VARARGS | METH_KEYWORDS, token_logps_doc},
-    {"token_logps_backward", (PyCFunction)(void (*)(void))py_token_logps_backward, METH_VARARGS | METH_KEYWORDS,
-     token_logps_backward_doc},
-    {"check_labels", (PyCFunction)(void (*)(void))py_check_labels, METH_VARARGS | METH_KEYWORDS, check_labels_doc},
-    {"built_with_cuda", py_built_with_cuda, METH_NOARGS, "True when the CUDA kernels were compiled in."},
+    ENTRY_POINTS(METHOD){"built_with_cuda", py_built_with_cuda, METH_NOARGS,
+                         "True when the CUDA kernels were compiled in."},
     {"cuda_available", py_cuda_available, METH_NOARGS, "True when compiled with CUDA and a device is visible."},
     {"cuda_runtime_info", py_cuda_runtime_info, METH_NOARGS, cuda_runtime_info_doc},
     {"set_cuda_debug", py_set_cuda_debug, METH_O, set_cuda_debug_doc},
@@ -1099,7 +1105,10 @@ static struct PyModuleDef napo_module = {
     NULL,
 };
 
+#define PREPARE(name) prepare(&name##_entry);
+
 PyMODINIT_FUNC PyInit__C(void) {
+  ENTRY_POINTS(PREPARE)
   PyObject *module = PyModule_Create(&napo_module);
   if (module != NULL && PyModule_AddIntConstant(module, "ABI_VERSION", 2) != 0) {
     Py_CLEAR(module);
