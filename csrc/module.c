@@ -1,13 +1,13 @@
 /*
  * napo._C: the CPython binding of the C core.
  *
- * Each entry point is one table row (the *_entry variables below): its arguments, the checks run on them
- * in order, and the kernel to call. One generic path (call_entry) parses the arguments, exports each array
- * once through DLPack (torch.Tensor, numpy.ndarray, ...) into a napo_arg, runs the checks, calls the kernel
- * with the GIL released (CPU) or on the caller's stream (CUDA), turns its status into an exception and
- * releases the exports. Errors name the argument and the value: TypeError for types, ValueError for shapes
- * and values, LookupError for dtypes the core does not compute in (bf16/fp16 are upcast by the caller).
- * Outputs are passed in by the caller, which owns the allocator (torch's caching allocator on CUDA).
+ * Each entry point is one row of the table below: its arguments, the checks run on them in order, and the
+ * kernel to call. One generic path (call_entry) parses the arguments, exports each array once through DLPack
+ * (torch.Tensor, numpy.ndarray, ...), runs the checks, calls the kernel with the GIL released (CPU) or on the
+ * caller's stream (CUDA), turns its status into an exception and releases the exports. Errors name the
+ * argument and the value: TypeError for types, ValueError for shapes and values, LookupError for dtypes the
+ * core does not compute in (bf16/fp16 are upcast by the caller). Outputs are passed in by the caller, which
+ * owns the allocator (torch's caching allocator on CUDA).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,7 +25,7 @@
 #define MAX_ARGS 8
 #define MAX_CHECKS 12
 
-/* An exported array and what the checks learnt about it for the kernel call. */
+/* An exported array and what the checks learnt about it for the kernel. */
 typedef struct {
   const char *name;  /* the Python argument name, for messages */
   PyObject *capsule; /* owns the export; its destructor calls the producer's deleter */
@@ -33,12 +33,10 @@ typedef struct {
   int f64;           /* FLOAT_DTYPE: float64, else float32 */
   napo_logits_dtype logits_dtype;
   napo_layout layout;        /* MARGINS */
-  napo_logits_layout logits; /* LOGITS_LAYOUT and the labels' own shape in STANDALONE_LABELS */
+  napo_logits_layout logits; /* LOGITS_LAYOUT; STANDALONE_LABELS: the labels' own shape */
   napo_labels labels;
-  int64_t length, stride; /* VECTOR, MEANS; ROW_Q sets q's stride per row */
+  int64_t length, stride; /* VECTOR, MEANS; ROW_Q: q's stride per row */
 } napo_arg;
-
-typedef enum { ARG_ARRAY, ARG_OPTIONAL_ARRAY, ARG_REAL, ARG_INTEGER, ARG_STREAM } arg_kind;
 
 /* Each check reads argument a, against reference argument b where it has one. */
 typedef enum {
@@ -47,25 +45,25 @@ typedef enum {
   LOGITS_DTYPE,      /* a is float32, float64, bfloat16 or float16 */
   ON_DEVICE,         /* a is on the CPU or CUDA */
   MARGINS,           /* a is 1-D [batch] or 2-D [terms, batch] */
-  ROW_Q,             /* a is q for margins b: 0-dim for 1-D, one per row for 2-D */
+  ROW_Q,             /* a is q for margins b: 0-dim for 1-D, one value per row for 2-D */
   SAME,              /* a has b's dtype and device */
   SAME_SHAPE,        /* a has b's shape */
-  OUTPUT_LIKE,       /* a has b's shape and is compact */
+  OUTPUT_LIKE,       /* a has b's (1-D or 2-D) shape and is compact */
   VECTOR,            /* a is 1-D */
   SCALAR,            /* a holds one value */
   OUTPUT_VECTOR,     /* a is a compact vector of b's length */
   MEANS,             /* a is 0-dim or 1-D */
-  OUTPUT_OF_MEANS,   /* a is shaped like means b, compact */
+  OUTPUT_OF_MEANS,   /* a is a compact array shaped like means b */
   NONEMPTY,          /* a (a VECTOR) has an element; the entry's empty_hint says why */
   BETA,              /* the loss's beta */
   Q_PARAMS,          /* gamma, q_min, q_max */
   WEIGHT_PARAMS,     /* w_min, eps */
   LOGITS_LAYOUT,     /* a is 3-D [batch, time, vocab] */
   LABELS,            /* a is int64 [batch, time] on the device of logits b */
-  TOKEN_BUFFER,      /* a is a compact [batch, time] buffer in logits b's accumulation dtype */
-  LSE_BUFFER,        /* a is a compact [batch, time] float64 buffer */
+  TOKEN_BUFFER,      /* a is compact [batch, time] in logits b's accumulation dtype (float64 for float64) */
+  LSE_BUFFER,        /* a is compact [batch, time] float64 (csrc/napo.h says why) */
   GRAD_MEMORY,       /* a (written) overlaps neither itself nor logits b, unless it is b */
-  STANDALONE_LABELS, /* a is CPU int64 [batch, time] labels checked alone against `vocab` */
+  STANDALONE_LABELS, /* a is CPU int64 [batch, time], checked alone against `vocab` */
 } check_op;
 
 typedef struct {
@@ -73,9 +71,17 @@ typedef struct {
   int a, b;
 } check;
 
+typedef enum { ARG_ARRAY, ARG_OPTIONAL_ARRAY, ARG_REAL, ARG_INTEGER, ARG_STREAM } arg_kind;
+
+typedef struct {
+  const char *name;
+  arg_kind kind;
+  size_t value; /* ARG_REAL, ARG_INTEGER, ARG_STREAM: offsetof the value in napo_call */
+} arg_spec;
+
 typedef struct entry_point entry_point;
 
-/* One call's arguments: arrays by position, numbers by name. */
+/* One call: arrays by position, numbers by name. */
 typedef struct {
   const entry_point *entry;
   PyObject *object[MAX_ARGS];
@@ -87,27 +93,15 @@ typedef struct {
   napo_label_error bad;
 } napo_call;
 
-typedef struct {
-  const char *name;
-  arg_kind kind;
-  size_t value; /* ARG_REAL, ARG_INTEGER: offsetof the value in napo_call */
-} arg_spec;
-
-#define ARRAY(name) {name, ARG_ARRAY, 0}
-#define OPTIONAL_ARRAY(name) {name, ARG_OPTIONAL_ARRAY, 0}
-#define REAL(field) {#field, ARG_REAL, offsetof(napo_call, field)}
-#define INTEGER(field) {#field, ARG_INTEGER, offsetof(napo_call, field)}
-#define STREAM {"stream", ARG_STREAM, offsetof(napo_call, stream)}
-
 struct entry_point {
   const char *name;
-  arg_spec args[MAX_ARGS];
-  int required; /* the leading arguments without a default */
-  check checks[MAX_CHECKS];
+  int required;                                     /* the leading arguments without a default */
   napo_status (*run)(napo_call *call, int on_cuda); /* on the CPU it runs without the GIL */
-  int device_arg;                                   /* the array whose device picks the kernel */
-  const char *empty_hint;                           /* NONEMPTY's reason */
-  char format[3 * MAX_ARGS + 32];                   /* filled by prepare() */
+  arg_spec args[MAX_ARGS];
+  check checks[MAX_CHECKS];
+  int device_arg;                 /* the array whose device picks the kernel */
+  const char *empty_hint;         /* NONEMPTY's reason */
+  char format[3 * MAX_ARGS + 32]; /* PyArg's, filled by prepare() */
   char *keywords[MAX_ARGS + 1];
 };
 
@@ -121,7 +115,7 @@ static int fail(PyObject *type, const char *format, ...) {
 
 /* Re-raise the pending exception as `type`, prefixed with the argument name,
  * keeping the original as __cause__. */
-static void reraise_with_name(PyObject *type, const char *name, const char *what) {
+static int reraise_with_name(PyObject *type, const char *name, const char *what) {
 #if PY_VERSION_HEX >= 0x030C0000
   PyObject *cause = PyErr_GetRaisedException();
 #else
@@ -136,7 +130,7 @@ static void reraise_with_name(PyObject *type, const char *name, const char *what
 #endif
   PyErr_Format(type, "argument '%s' %s: %S", name, what, cause != NULL ? cause : Py_None);
   if (cause == NULL) {
-    return;
+    return -1;
   }
 #if PY_VERSION_HEX >= 0x030C0000
   PyObject *raised = PyErr_GetRaisedException();
@@ -149,6 +143,7 @@ static void reraise_with_name(PyObject *type, const char *name, const char *what
   PyException_SetCause(raised, cause); /* steals cause */
   PyErr_Restore(raised_type, raised, raised_tb);
 #endif
+  return -1;
 }
 
 static int acquire(PyObject *obj, const char *name, napo_arg *arg) {
@@ -173,8 +168,7 @@ static int acquire(PyObject *obj, const char *name, napo_arg *arg) {
   }
   PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
   if (device == NULL) {
-    reraise_with_name(PyExc_TypeError, name, "has no usable __dlpack_device__");
-    return -1;
+    return reraise_with_name(PyExc_TypeError, name, "has no usable __dlpack_device__");
   }
   long device_type = -1;
   if (PyTuple_Check(device) && PyTuple_GET_SIZE(device) == 2) {
@@ -182,25 +176,19 @@ static int acquire(PyObject *obj, const char *name, napo_arg *arg) {
   }
   Py_DECREF(device);
   if (device_type == -1 && PyErr_Occurred()) {
-    reraise_with_name(PyExc_TypeError, name, "has a malformed __dlpack_device__");
-    return -1;
+    return reraise_with_name(PyExc_TypeError, name, "has a malformed __dlpack_device__");
   }
-  if (device_type == kDLCUDA) {
-    /* stream=-1: no cross-stream synchronisation; the kernel is launched on the
-     * stream the caller passes, which is the stream producing these tensors. */
-    PyObject *kwargs = Py_BuildValue("{s:i}", "stream", -1);
-    PyObject *method = kwargs != NULL ? PyObject_GetAttrString(obj, "__dlpack__") : NULL;
-    PyObject *no_args = method != NULL ? PyTuple_New(0) : NULL;
-    arg->capsule = no_args != NULL ? PyObject_Call(method, no_args, kwargs) : NULL;
-    Py_XDECREF(no_args);
-    Py_XDECREF(method);
-    Py_XDECREF(kwargs);
-  } else {
-    arg->capsule = PyObject_CallMethod(obj, "__dlpack__", NULL);
-  }
+  /* CUDA: stream=-1, no cross-stream synchronisation; the kernel is launched on the
+   * stream the caller passes, which is the stream producing these tensors. */
+  PyObject *kwargs = device_type == kDLCUDA ? Py_BuildValue("{s:i}", "stream", -1) : NULL;
+  PyObject *method = device_type != kDLCUDA || kwargs != NULL ? PyObject_GetAttrString(obj, "__dlpack__") : NULL;
+  PyObject *no_args = method != NULL ? PyTuple_New(0) : NULL;
+  arg->capsule = no_args != NULL ? PyObject_Call(method, no_args, kwargs) : NULL;
+  Py_XDECREF(no_args);
+  Py_XDECREF(method);
+  Py_XDECREF(kwargs);
   if (arg->capsule == NULL) {
-    reraise_with_name(PyExc_TypeError, name, "could not be exported through DLPack");
-    return -1;
+    return reraise_with_name(PyExc_TypeError, name, "could not be exported through DLPack");
   }
   DLManagedTensor *managed = (DLManagedTensor *)PyCapsule_GetPointer(arg->capsule, "dltensor");
   if (managed == NULL) {
@@ -244,43 +232,6 @@ static int64_t stride_of(const DLTensor *t, int32_t d) {
   return t->strides != NULL ? t->strides[d] : stride;
 }
 
-static int64_t numel(const DLTensor *t) {
-  int64_t n = 1;
-  for (int32_t d = 0; d < t->ndim; ++d) {
-    n *= t->shape[d];
-  }
-  return n;
-}
-
-static int float_dtype_of(napo_arg *arg) {
-  const DLDataType dtype = arg->tensor->dtype;
-  if (dtype.lanes == 1 && dtype.code == kDLFloat && (dtype.bits == 32 || dtype.bits == 64)) {
-    arg->f64 = dtype.bits == 64;
-    return 0;
-  }
-  if (dtype.lanes == 1 && (dtype.code == kDLFloat || dtype.code == kDLBfloat)) {
-    return fail(PyExc_LookupError,
-                "argument '%s' has dtype %s; napo's C core computes in float32 or float64 (upcast first)", arg->name,
-                dtype_name(dtype));
-  }
-  return fail(PyExc_TypeError, "argument '%s' must be a floating-point array, got dtype %s", arg->name,
-              dtype_name(dtype));
-}
-
-static int logits_dtype_of(napo_arg *arg) {
-  const DLDataType d = arg->tensor->dtype;
-  if (d.lanes == 1 && d.code == kDLFloat && (d.bits == 32 || d.bits == 64 || d.bits == 16)) {
-    arg->logits_dtype = d.bits == 32 ? NAPO_LOGITS_F32 : d.bits == 64 ? NAPO_LOGITS_F64 : NAPO_LOGITS_F16;
-    return 0;
-  }
-  if (d.lanes == 1 && d.code == kDLBfloat && d.bits == 16) {
-    arg->logits_dtype = NAPO_LOGITS_BF16;
-    return 0;
-  }
-  return fail(PyExc_TypeError, "argument '%s' must be float32, float64, bfloat16 or float16, got %s", arg->name,
-              dtype_name(d));
-}
-
 static int check_device_supported(const napo_arg *arg) {
   const int32_t type = arg->tensor->device.device_type;
   if (type == kDLCPU || type == kDLCUDAHost || type == kDLCUDA) {
@@ -301,10 +252,14 @@ static int vector_of(napo_arg *arg) {
 }
 
 static int check_scalar(const napo_arg *arg) {
-  if (numel(arg->tensor) != 1 || arg->tensor->ndim > 1) {
+  int64_t n = 1;
+  for (int32_t d = 0; d < arg->tensor->ndim; ++d) {
+    n *= arg->tensor->shape[d];
+  }
+  if (n != 1 || arg->tensor->ndim > 1) {
     return fail(PyExc_ValueError,
                 "argument '%s' must hold exactly one value (0-dim), got %d dimensions and %lld elements", arg->name,
-                (int)arg->tensor->ndim, (long long)numel(arg->tensor));
+                (int)arg->tensor->ndim, (long long)n);
   }
   return 0;
 }
@@ -317,22 +272,8 @@ static int margins_layout_of(napo_arg *arg) {
                 arg->name, (int)t->ndim);
   }
   const napo_layout vector = {1, t->shape[0], 0, stride_of(t, 0)};
-  const napo_layout rows = {t->shape[0], t->ndim == 2 ? t->shape[1] : 0, stride_of(t, 0),
-                            t->ndim == 2 ? stride_of(t, 1) : 0};
+  const napo_layout rows = {t->shape[0], t->shape[t->ndim - 1], stride_of(t, 0), stride_of(t, t->ndim - 1)};
   arg->layout = t->ndim == 1 ? vector : rows;
-  return 0;
-}
-
-static int row_q_of(napo_arg *q, const napo_arg *margins) {
-  q->stride = 0;
-  if (margins->tensor->ndim == 1) {
-    return check_scalar(q);
-  }
-  if (q->tensor->ndim != 1 || q->tensor->shape[0] != margins->layout.rows) {
-    return fail(PyExc_ValueError, "argument '%s' must be 1-D with one value per row of '%s' (%lld), got %d dimensions",
-                q->name, margins->name, (long long)margins->layout.rows, (int)q->tensor->ndim);
-  }
-  q->stride = stride_of(q->tensor, 0);
   return 0;
 }
 
@@ -362,33 +303,6 @@ static int check_same_shape(const napo_arg *other, const napo_arg *ref) {
   return 0;
 }
 
-/* An output shaped like `ref` (1-D or 2-D) and compact (row-major, no gaps). */
-static int check_output_like(napo_arg *out, const napo_arg *ref) {
-  if (check_same_shape(out, ref) != 0 || margins_layout_of(out) != 0) {
-    return -1;
-  }
-  /* An empty output has nothing to write: producers give it arbitrary strides. */
-  const napo_layout layout = out->layout;
-  const int compact = layout.rows == 0 || layout.cols == 0 ||
-                      ((layout.cols <= 1 || layout.col_stride == 1) &&
-                       (out->tensor->ndim == 1 || layout.rows <= 1 || layout.row_stride == layout.cols));
-  return compact ? 0 : fail(PyExc_ValueError, "argument '%s' must be contiguous", out->name);
-}
-
-static int check_same(const napo_arg *other, const napo_arg *ref) {
-  const DLDataType a = ref->tensor->dtype, b = other->tensor->dtype;
-  if (a.code != b.code || a.bits != b.bits || a.lanes != b.lanes) {
-    return fail(PyExc_LookupError, "argument '%s' has dtype %s but '%s' has dtype %s; they must match", other->name,
-                dtype_name(b), ref->name, dtype_name(a));
-  }
-  const DLDevice da = ref->tensor->device, db = other->tensor->device;
-  if (is_cuda(ref) != is_cuda(other) || (is_cuda(ref) && da.device_id != db.device_id)) {
-    return fail(PyExc_ValueError, "argument '%s' is on device (%d, %d) but '%s' is on device (%d, %d)", other->name,
-                (int)db.device_type, (int)db.device_id, ref->name, (int)da.device_type, (int)da.device_id);
-  }
-  return 0;
-}
-
 static int check_output_vector(napo_arg *out, int64_t expected_length) {
   if (vector_of(out) != 0) {
     return -1;
@@ -413,42 +327,6 @@ static int raise_parameter(const char *name, double value, const char *requireme
   return -1;
 }
 
-static int check_q_params(double gamma, double q_min, double q_max) {
-  if (!(isfinite(gamma) && gamma > 0.0)) {
-    return raise_parameter("gamma", gamma, "a finite number > 0");
-  }
-  if (!(q_min >= 0.0 && q_min <= 1.0)) {
-    return raise_parameter("q_min", q_min, "in [0, 1]");
-  }
-  return q_max >= q_min && q_max <= 1.0 ? 0 : raise_parameter("q_max", q_max, "in [q_min, 1]");
-}
-
-static int check_weight_params(double w_min, double eps) {
-  if (!(w_min >= 0.0 && w_min <= 1.0)) {
-    return raise_parameter("w_min", w_min, "in [0, 1]");
-  }
-  return isfinite(eps) && eps >= 0.0 ? 0 : raise_parameter("eps", eps, "a finite number >= 0");
-}
-
-static int logits_layout_of(napo_arg *arg) {
-  const DLTensor *t = arg->tensor;
-  if (t->ndim != 3) {
-    return fail(PyExc_ValueError, "argument '%s' must be 3-D [batch, time, vocab], got %d dimensions", arg->name,
-                (int)t->ndim);
-  }
-  const napo_logits_layout layout = {t->shape[0],     t->shape[1],     t->shape[2],
-                                     stride_of(t, 0), stride_of(t, 1), stride_of(t, 2)};
-  arg->logits = layout;
-  return layout.vocab < 1 ? fail(PyExc_ValueError, "argument '%s' has an empty vocabulary dimension", arg->name) : 0;
-}
-
-static int check_device_of(const napo_arg *arg, const napo_arg *logits) {
-  if (is_cuda(arg) != is_cuda(logits) || arg->tensor->device.device_id != logits->tensor->device.device_id) {
-    return fail(PyExc_ValueError, "argument '%s' is not on the device of '%s'", arg->name, logits->name);
-  }
-  return 0;
-}
-
 static int labels_of(napo_arg *arg, const napo_arg *logits) {
   const DLTensor *t = arg->tensor;
   const napo_logits_layout layout = logits->logits;
@@ -460,8 +338,8 @@ static int labels_of(napo_arg *arg, const napo_arg *logits) {
     return fail(PyExc_ValueError, "argument '%s' must have shape [batch, time] = (%lld, %lld) like '%s'", arg->name,
                 (long long)layout.batch, (long long)layout.time, logits->name);
   }
-  if (check_device_of(arg, logits) != 0) {
-    return -1;
+  if (is_cuda(arg) != is_cuda(logits) || arg->tensor->device.device_id != logits->tensor->device.device_id) {
+    return fail(PyExc_ValueError, "argument '%s' is not on the device of '%s'", arg->name, logits->name);
   }
   const napo_labels labels = {(const int64_t *)data_of(arg), stride_of(t, 0), stride_of(t, 1)};
   arg->labels = labels;
@@ -480,9 +358,14 @@ static int check_row_buffer(const napo_arg *arg, const napo_arg *logits, int bit
     return fail(PyExc_ValueError, "argument '%s' must have shape (%lld, %lld)", arg->name, (long long)layout.batch,
                 (long long)layout.time);
   }
-  const int compact = layout.batch * layout.time == 0 || ((layout.time <= 1 || stride_of(t, 1) == 1) &&
-                                                          (layout.batch <= 1 || stride_of(t, 0) == layout.time));
-  return compact ? check_device_of(arg, logits) : fail(PyExc_ValueError, "argument '%s' must be contiguous", arg->name);
+  if (layout.batch * layout.time != 0 &&
+      ((layout.time > 1 && stride_of(t, 1) != 1) || (layout.batch > 1 && stride_of(t, 0) != layout.time))) {
+    return fail(PyExc_ValueError, "argument '%s' must be contiguous", arg->name);
+  }
+  if (is_cuda(arg) != is_cuda(logits) || arg->tensor->device.device_id != logits->tensor->device.device_id) {
+    return fail(PyExc_ValueError, "argument '%s' is not on the device of '%s'", arg->name, logits->name);
+  }
+  return 0;
 }
 
 /* The lowest and highest element offsets a (checked) layout reaches from its data pointer. */
@@ -554,43 +437,73 @@ static int check_grad_out_memory(const napo_arg *grad, const napo_arg *logits) {
   return 0;
 }
 
-/* check_labels' labels: CPU [batch, time], their own reference for labels_of. */
-static int standalone_labels_of(napo_arg *arg, long long vocab) {
-  const DLTensor *t = arg->tensor;
-  if (t->ndim != 2) {
-    return fail(PyExc_ValueError, "argument '%s' must be 2-D [batch, time], got %d dimensions", arg->name,
-                (int)t->ndim);
-  }
-  if (is_cuda(arg) || check_device_supported(arg)) {
-    if (!PyErr_Occurred()) {
-      PyErr_Format(PyExc_ValueError, "argument '%s' must be on the CPU for check_labels", arg->name);
-    }
-    return -1;
-  }
-  const napo_logits_layout shape = {t->shape[0], t->shape[1], vocab, 0, 0, 0};
-  arg->logits = shape;
-  return labels_of(arg, arg);
-}
-
 static int run_check(napo_call *c, check s) {
   napo_arg *a = &c->arg[s.a], *b = &c->arg[s.b];
+  const DLTensor *t = a->tensor; /* argument 0, always an array, for the parameter checks */
+  const DLDataType dtype = t->dtype;
   switch (s.op) {
   case FLOAT_DTYPE:
-    return float_dtype_of(a);
+    a->f64 = dtype.bits == 64;
+    if (dtype.lanes == 1 && dtype.code == kDLFloat && (dtype.bits == 32 || dtype.bits == 64)) {
+      return 0;
+    }
+    if (dtype.lanes == 1 && (dtype.code == kDLFloat || dtype.code == kDLBfloat)) {
+      return fail(PyExc_LookupError,
+                  "argument '%s' has dtype %s; napo's C core computes in float32 or float64 (upcast first)", a->name,
+                  dtype_name(dtype));
+    }
+    return fail(PyExc_TypeError, "argument '%s' must be a floating-point array, got dtype %s", a->name,
+                dtype_name(dtype));
   case LOGITS_DTYPE:
-    return logits_dtype_of(a);
+    a->logits_dtype = dtype.bits == 32 ? NAPO_LOGITS_F32 : dtype.bits == 64 ? NAPO_LOGITS_F64 : NAPO_LOGITS_F16;
+    a->logits_dtype = dtype.code == kDLBfloat ? NAPO_LOGITS_BF16 : a->logits_dtype;
+    if (dtype.lanes == 1 && ((dtype.code == kDLFloat && (dtype.bits == 32 || dtype.bits == 64 || dtype.bits == 16)) ||
+                             (dtype.code == kDLBfloat && dtype.bits == 16))) {
+      return 0;
+    }
+    return fail(PyExc_TypeError, "argument '%s' must be float32, float64, bfloat16 or float16, got %s", a->name,
+                dtype_name(dtype));
   case ON_DEVICE:
     return check_device_supported(a);
   case MARGINS:
     return margins_layout_of(a);
   case ROW_Q:
-    return row_q_of(a, b);
-  case SAME:
-    return check_same(a, b);
+    a->stride = b->tensor->ndim == 1 || t->ndim != 1 ? 0 : stride_of(t, 0);
+    if (b->tensor->ndim == 1) {
+      return check_scalar(a);
+    }
+    if (t->ndim != 1 || t->shape[0] != b->layout.rows) {
+      return fail(PyExc_ValueError,
+                  "argument '%s' must be 1-D with one value per row of '%s' (%lld), got %d dimensions", a->name,
+                  b->name, (long long)b->layout.rows, (int)t->ndim);
+    }
+    return 0;
+  case SAME: {
+    const DLDataType want = b->tensor->dtype;
+    const DLDevice da = b->tensor->device, db = t->device;
+    if (want.code != dtype.code || want.bits != dtype.bits || want.lanes != dtype.lanes) {
+      return fail(PyExc_LookupError, "argument '%s' has dtype %s but '%s' has dtype %s; they must match", a->name,
+                  dtype_name(dtype), b->name, dtype_name(want));
+    }
+    if (is_cuda(b) != is_cuda(a) || (is_cuda(b) && da.device_id != db.device_id)) {
+      return fail(PyExc_ValueError, "argument '%s' is on device (%d, %d) but '%s' is on device (%d, %d)", a->name,
+                  (int)db.device_type, (int)db.device_id, b->name, (int)da.device_type, (int)da.device_id);
+    }
+    return 0;
+  }
   case SAME_SHAPE:
     return check_same_shape(a, b);
-  case OUTPUT_LIKE:
-    return check_output_like(a, b);
+  case OUTPUT_LIKE: {
+    if (check_same_shape(a, b) != 0 || margins_layout_of(a) != 0) {
+      return -1;
+    }
+    /* An empty output has nothing to write: producers give it arbitrary strides. */
+    const napo_layout out = a->layout;
+    const int compact =
+        out.rows == 0 || out.cols == 0 ||
+        ((out.cols <= 1 || out.col_stride == 1) && (t->ndim == 1 || out.rows <= 1 || out.row_stride == out.cols));
+    return compact ? 0 : fail(PyExc_ValueError, "argument '%s' must be contiguous", a->name);
+  }
   case VECTOR:
     return vector_of(a);
   case SCALAR:
@@ -598,13 +511,12 @@ static int run_check(napo_call *c, check s) {
   case OUTPUT_VECTOR:
     return check_output_vector(a, b->length);
   case MEANS:
-    if (a->tensor->ndim > 1) {
-      return fail(PyExc_ValueError, "argument '%s' must be 0-dim or 1-D, got %d dimensions", a->name,
-                  (int)a->tensor->ndim);
-    }
     a->length = 1;
     a->stride = 0;
-    return a->tensor->ndim == 1 ? vector_of(a) : 0;
+    if (t->ndim > 1) {
+      return fail(PyExc_ValueError, "argument '%s' must be 0-dim or 1-D, got %d dimensions", a->name, (int)t->ndim);
+    }
+    return t->ndim == 1 ? vector_of(a) : 0;
   case OUTPUT_OF_MEANS:
     return b->tensor->ndim == 1 ? check_output_vector(a, b->length) : check_scalar(a);
   case NONEMPTY:
@@ -612,21 +524,49 @@ static int run_check(napo_call *c, check s) {
   case BETA:
     return napo_check_loss_params(c->beta) == NAPO_OK ? 0 : raise_parameter("beta", c->beta, "a finite number > 0");
   case Q_PARAMS:
-    return check_q_params(c->gamma, c->q_min, c->q_max);
+    if (!(isfinite(c->gamma) && c->gamma > 0.0)) {
+      return raise_parameter("gamma", c->gamma, "a finite number > 0");
+    }
+    if (!(c->q_min >= 0.0 && c->q_min <= 1.0)) {
+      return raise_parameter("q_min", c->q_min, "in [0, 1]");
+    }
+    return c->q_max >= c->q_min && c->q_max <= 1.0 ? 0 : raise_parameter("q_max", c->q_max, "in [q_min, 1]");
   case WEIGHT_PARAMS:
-    return check_weight_params(c->w_min, c->eps);
-  case LOGITS_LAYOUT:
-    return logits_layout_of(a);
+    if (!(c->w_min >= 0.0 && c->w_min <= 1.0)) {
+      return raise_parameter("w_min", c->w_min, "in [0, 1]");
+    }
+    return isfinite(c->eps) && c->eps >= 0.0 ? 0 : raise_parameter("eps", c->eps, "a finite number >= 0");
+  case LOGITS_LAYOUT: {
+    if (t->ndim != 3) {
+      return fail(PyExc_ValueError, "argument '%s' must be 3-D [batch, time, vocab], got %d dimensions", a->name,
+                  (int)t->ndim);
+    }
+    const napo_logits_layout layout = {t->shape[0],     t->shape[1],     t->shape[2],
+                                       stride_of(t, 0), stride_of(t, 1), stride_of(t, 2)};
+    a->logits = layout;
+    return layout.vocab >= 1 ? 0 : fail(PyExc_ValueError, "argument '%s' has an empty vocabulary dimension", a->name);
+  }
   case LABELS:
     return labels_of(a, b);
-  case TOKEN_BUFFER: /* the accumulation dtype: float64 for float64 logits, else float32 */
+  case TOKEN_BUFFER:
     return check_row_buffer(a, b, b->logits_dtype == NAPO_LOGITS_F64 ? 64 : 32);
-  case LSE_BUFFER: /* always float64 (csrc/napo.h says why) */
+  case LSE_BUFFER:
     return check_row_buffer(a, b, 64);
   case GRAD_MEMORY:
     return check_grad_out_memory(a, b);
-  case STANDALONE_LABELS:
-    return standalone_labels_of(a, c->vocab);
+  case STANDALONE_LABELS: {
+    if (t->ndim != 2) {
+      return fail(PyExc_ValueError, "argument '%s' must be 2-D [batch, time], got %d dimensions", a->name,
+                  (int)t->ndim);
+    }
+    if (is_cuda(a) || check_device_supported(a)) {
+      return PyErr_Occurred() ? -1
+                              : fail(PyExc_ValueError, "argument '%s' must be on the CPU for check_labels", a->name);
+    }
+    const napo_logits_layout shape = {t->shape[0], t->shape[1], c->vocab, 0, 0, 0};
+    a->logits = shape;
+    return labels_of(a, a); /* the labels are their own reference */
+  }
   case END:
     break;
   }
@@ -672,15 +612,14 @@ static int raise_status(const napo_call *c, napo_status status) {
     return fail(PyExc_RuntimeError, "napo CUDA kernel failed: %s (CUDA error %d)", what, code);
   }
   case NAPO_ERR_NO_CUDA:
-    PyErr_SetString(PyExc_RuntimeError,
-                    "napo was built without CUDA kernels; rebuild with nvcc on PATH (NAPO_CUDA=1) to use CUDA tensors");
-    return -1;
+    return fail(PyExc_RuntimeError,
+                "napo was built without CUDA kernels; rebuild with nvcc on PATH (NAPO_CUDA=1) to use CUDA tensors");
   default:
     return fail(PyExc_ValueError, "napo: %s", napo_status_message(status));
   }
 }
 
-/* ---- the kernels: one run function per entry point, its arguments by position ---- */
+/* ---- the kernels, one per entry point; arguments by position ---- */
 
 #define CPU_KERNEL(arg, kernel, ...) ((arg)->f64 ? kernel##_f64(__VA_ARGS__) : kernel##_f32(__VA_ARGS__))
 #ifdef NAPO_WITH_CUDA
@@ -690,30 +629,31 @@ static int raise_status(const napo_call *c, napo_status status) {
 #define CUDA_KERNEL(arg, kernel, ...) NAPO_ERR_NO_CUDA
 #define CUDA_CALL(call) NAPO_ERR_NO_CUDA
 #endif
-#define CUDA_ARGS(c, arg) (int)(arg)->tensor->device.device_id, (void *)(uintptr_t)(c)->stream, &(c)->cuda_error
+#define CUDA_ARGS(arg) (int)(arg)->tensor->device.device_id, (void *)(uintptr_t)c->stream, &c->cuda_error
 #define DATA(i) data_of(&c->arg[i])
 
 static int clamp_threads(long long requested) { return requested < 1 ? 1 : requested > 64 ? 64 : (int)requested; }
 
 static napo_status run_loss_forward(napo_call *c, int on_cuda) {
-  const napo_arg *m = &c->arg[0], *q = &c->arg[1];
+  const napo_arg *m = &c->arg[0];
   void *grad = c->arg[4].tensor != NULL ? DATA(4) : NULL;
-  return on_cuda ? CUDA_KERNEL(m, napo_loss_forward, DATA(0), m->layout, DATA(1), q->stride, c->beta, DATA(3), grad,
-                               CUDA_ARGS(c, m))
-                 : CPU_KERNEL(m, napo_loss_forward, DATA(0), m->layout, DATA(1), q->stride, c->beta, DATA(3), grad);
+  return on_cuda
+             ? CUDA_KERNEL(m, napo_loss_forward, DATA(0), m->layout, DATA(1), c->arg[1].stride, c->beta, DATA(3), grad,
+                           CUDA_ARGS(m))
+             : CPU_KERNEL(m, napo_loss_forward, DATA(0), m->layout, DATA(1), c->arg[1].stride, c->beta, DATA(3), grad);
 }
 
 static napo_status run_loss_backward(napo_call *c, int on_cuda) {
-  const napo_arg *grad = &c->arg[0], *factor = &c->arg[1];
+  const napo_arg *factor = &c->arg[1];
   return on_cuda
-             ? CUDA_KERNEL(factor, napo_loss_backward, DATA(0), grad->layout, DATA(1), DATA(2), CUDA_ARGS(c, factor))
-             : CPU_KERNEL(factor, napo_loss_backward, DATA(0), grad->layout, DATA(1), DATA(2));
+             ? CUDA_KERNEL(factor, napo_loss_backward, DATA(0), c->arg[0].layout, DATA(1), DATA(2), CUDA_ARGS(factor))
+             : CPU_KERNEL(factor, napo_loss_backward, DATA(0), c->arg[0].layout, DATA(1), DATA(2));
 }
 
 static napo_status run_adaptive_q(napo_call *c, int on_cuda) {
   const napo_arg *m = &c->arg[0];
   return on_cuda ? CUDA_KERNEL(m, napo_adaptive_q, DATA(0), m->stride, m->length, c->gamma, c->q_min, c->q_max, DATA(4),
-                               CUDA_ARGS(c, m))
+                               CUDA_ARGS(m))
                  : CPU_KERNEL(m, napo_adaptive_q, DATA(0), m->stride, m->length, c->gamma, c->q_min, c->q_max, DATA(4));
 }
 
@@ -721,21 +661,21 @@ static napo_status run_q_from_mean(napo_call *c, int on_cuda) {
   const napo_arg *m = &c->arg[0];
   return on_cuda
              ? CUDA_KERNEL(m, napo_q_from_mean, DATA(0), m->length, m->stride, c->gamma, c->q_min, c->q_max, DATA(4),
-                           CUDA_ARGS(c, m))
+                           CUDA_ARGS(m))
              : CPU_KERNEL(m, napo_q_from_mean, DATA(0), m->length, m->stride, c->gamma, c->q_min, c->q_max, DATA(4));
 }
 
 static napo_status run_dynamic_weights(napo_call *c, int on_cuda) {
   const napo_arg *m = &c->arg[0];
   return on_cuda ? CUDA_KERNEL(m, napo_dynamic_weights, DATA(0), m->stride, m->length, c->w_min, c->eps, DATA(3),
-                               CUDA_ARGS(c, m))
+                               CUDA_ARGS(m))
                  : CPU_KERNEL(m, napo_dynamic_weights, DATA(0), m->stride, m->length, c->w_min, c->eps, DATA(3));
 }
 
 static napo_status run_token_logps(napo_call *c, int on_cuda) {
   const napo_arg *l = &c->arg[0];
   return on_cuda ? CUDA_CALL(napo_token_logps_cuda(DATA(0), l->logits, l->logits_dtype, c->arg[1].labels,
-                                                   c->ignore_index, DATA(3), DATA(4), CUDA_ARGS(c, l)))
+                                                   c->ignore_index, DATA(3), DATA(4), CUDA_ARGS(l)))
                  : napo_token_logps(DATA(0), l->logits, l->logits_dtype, c->arg[1].labels, c->ignore_index, DATA(3),
                                     DATA(4), clamp_threads(c->num_threads), &c->bad);
 }
@@ -744,7 +684,7 @@ static napo_status run_token_logps_backward(napo_call *c, int on_cuda) {
   const napo_arg *l = &c->arg[0];
   return on_cuda ? CUDA_CALL(napo_token_logps_backward_cuda(DATA(0), l->logits, l->logits_dtype, c->arg[1].labels,
                                                             c->ignore_index, DATA(3), DATA(4), DATA(5),
-                                                            c->arg[5].logits, CUDA_ARGS(c, l)))
+                                                            c->arg[5].logits, CUDA_ARGS(l)))
                  : napo_token_logps_backward(DATA(0), l->logits, l->logits_dtype, c->arg[1].labels, c->ignore_index,
                                              DATA(3), DATA(4), DATA(5), c->arg[5].logits, clamp_threads(c->num_threads),
                                              &c->bad);
@@ -752,130 +692,64 @@ static napo_status run_token_logps_backward(napo_call *c, int on_cuda) {
 
 static napo_status run_check_labels(napo_call *c, int on_cuda) {
   (void)on_cuda; /* STANDALONE_LABELS refuses CUDA labels */
-  const napo_arg *labels = &c->arg[0];
-  return napo_check_labels(labels->labels, labels->logits.batch, labels->logits.time, c->vocab, c->ignore_index,
-                           &c->bad);
+  const napo_logits_layout shape = c->arg[0].logits;
+  return napo_check_labels(c->arg[0].labels, shape.batch, shape.time, c->vocab, c->ignore_index, &c->bad);
 }
 
-/* ---- the table ---- */
+/* ---- the table: each entry point's arguments (in Python's order), checks (in order) and kernel ---- */
 
-static entry_point loss_forward_entry = {
-    .name = "loss_forward",
+#define ARRAY(name) {name, ARG_ARRAY, 0}
+#define OPTIONAL_ARRAY(name) {name, ARG_OPTIONAL_ARRAY, 0}
+#define REAL(field) {#field, ARG_REAL, offsetof(napo_call, field)}
+#define INTEGER(field) {#field, ARG_INTEGER, offsetof(napo_call, field)}
+#define STREAM {"stream", ARG_STREAM, offsetof(napo_call, stream)}
+
+// clang-format off
+static entry_point loss_forward_entry = {.name = "loss_forward", .required = 4, .run = run_loss_forward,
     .args = {ARRAY("margins"), ARRAY("q"), REAL(beta), ARRAY("out"), OPTIONAL_ARRAY("grad_out"), STREAM},
-    .required = 4,
-    .checks = {{FLOAT_DTYPE, 0, 0},
-               {ON_DEVICE, 0, 0},
-               {MARGINS, 0, 0},
-               {SAME, 1, 0},
-               {ROW_Q, 1, 0},
-               {SAME, 3, 0},
-               {OUTPUT_LIKE, 3, 0},
-               {SAME, 4, 0},
-               {OUTPUT_LIKE, 4, 0},
-               {BETA, 0, 0}},
-    .run = run_loss_forward,
-};
+    .checks = {{FLOAT_DTYPE, 0, 0}, {ON_DEVICE, 0, 0}, {MARGINS, 0, 0}, {SAME, 1, 0}, {ROW_Q, 1, 0}, {SAME, 3, 0},
+               {OUTPUT_LIKE, 3, 0}, {SAME, 4, 0}, {OUTPUT_LIKE, 4, 0}, {BETA, 0, 0}}};
 
-static entry_point loss_backward_entry = {
-    .name = "loss_backward",
-    .args = {ARRAY("grad_loss"), ARRAY("grad_factor"), ARRAY("out"), STREAM},
-    .required = 3,
-    .checks = {{FLOAT_DTYPE, 1, 0},
-               {ON_DEVICE, 1, 0},
-               {MARGINS, 1, 0},
-               {SAME, 0, 1},
-               {SAME_SHAPE, 0, 1},
-               {MARGINS, 0, 0},
-               {OUTPUT_LIKE, 1, 1},
-               {SAME, 2, 1},
-               {OUTPUT_LIKE, 2, 1}},
-    .run = run_loss_backward,
-    .device_arg = 1,
-};
+static entry_point loss_backward_entry = {.name = "loss_backward", .required = 3, .run = run_loss_backward,
+    .args = {ARRAY("grad_loss"), ARRAY("grad_factor"), ARRAY("out"), STREAM}, .device_arg = 1,
+    .checks = {{FLOAT_DTYPE, 1, 0}, {ON_DEVICE, 1, 0}, {MARGINS, 1, 0}, {SAME, 0, 1}, {SAME_SHAPE, 0, 1},
+               {MARGINS, 0, 0}, {OUTPUT_LIKE, 1, 1}, {SAME, 2, 1}, {OUTPUT_LIKE, 2, 1}}};
 
-static entry_point adaptive_q_entry = {
-    .name = "adaptive_q",
+static entry_point adaptive_q_entry = {.name = "adaptive_q", .required = 5, .run = run_adaptive_q,
     .args = {ARRAY("margins"), REAL(gamma), REAL(q_min), REAL(q_max), ARRAY("out"), STREAM},
-    .required = 5,
-    .checks = {{FLOAT_DTYPE, 0, 0},
-               {ON_DEVICE, 0, 0},
-               {VECTOR, 0, 0},
-               {SAME, 4, 0},
-               {SCALAR, 4, 0},
-               {Q_PARAMS, 0, 0},
-               {NONEMPTY, 0, 0}},
-    .run = run_adaptive_q,
-    .empty_hint = "adaptive q needs the mean of at least one margin",
-};
+    .checks = {{FLOAT_DTYPE, 0, 0}, {ON_DEVICE, 0, 0}, {VECTOR, 0, 0}, {SAME, 4, 0}, {SCALAR, 4, 0},
+               {Q_PARAMS, 0, 0}, {NONEMPTY, 0, 0}},
+    .empty_hint = "adaptive q needs the mean of at least one margin"};
 
-static entry_point q_from_mean_entry = {
-    .name = "q_from_mean",
+static entry_point q_from_mean_entry = {.name = "q_from_mean", .required = 5, .run = run_q_from_mean,
     .args = {ARRAY("means"), REAL(gamma), REAL(q_min), REAL(q_max), ARRAY("out"), STREAM},
-    .required = 5,
-    .checks = {{FLOAT_DTYPE, 0, 0},
-               {ON_DEVICE, 0, 0},
-               {SAME, 4, 0},
-               {Q_PARAMS, 0, 0},
-               {MEANS, 0, 0},
-               {OUTPUT_OF_MEANS, 4, 0}},
-    .run = run_q_from_mean,
-};
+    .checks = {{FLOAT_DTYPE, 0, 0}, {ON_DEVICE, 0, 0}, {SAME, 4, 0}, {Q_PARAMS, 0, 0}, {MEANS, 0, 0},
+               {OUTPUT_OF_MEANS, 4, 0}}};
 
-static entry_point dynamic_weights_entry = {
-    .name = "dynamic_weights",
+static entry_point dynamic_weights_entry = {.name = "dynamic_weights", .required = 4, .run = run_dynamic_weights,
     .args = {ARRAY("reward_margins"), REAL(w_min), REAL(eps), ARRAY("out"), STREAM},
-    .required = 4,
-    .checks = {{FLOAT_DTYPE, 0, 0},
-               {ON_DEVICE, 0, 0},
-               {VECTOR, 0, 0},
-               {SAME, 3, 0},
-               {OUTPUT_VECTOR, 3, 0},
-               {WEIGHT_PARAMS, 0, 0},
-               {NONEMPTY, 0, 0}},
-    .run = run_dynamic_weights,
-    .empty_hint = "dynamic weights need K >= 1 loss terms",
-};
+    .checks = {{FLOAT_DTYPE, 0, 0}, {ON_DEVICE, 0, 0}, {VECTOR, 0, 0}, {SAME, 3, 0}, {OUTPUT_VECTOR, 3, 0},
+               {WEIGHT_PARAMS, 0, 0}, {NONEMPTY, 0, 0}},
+    .empty_hint = "dynamic weights need K >= 1 loss terms"};
 
-static entry_point token_logps_entry = {
-    .name = "token_logps",
+static entry_point token_logps_entry = {.name = "token_logps", .required = 5, .run = run_token_logps,
     .args = {ARRAY("logits"), ARRAY("labels"), INTEGER(ignore_index), ARRAY("token_out"), ARRAY("lse_out"),
              INTEGER(num_threads), INTEGER(position_offset), STREAM},
-    .required = 5,
-    .checks = {{LOGITS_DTYPE, 0, 0},
-               {ON_DEVICE, 0, 0},
-               {LOGITS_LAYOUT, 0, 0},
-               {LABELS, 1, 0},
-               {TOKEN_BUFFER, 3, 0},
-               {LSE_BUFFER, 4, 0}},
-    .run = run_token_logps,
-};
+    .checks = {{LOGITS_DTYPE, 0, 0}, {ON_DEVICE, 0, 0}, {LOGITS_LAYOUT, 0, 0}, {LABELS, 1, 0}, {TOKEN_BUFFER, 3, 0},
+               {LSE_BUFFER, 4, 0}}};
 
-static entry_point token_logps_backward_entry = {
-    .name = "token_logps_backward",
+static entry_point token_logps_backward_entry = {.name = "token_logps_backward", .required = 6,
+    .run = run_token_logps_backward,
     .args = {ARRAY("logits"), ARRAY("labels"), INTEGER(ignore_index), ARRAY("lse"), ARRAY("grad_token"),
              ARRAY("grad_out"), INTEGER(num_threads), STREAM},
-    .required = 6,
-    .checks = {{LOGITS_DTYPE, 0, 0},
-               {ON_DEVICE, 0, 0},
-               {LOGITS_LAYOUT, 0, 0},
-               {LABELS, 1, 0},
-               {LSE_BUFFER, 3, 0},
-               {TOKEN_BUFFER, 4, 0},
-               {LOGITS_DTYPE, 5, 0},
-               {SAME, 5, 0},
-               {SAME_SHAPE, 5, 0},
-               {LOGITS_LAYOUT, 5, 0},
-               {GRAD_MEMORY, 5, 0}},
-    .run = run_token_logps_backward,
-};
+    .checks = {{LOGITS_DTYPE, 0, 0}, {ON_DEVICE, 0, 0}, {LOGITS_LAYOUT, 0, 0}, {LABELS, 1, 0}, {LSE_BUFFER, 3, 0},
+               {TOKEN_BUFFER, 4, 0}, {LOGITS_DTYPE, 5, 0}, {SAME, 5, 0}, {SAME_SHAPE, 5, 0}, {LOGITS_LAYOUT, 5, 0},
+               {GRAD_MEMORY, 5, 0}}};
 
-static entry_point check_labels_entry = {
-    .name = "check_labels",
+static entry_point check_labels_entry = {.name = "check_labels", .required = 3, .run = run_check_labels,
     .args = {ARRAY("labels"), INTEGER(vocab), INTEGER(ignore_index), INTEGER(position_offset)},
-    .required = 3,
-    .checks = {{STANDALONE_LABELS, 0, 0}},
-    .run = run_check_labels,
-};
+    .checks = {{STANDALONE_LABELS, 0, 0}}};
+// clang-format on
 
 /* ---- the generic path ---- */
 
@@ -896,7 +770,7 @@ static int to_integer(PyObject *obj, void *out) { /* PyArg's "L" */
   return !(*(long long *)out == -1 && PyErr_Occurred());
 }
 
-static int to_stream(PyObject *obj, void *out) { /* PyArg's "K", and its message */
+static int to_stream(PyObject *obj, void *out) { /* PyArg's "K", with its message */
   if (!PyLong_Check(obj)) {
     const entry_point *e = ((const napo_call *)(void *)((char *)out - offsetof(napo_call, stream)))->entry;
     int position = 1;
@@ -911,6 +785,7 @@ static int to_stream(PyObject *obj, void *out) { /* PyArg's "K", and its message
   return 1;
 }
 
+/* Exports the arrays, then runs the checks; an optional array not given skips the checks naming it. */
 static int validate(napo_call *c, int n) {
   const entry_point *e = c->entry;
   for (int i = 0; i < n; ++i) {
@@ -969,7 +844,7 @@ static PyObject *call_entry(const entry_point *e, PyObject *args, PyObject *kwar
   return result;
 }
 
-/* PyArg's format ("O&O&|O&:name", one converter per argument) and keyword list. */
+/* PyArg's format ("O&O&|O&:name", one converter per argument) and keyword list, from the table. */
 static void prepare(entry_point *e) {
   char *format = e->format;
   for (int i = 0; i < MAX_ARGS && e->args[i].name != NULL; ++i) {
@@ -981,10 +856,10 @@ static void prepare(entry_point *e) {
 
 /* ---- the module ---- */
 
-#define ENTRY_POINTS(X)                                                                                                \
-  X(loss_forward)                                                                                                      \
-  X(loss_backward)                                                                                                     \
-  X(adaptive_q) X(q_from_mean) X(dynamic_weights) X(token_logps) X(token_logps_backward) X(check_labels)
+// clang-format off
+#define ENTRY_POINTS(X) X(loss_forward) X(loss_backward) X(adaptive_q) X(q_from_mean) X(dynamic_weights) \
+  X(token_logps) X(token_logps_backward) X(check_labels)
+// clang-format on
 
 #define WRAPPER(name)                                                                                                  \
   static PyObject *py_##name(PyObject *self, PyObject *args, PyObject *kwargs) {                                       \
@@ -1021,6 +896,24 @@ PyDoc_STRVAR(token_logps_backward_doc,
 PyDoc_STRVAR(check_labels_doc, "check_labels(labels, vocab, ignore_index, position_offset=0)\n--\n\n"
                                "Raises ValueError naming the first int64 label of the CPU array labels [B, T]\n"
                                "outside [0, vocab) that is not ignore_index.");
+PyDoc_STRVAR(cuda_runtime_info_doc,
+             "cuda_runtime_info()\n--\n\n"
+             "None without CUDA kernels; else a dict: runtime_version (the CUDA runtime napo links, e.g. 13000),\n"
+             "driver_version (the newest CUDA the driver supports, 0 without a driver), device_count, and\n"
+             "error (why the runtime cannot start, or None).");
+PyDoc_STRVAR(set_cuda_debug_doc, "set_cuda_debug(enabled)\n--\n\n"
+                                 "Debug mode: synchronise and check errors after every napo CUDA launch (a fault is\n"
+                                 "then reported by the napo call that caused it). No effect without CUDA kernels.");
+
+static PyObject *py_built_with_cuda(PyObject *self, PyObject *unused) {
+  (void)self;
+  (void)unused;
+#ifdef NAPO_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
 
 static PyObject *py_cuda_available(PyObject *self, PyObject *unused) {
   (void)self;
@@ -1031,12 +924,6 @@ static PyObject *py_cuda_available(PyObject *self, PyObject *unused) {
   Py_RETURN_FALSE;
 #endif
 }
-
-PyDoc_STRVAR(cuda_runtime_info_doc,
-             "cuda_runtime_info()\n--\n\n"
-             "None without CUDA kernels; else a dict: runtime_version (the CUDA runtime napo links, e.g. 13000),\n"
-             "driver_version (the newest CUDA the driver supports, 0 without a driver), device_count, and\n"
-             "error (why the runtime cannot start, or None).");
 
 static PyObject *py_cuda_runtime_info(PyObject *self, PyObject *unused) {
   (void)self;
@@ -1056,10 +943,6 @@ static PyObject *py_cuda_runtime_info(PyObject *self, PyObject *unused) {
 #endif
 }
 
-PyDoc_STRVAR(set_cuda_debug_doc, "set_cuda_debug(enabled)\n--\n\n"
-                                 "Debug mode: synchronise and check errors after every napo CUDA launch (a fault is\n"
-                                 "then reported by the napo call that caused it). No effect without CUDA kernels.");
-
 static PyObject *py_set_cuda_debug(PyObject *self, PyObject *arg) {
   (void)self;
   const int enabled = PyObject_IsTrue(arg);
@@ -1070,16 +953,6 @@ static PyObject *py_set_cuda_debug(PyObject *self, PyObject *arg) {
   napo_cuda_set_debug(enabled);
 #endif
   Py_RETURN_NONE;
-}
-
-static PyObject *py_built_with_cuda(PyObject *self, PyObject *unused) {
-  (void)self;
-  (void)unused;
-#ifdef NAPO_WITH_CUDA
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
 }
 
 #define METHOD(name) {#name, (PyCFunction)(void (*)(void))py_##name, METH_VARARGS | METH_KEYWORDS, name##_doc},
