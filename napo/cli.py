@@ -8,6 +8,8 @@ import pickle
 import sys
 from collections.abc import Sequence
 
+from napo import _quiet
+
 
 def _integer(minimum: int, maximum: int | None = None):
     """An argparse type: an integer in [minimum, maximum], with the range in the error (the ranges are
@@ -277,11 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("path")
     sample.add_argument("--rows", type=_positive_int, default=32)
     sample.add_argument("--seed", type=_seed, default=0)
+    for command in commands.choices.values():
+        command.add_argument("--verbose", action="store_true", help=_quiet.VERBOSE_HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet.configure(args.verbose)
     if args.command == "demo":
         import torch
 
