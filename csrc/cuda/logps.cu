@@ -27,19 +27,14 @@ void launch_backward(const void *logits, napo_logits_layout layout, napo_labels 
                       (T *)grad_logits, grad_layout);
 }
 
+/* The CPU entry points' own checks (napo_check_logps_args: one validation for both), plus the grid's limit. */
 napo_status check_launch(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels) {
-  if (dtype != NAPO_LOGITS_F32 && dtype != NAPO_LOGITS_F64 && dtype != NAPO_LOGITS_BF16 && dtype != NAPO_LOGITS_F16) {
-    return NAPO_ERR_DTYPE;
-  }
-  const napo_status status = napo_check_logits_layout(logits, layout);
+  const napo_status status = napo_check_logps_args(logits, layout, dtype, labels);
   if (status != NAPO_OK) {
     return status;
   }
   if (layout.batch * layout.time > 0x7fffffffLL) {
     return NAPO_ERR_SIZE; /* one block per row: the grid's x extent */
-  }
-  if (layout.batch * layout.time > 0 && labels.data == nullptr) {
-    return NAPO_ERR_NULL_POINTER;
   }
   return NAPO_OK;
 }

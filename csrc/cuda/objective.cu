@@ -20,16 +20,11 @@ int blocks_for(int64_t n) {
 template <typename T>
 napo_status loss_forward(const T *margins, napo_layout layout, const T *q, int64_t q_stride, double beta, T *loss,
                          T *grad_factor, int device, void *stream, int *cuda_error) {
-  napo_status status = napo_check_layout(margins, layout);
-  if (status != NAPO_OK || (status = napo_check_loss_params(beta)) != NAPO_OK) {
-    return status;
-  }
+  /* The CPU entry point's checks, short of reading q's values (out-of-range q gives NaN in the kernel). */
+  const napo_status status = napo_check_loss_forward_args(margins, layout, q, q_stride, beta, loss);
   const int64_t total = layout.rows * layout.cols;
-  if (total == 0) {
-    return NAPO_OK;
-  }
-  if (q == nullptr || loss == nullptr) {
-    return NAPO_ERR_NULL_POINTER;
+  if (status != NAPO_OK || total == 0) {
+    return status;
   }
   return napo_cuda::on_device(device, stream, cuda_error, [&] {
     NAPO_LAUNCH(loss_forward_kernel<T>, blocks_for(total), kThreads, 0,

@@ -34,7 +34,7 @@ int failures = 0, checks = 0;
     ++checks;                                                                                                          \
     if (!(cond)) {                                                                                                     \
       if (++failures <= 20) {                                                                                          \
-        std::fprintf(stderr, "%s:%d: FAILED %s: ", __FILE__, __LINE__, #cond);                                        \
+        std::fprintf(stderr, "%s:%d: FAILED %s: ", __FILE__, __LINE__, #cond);                                         \
         std::fprintf(stderr, __VA_ARGS__);                                                                             \
         std::fprintf(stderr, "\n");                                                                                    \
       }                                                                                                                \
@@ -103,7 +103,8 @@ enum layout_kind { CONTIGUOUS, TRANSPOSED, VOCAB_STRIDED };
 enum special_kind { PLAIN, NAN_LOGIT, POS_INF_LOGIT, NEG_INF_LOGITS, ALL_IGNORED };
 
 /* One log-prob case: forward and backward (out of place and in place) against the CPU serial kernels. */
-void logps_case(napo_logits_dtype d, int64_t batch, int64_t time, int64_t vocab, layout_kind kind, special_kind special) {
+void logps_case(napo_logits_dtype d, int64_t batch, int64_t time, int64_t vocab, layout_kind kind,
+                special_kind special) {
   const int64_t ignore = -100, rows = batch * time, spread = kind == VOCAB_STRIDED ? 2 : 1;
   napo_logits_layout layout = {batch, time, vocab, time * vocab * spread, vocab * spread, spread};
   if (kind == TRANSPOSED) { /* memory [time, batch, vocab] viewed as [batch, time, vocab] */
@@ -142,7 +143,8 @@ void logps_case(napo_logits_dtype d, int64_t batch, int64_t time, int64_t vocab,
   std::vector<unsigned char> token_cpu((size_t)rows * acc_size), token_gpu((size_t)rows * acc_size);
   std::vector<double> lse_cpu((size_t)rows), lse_gpu((size_t)rows, 7.0);
   napo_label_error bad;
-  napo_status st = napo_token_logps_serial(logits.data(), layout, d, lab, ignore, token_cpu.data(), lse_cpu.data(), &bad);
+  napo_status st =
+      napo_token_logps_serial(logits.data(), layout, d, lab, ignore, token_cpu.data(), lse_cpu.data(), &bad);
   EXPECT(st == NAPO_OK, "cpu status %d", (int)st);
   int cuda_error = 0;
   st = napo_token_logps_cuda(logits.data(), layout, d, lab, ignore, token_gpu.data(), lse_gpu.data(), 0, nullptr,
@@ -187,6 +189,17 @@ void logps_case(napo_logits_dtype d, int64_t batch, int64_t time, int64_t vocab,
     }
   }
   EXPECT(shown == 0, "%d gradient elements differ", shown);
+  /* Both kernels round the gradient once to the logits' dtype (the GPU from float32, the CPU from
+   * float64), so their 16-bit results are the same bits except where the two pre-rounding values
+   * straddle a rounding boundary: rare. A conversion that truncates differs in about half. */
+  if (item_size(d) == 2 && special == PLAIN) {
+    int64_t differing = 0;
+    for (int64_t i = 0; i < elements; ++i) {
+      differing += ((const uint16_t *)grad_gpu.data())[i] != ((const uint16_t *)grad_cpu.data())[i];
+    }
+    EXPECT(differing <= 2 + elements / 100, "%s V=%lld: %lld of %lld gradient values not rounded as the CPU rounds",
+           dtype_name(d), (long long)vocab, (long long)differing, (long long)elements);
+  }
   /* In place: the gradient overwrites the logits and must equal the out-of-place result. */
   copy = logits;
   st = napo_token_logps_backward_cuda(copy.data(), layout, d, lab, ignore, lse_cpu.data(), grad_token.data(),
@@ -244,7 +257,8 @@ template <> struct objective_api<double> {
   static constexpr auto w_gpu = napo_dynamic_weights_f64_cuda;
 };
 
-template <typename T> void compare(const std::vector<T> &gpu, const std::vector<T> &cpu, const char *what, long long n) {
+template <typename T>
+void compare(const std::vector<T> &gpu, const std::vector<T> &cpu, const char *what, long long n) {
   int shown = 0;
   for (size_t i = 0; i < cpu.size(); ++i) {
     if (!close(gpu[i], cpu[i], tol_of<T>()) && shown++ < 3) {
@@ -272,7 +286,8 @@ template <typename T> void loss_case(int64_t rows, int64_t cols, bool transposed
   const size_t n = (size_t)(rows * cols);
   std::vector<T> loss_c(n), grad_c(n), loss_g(n), grad_g(n);
   int err = 0;
-  EXPECT(api::loss_cpu(margins.data(), layout, q.data(), q_stride, 0.5, loss_c.data(), grad_c.data()) == NAPO_OK, "status");
+  EXPECT(api::loss_cpu(margins.data(), layout, q.data(), q_stride, 0.5, loss_c.data(), grad_c.data()) == NAPO_OK,
+         "status");
   EXPECT(api::loss_gpu(margins.data(), layout, q.data(), q_stride, 0.5, loss_g.data(), grad_g.data(), 0, nullptr,
                        &err) == NAPO_OK,
          "status");

@@ -66,6 +66,75 @@ private:
 thread_local block_barrier *current_barrier = nullptr;
 thread_local cudaError_t last_error = cudaSuccess;
 
+/* The OS threads that play a block's CUDA threads, kept from one launch to the next (creating 256
+ * threads per launch cost most of the suite's time, ThreadSanitizer's above all). run() hands
+ * threads 0..n-1 one job and returns when all of them have finished it. */
+class thread_pool {
+public:
+  ~thread_pool() {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    start_.notify_all();
+    for (std::thread &worker : workers_) {
+      worker.join();
+    }
+  }
+
+  void run(unsigned n, const std::function<void(unsigned)> &job) {
+    const std::lock_guard<std::mutex> one_launch_at_a_time(launch_mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (workers_.size() < n) {
+      workers_.emplace_back(&thread_pool::work, this, (unsigned)workers_.size(), generation_);
+    }
+    job_ = &job;
+    active_ = n;
+    running_ = n;
+    ++generation_;
+    lock.unlock();
+    start_.notify_all();
+    lock.lock();
+    done_.wait(lock, [&] { return running_ == 0; });
+    job_ = nullptr;
+  }
+
+private:
+  void work(unsigned index, unsigned long long seen) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      start_.wait(lock, [&] { return generation_ != seen || stopping_; });
+      if (stopping_) {
+        return;
+      }
+      seen = generation_;
+      if (index >= active_) {
+        continue;
+      }
+      const std::function<void(unsigned)> *job = job_;
+      lock.unlock();
+      (*job)(index);
+      lock.lock();
+      if (--running_ == 0) {
+        done_.notify_one();
+      }
+    }
+  }
+
+  std::mutex launch_mutex_, mutex_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(unsigned)> *job_ = nullptr;
+  unsigned active_ = 0, running_ = 0;
+  unsigned long long generation_ = 0;
+  bool stopping_ = false;
+};
+
+thread_pool &pool() {
+  static thread_pool threads;
+  return threads;
+}
+
 std::mutex counts_mutex;
 std::map<std::string, long long> counts;
 
@@ -99,25 +168,18 @@ void run(const char *kernel_name, dim3 grid, dim3 block, size_t dynamic_shared, 
     ++counts[base_name(kernel_name)];
   }
   block_barrier barrier(kernel_name, block.x);
-  std::vector<std::thread> threads;
-  threads.reserve(block.x);
-  for (unsigned t = 0; t < block.x; ++t) {
-    threads.emplace_back([&, t] {
-      threadIdx = dim3(t, 0, 0);
-      blockDim = block;
-      gridDim = grid;
-      current_barrier = &barrier;
-      for (unsigned b = 0; b < grid.x; ++b) {
-        blockIdx = dim3(b, 0, 0);
-        body();
-        barrier.finish_block();
-      }
-      current_barrier = nullptr;
-    });
-  }
-  for (std::thread &thread : threads) {
-    thread.join();
-  }
+  pool().run(block.x, [&](unsigned t) {
+    threadIdx = dim3(t, 0, 0);
+    blockDim = block;
+    gridDim = grid;
+    current_barrier = &barrier;
+    for (unsigned b = 0; b < grid.x; ++b) {
+      blockIdx = dim3(b, 0, 0);
+      body();
+      barrier.finish_block();
+    }
+    current_barrier = nullptr;
+  });
 }
 
 int launch_counts(launch_count *out, int capacity) {
