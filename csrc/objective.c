@@ -261,13 +261,15 @@ static napo_status dynamic_weights(const void *reward_margins, int64_t stride, i
   }
   double scale = 1.0;
   const double scaled_total = scaled_sum(reward_margins, stride, k, dtype, &scale);
-  /* The eps test needs the true total; scaled_total * scale may round to +-inf, on the right side. */
-  const double total = scaled_total * scale;
+  int64_t infinite = 0;
+  if (scaled_total == INFINITY) { /* some margin is +inf, none -inf or NaN */
+    for (int64_t i = 0; i < k; ++i) {
+      infinite += load(reward_margins, dtype, i * stride) == INFINITY;
+    }
+  }
   for (int64_t i = 0; i < k; ++i) {
-    /* total <= eps covers step 0, where every margin is zero and the ratio is
-     * 0/0; a NaN total fails the test and propagates NaN weights. */
-    const double ratio = load(reward_margins, dtype, i * stride) / scale / scaled_total;
-    store(weights, dtype, i, total <= eps ? 1.0 / (double)k : napo_clip(ratio, w_min, 1.0));
+    const double r = load(reward_margins, dtype, i * stride);
+    store(weights, dtype, i, napo_dynamic_weight(r, scale, scaled_total, k, infinite, w_min, eps));
   }
   return NAPO_OK;
 }

@@ -107,10 +107,16 @@ __global__ void dynamic_weights_kernel(const T *reward_margins, int64_t stride, 
   if (scale != 1.0) {
     scaled_total = block_sum(reward_margins, stride, k, scale);
   }
-  const double total = scaled_total * scale;
+  double infinite = 0.0; /* as on the CPU: counted only when some margin is +inf (every thread takes the same branch) */
+  if (scaled_total == INFINITY) {
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+      infinite += (double)reward_margins[i * stride] == INFINITY ? 1.0 : 0.0;
+    }
+    infinite = block_reduce(infinite, [](double a, double b) { return a + b; });
+  }
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-    const double ratio = (double)reward_margins[i * stride] / scale / scaled_total;
-    weights[i] = (T)(total <= eps ? 1.0 / (double)k : napo_clip(ratio, w_min, 1.0));
+    const double r = (double)reward_margins[i * stride];
+    weights[i] = (T)napo_dynamic_weight(r, scale, scaled_total, k, (int64_t)infinite, w_min, eps);
   }
 }
 
