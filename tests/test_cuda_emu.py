@@ -54,6 +54,11 @@ def _make(*targets: str, **variables: str) -> None:
 
 @pytest.fixture(scope="module")
 def emu() -> ctypes.CDLL:
+    return load_emulated_kernels()
+
+
+def load_emulated_kernels() -> ctypes.CDLL:
+    """The CUDA kernels built against the emulator as a shared library, with their C signatures."""
     _make(LIBRARY)
     lib = ctypes.CDLL(str(ROOT / LIBRARY))
     status = ctypes.c_int
