@@ -124,3 +124,34 @@ def test_the_check_runs_under_torch_compile(checked_cpu):
     with pytest.warns(RuntimeWarning, match="disagrees"):
         total = loss_of(margins, q)
     assert torch.allclose(total, reference.napo_loss(margins, q, 0.5)[0].sum())
+
+
+def test_a_first_call_during_cuda_graph_capture_skips_the_check_with_a_warning(checked_cpu):
+    """The capture branch, driven without a GPU: a stand-in CUDA tensor and a stubbed capture state."""
+
+    class CudaStandIn:
+        device = torch.device("cuda", 0)
+        dtype = torch.float32
+
+    checked_cpu.setattr(native, "_self_check_devices", frozenset({"cuda"}))
+    checked_cpu.setattr(native, "_warned_capture", False)
+    checked_cpu.setattr(native, "describe_device", lambda device: "cuda:0 (stand-in)")
+    capturing = [True]
+    checked_cpu.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    ran = []
+
+    def fake_check(op, device, dtype):
+        ran.append((op, device, dtype))
+        return native.SelfCheckResult(op, "cuda:0 (stand-in)", dtype, 0.0, 1e-5, 0.001)
+
+    checked_cpu.setattr(native, "run_self_check", fake_check)
+    with pytest.warns(RuntimeWarning, match="during a CUDA-graph capture, where the check cannot run"):
+        assert native._kernel_trusted("napo_loss", CudaStandIn())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per process
+        assert native._kernel_trusted("token_logps", CudaStandIn())
+    assert ran == [] and native._self_check_results == {}
+    capturing[0] = False  # the next eager call checks, once
+    assert native._kernel_trusted("napo_loss", CudaStandIn()) and native._kernel_trusted("napo_loss", CudaStandIn())
+    assert ran == [("napo_loss", torch.device("cuda", 0), torch.float32)]
+    assert native._self_check_results == {("napo_loss", "cuda", 0, torch.float32): True}
