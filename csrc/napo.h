@@ -96,6 +96,8 @@ napo_status napo_q_from_mean_f64(const double *means, int64_t n, int64_t stride,
 
 /* ---- dynamic loss weights (spec Eq. 13) ----
  * w_k = clip(R_k / sum_j R_j, w_min, 1); uniform 1/K when sum_j R_j <= eps.
+ * With m margins at +inf (none -inf or NaN): clip(1/m, w_min, 1) for those, w_min for the
+ * others (the limit of the ratio); +inf with -inf, or a NaN margin, gives NaN weights.
  * 0 <= w_min <= 1, eps >= 0, k >= 1.
  */
 napo_status napo_dynamic_weights_f32(const float *reward_margins, int64_t stride, int64_t k, double w_min, double eps,
