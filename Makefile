@@ -12,7 +12,7 @@ C_SOURCES := csrc/objective.c csrc/logps.c
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: demo test test-c test-py lint format cuda-check gpu-check check-cpu-build bench clean install
+.PHONY: demo test test-c test-cuda-emu test-py lint format cuda-check gpu-check check-cpu-build bench clean install
 
 $(VENV)/.installed: pyproject.toml setup.py requirements/ci-constraints.txt $(wildcard csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/napo demo
 
-test: test-c test-py
+test: test-c test-cuda-emu test-py
 
 test-py: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -40,6 +40,50 @@ test-c:
 	done
 	@echo "again with the 4-lane baseline kernels:"
 	NAPO_SIMD_WIDTH=4 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 $(C_BUILD)/test_logps
+
+# napo's CUDA kernels executed on the CPU emulation of CUDA (csrc/cuda/emu: one OS thread per CUDA
+# thread), compared with the C CPU kernels, under ASan+UBSan and then under TSan (a missing
+# __syncthreads is a data race on shared memory). EMU_SRC is the source tree to build (the mutation
+# test in tests/test_cuda_emu.py points it at mutated copies) and EMU_BUILD where to build it.
+CXX ?= c++
+EMU_SRC ?= csrc
+EMU_BUILD ?= $(C_BUILD)/emu
+EMU_FLAGS = -std=c++17 -O1 -g -fno-omit-frame-pointer -Wall -Wextra -Werror -I$(EMU_SRC)/cuda/emu/include \
+  -I$(EMU_SRC)/cuda/emu -I$(EMU_SRC)
+EMU_CUDA := logps objective runtime
+EMU_SAN_asan := -fsanitize=address,undefined -fno-sanitize-recover=all
+EMU_SAN_tsan := -fsanitize=thread
+EMU_SAN_plain :=
+EMU_DEPS = $(wildcard $(EMU_SRC)/*.c $(EMU_SRC)/*.h $(EMU_SRC)/cuda/*.cu $(EMU_SRC)/cuda/*.cuh $(EMU_SRC)/cuda/emu/*) \
+  $(EMU_SRC)/tests/test_cuda_emu.cpp
+
+$(EMU_BUILD)/test_cuda_emu_%: $(EMU_DEPS)
+	mkdir -p $(EMU_BUILD)/$*
+	for f in $(EMU_CUDA); do \
+	  $(CXX) $(EMU_FLAGS) $(EMU_SAN_$*) -x c++ -c $(EMU_SRC)/cuda/$$f.cu -o $(EMU_BUILD)/$*/$$f.o || exit 1; \
+	done
+	$(CXX) $(EMU_FLAGS) $(EMU_SAN_$*) -c $(EMU_SRC)/cuda/emu/cuda_emu.cpp -o $(EMU_BUILD)/$*/cuda_emu.o
+	$(CXX) $(EMU_FLAGS) $(EMU_SAN_$*) -c $(EMU_SRC)/tests/test_cuda_emu.cpp -o $(EMU_BUILD)/$*/test_cuda_emu.o
+	for f in objective logps; do \
+	  $(CC) $(C_WARNINGS) -O1 -g $(EMU_SAN_$*) -I$(EMU_SRC) -c $(EMU_SRC)/$$f.c -o $(EMU_BUILD)/$*/$$f.c.o || exit 1; \
+	done
+	$(CXX) $(EMU_SAN_$*) $(EMU_BUILD)/$*/*.o -lm -lpthread -o $@
+
+# The emulated kernels as a shared library, for the Python tests against napo's PyTorch reference (ctypes).
+$(EMU_BUILD)/libnapo_cuda_emu.so: $(EMU_DEPS)
+	mkdir -p $(EMU_BUILD)/lib
+	for f in $(EMU_CUDA); do \
+	  $(CXX) $(EMU_FLAGS) -fPIC -x c++ -c $(EMU_SRC)/cuda/$$f.cu -o $(EMU_BUILD)/lib/$$f.o || exit 1; \
+	done
+	$(CXX) $(EMU_FLAGS) -fPIC -c $(EMU_SRC)/cuda/emu/cuda_emu.cpp -o $(EMU_BUILD)/lib/cuda_emu.o
+	for f in objective logps; do \
+	  $(CC) $(C_WARNINGS) -O1 -fPIC -I$(EMU_SRC) -c $(EMU_SRC)/$$f.c -o $(EMU_BUILD)/lib/$$f.c.o || exit 1; \
+	done
+	$(CXX) -shared $(EMU_BUILD)/lib/*.o -lm -lpthread -o $@
+
+test-cuda-emu: $(EMU_BUILD)/test_cuda_emu_asan $(EMU_BUILD)/test_cuda_emu_tsan
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $(EMU_BUILD)/test_cuda_emu_asan
+	TSAN_OPTIONS=halt_on_error=1 $(EMU_BUILD)/test_cuda_emu_tsan
 
 # Compiles every CUDA source with warnings as errors when nvcc exists; a no-op otherwise.
 cuda-check:
@@ -63,12 +107,14 @@ gpu-check: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/tests/*.c csrc/tests/*.h
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/emu/*.h csrc/cuda/emu/*.cpp \
+	  csrc/cuda/emu/include/*.h csrc/tests/*.c csrc/tests/*.cpp csrc/tests/*.h
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
-	$(VENV)/bin/clang-format -i csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/tests/*.c csrc/tests/*.h
+	$(VENV)/bin/clang-format -i csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/emu/*.h csrc/cuda/emu/*.cpp \
+	  csrc/cuda/emu/include/*.h csrc/tests/*.c csrc/tests/*.cpp csrc/tests/*.h
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_objective.py

@@ -1,6 +1,7 @@
 """The whole GPU verification of napo in one call, for a machine with a GPU and no network.
 
-Builds napo in place (pip install --no-build-isolation --no-deps -e .), runs the CUDA tests, then
+Builds napo in place (pip install --no-build-isolation --no-deps -e .), runs `napo doctor` (each
+kernel's self-check against the reference on every GPU and dtype), the CUDA tests, then
 the GPU benchmarks, and prints one Markdown table: the card, driver and CUDA versions, each check
 (pass/fail/skip with counts) and each figure. Every step has a time limit taken from one overall
 deadline (8 minutes by default), so the run ends in time even when a step hangs. Logs, the
@@ -106,6 +107,20 @@ def _napo_runtime(check: Check) -> bool:
     return bool(built and available)
 
 
+def _doctor(check: Check) -> None:
+    """`napo doctor` first: versions, backends and each kernel's self-check against the reference on every
+    GPU and dtype (the CPU kernels without a GPU), one row per check."""
+    code, text = check.run("doctor", [sys.executable, "-c", "import sys; from napo.cli import main; "
+                                      "sys.exit(main(['doctor']))"], 120)  # fmt: skip
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| device")]
+    for line in rows:
+        device, op, dtype, error, tolerance, ms, result = (c.strip() for c in line.strip("| ").split("|"))
+        check.row(f"self-check {op} {dtype} on {device}", "pass" if result == "pass" else "FAIL",
+                  f"max error {error} (tolerance {tolerance}), {ms} ms")  # fmt: skip
+    if code != 0 or not rows:
+        check.row("napo doctor", "FAIL", "timed out" if code is None else f"exit {code}; see doctor.log")
+
+
 def _pytest(check: Check, gpu: bool) -> None:
     xml = check.out / "cuda-tests.xml"
     if not gpu:
@@ -185,6 +200,7 @@ def main() -> None:
         code, _ = check.run("build", [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
                                       "--no-index", "-e", "."], 240)  # fmt: skip
         check.row("build (pip install --no-build-isolation -e .)", "pass" if code == 0 else "FAIL", "see build.log")
+    _doctor(check)
     gpu = _napo_runtime(check) and versions["card"] != "no GPU"
     _pytest(check, gpu)
     if gpu:

@@ -176,8 +176,8 @@ static int dtype_known(napo_logits_dtype dtype) {
   return dtype == NAPO_LOGITS_F32 || dtype == NAPO_LOGITS_F64 || dtype == NAPO_LOGITS_BF16 || dtype == NAPO_LOGITS_F16;
 }
 
-napo_status napo_check_labels(napo_labels labels, int64_t batch, int64_t time, int64_t vocab, int64_t ignore_index,
-                              napo_label_error *bad_label) {
+/* The labels' strides and pointer, for batch x time positions. */
+static napo_status check_labels_layout(napo_labels labels, int64_t batch, int64_t time) {
   if (batch < 0 || time < 0) {
     return NAPO_ERR_SIZE;
   }
@@ -189,8 +189,14 @@ napo_status napo_check_labels(napo_labels labels, int64_t batch, int64_t time, i
   if (max_offset(extents, strides, 2) < 0) {
     return NAPO_ERR_SIZE;
   }
-  if (labels.data == NULL) {
-    return NAPO_ERR_NULL_POINTER;
+  return labels.data == NULL ? NAPO_ERR_NULL_POINTER : NAPO_OK;
+}
+
+napo_status napo_check_labels(napo_labels labels, int64_t batch, int64_t time, int64_t vocab, int64_t ignore_index,
+                              napo_label_error *bad_label) {
+  const napo_status status = check_labels_layout(labels, batch, time);
+  if (status != NAPO_OK || batch == 0 || time == 0) {
+    return status;
   }
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t t = 0; t < time; ++t) {
@@ -390,12 +396,18 @@ static void backward_row_serial(const job *work, int64_t row, float *buf) {
 
 /* ---- entry points ---- */
 
-static napo_status prepare(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
-                           int64_t ignore_index, napo_label_error *bad_label) {
+napo_status napo_check_logps_args(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                                  napo_labels labels) {
   if (!dtype_known(dtype)) {
     return NAPO_ERR_DTYPE;
   }
-  napo_status status = napo_check_logits_layout(logits, layout);
+  const napo_status status = napo_check_logits_layout(logits, layout);
+  return status != NAPO_OK ? status : check_labels_layout(labels, layout.batch, layout.time);
+}
+
+static napo_status prepare(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype, napo_labels labels,
+                           int64_t ignore_index, napo_label_error *bad_label) {
+  const napo_status status = napo_check_logps_args(logits, layout, dtype, labels);
   if (status != NAPO_OK) {
     return status;
   }

@@ -51,6 +51,11 @@ napo_status napo_check_layout(const void *data, napo_layout layout);
 napo_status napo_check_loss_params(double beta);
 napo_status napo_check_q_params(double gamma, double q_min, double q_max);
 napo_status napo_check_weight_params(double w_min, double eps);
+/* Everything about a loss forward's arguments that the host can check without reading device memory
+ * (layout, beta, pointers, q_stride's reach over the rows); the CPU entry point then also checks q's
+ * values, which the CUDA one cannot read without a sync (out-of-range q gives NaN there). */
+napo_status napo_check_loss_forward_args(const void *margins, napo_layout layout, const void *q, int64_t q_stride,
+                                         double beta, const void *loss);
 
 /* ---- the NaPO loss, one value per pair ----
  * L_q(M) = -expm1(q * logsigmoid(beta M)) / q  for q in (0, 1]
@@ -91,6 +96,8 @@ napo_status napo_q_from_mean_f64(const double *means, int64_t n, int64_t stride,
 
 /* ---- dynamic loss weights (spec Eq. 13) ----
  * w_k = clip(R_k / sum_j R_j, w_min, 1); uniform 1/K when sum_j R_j <= eps.
+ * With m margins at +inf (none -inf or NaN): clip(1/m, w_min, 1) for those, w_min for the
+ * others (the limit of the ratio); +inf with -inf, or a NaN margin, gives NaN weights.
  * 0 <= w_min <= 1, eps >= 0, k >= 1.
  */
 napo_status napo_dynamic_weights_f32(const float *reward_margins, int64_t stride, int64_t k, double w_min, double eps,
@@ -137,6 +144,10 @@ napo_status napo_check_logps_backward_args(napo_logits_layout layout, const doub
                                            const void *grad_logits, napo_logits_layout grad_layout);
 napo_status napo_check_labels(napo_labels labels, int64_t batch, int64_t time, int64_t vocab, int64_t ignore_index,
                               napo_label_error *bad_label);
+/* The checks of a log-prob call that need no label value (dtype, the logits' layout, the labels' strides
+ * and pointer): made by the CPU and the CUDA entry points alike; the CPU ones then check every label. */
+napo_status napo_check_logps_args(const void *logits, napo_logits_layout layout, napo_logits_dtype dtype,
+                                  napo_labels labels);
 
 /* The fast kernel: chunked online log-sum-exp in float32 with float64 running
  * sums, one read of the logits, rows split over num_threads threads. Falls back

@@ -73,6 +73,24 @@ NAPO_HD double napo_sum_scale(double total, double max_abs) {
   return !isfinite(total) && isfinite(max_abs) && max_abs > 0.0 ? ldexp(1.0, ilogb(max_abs)) : 1.0;
 }
 
+/* The dynamic weight of a term with margin r (spec Eq. 13), given the scaled sum of all K margins (their
+ * sum is scaled_total * scale, napo_sum_scale) and how many margins are +inf (counted only when
+ * scaled_total is +inf, which means some are +inf and none is -inf or NaN):
+ *  - total <= eps: uniform 1/K (step 0, and any sum at or below zero);
+ *  - some R_j = +inf: the limit of R_k / sum R as those terms grow alike: each infinite term gets
+ *    clip(1/m, w_min, 1) for m infinite terms and every finite term w_min (inf / inf was NaN);
+ *  - otherwise clip(R_k / sum R, w_min, 1); NaN margins (or +inf with -inf) give NaN. */
+NAPO_HD double napo_dynamic_weight(double r, double scale, double scaled_total, int64_t k, int64_t infinite,
+                                   double w_min, double eps) {
+  if (scaled_total * scale <= eps) {
+    return 1.0 / (double)k;
+  }
+  if (infinite > 0) {
+    return r == INFINITY ? napo_clip(1.0 / (double)infinite, w_min, 1.0) : w_min;
+  }
+  return napo_clip(r / scale / scaled_total, w_min, 1.0);
+}
+
 /* q = clip(2 * (1 - sigmoid(gamma * mean)), q_min, q_max), as 2 * sigmoid(-x). */
 NAPO_HD double napo_q_value(double mean, double gamma, double q_min, double q_max) {
   return napo_clip(2.0 * napo_sigmoid(-gamma * mean), q_min, q_max);

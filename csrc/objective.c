@@ -123,24 +123,8 @@ napo_status napo_check_weight_params(double w_min, double eps) {
 
 /* ---- loss ---- */
 
-/* Validates every row's q before anything is written. */
-static napo_status check_row_q(const void *q, int64_t q_stride, int64_t rows, napo_dtype dtype) {
-  if (q == NULL) {
-    return NAPO_ERR_NULL_POINTER;
-  }
-  if (!product_within(q_stride, rows, INT64_MAX / (int64_t)sizeof(double))) {
-    return NAPO_ERR_SIZE;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    if (!napo_q_in_range(load(q, dtype, r * q_stride))) {
-      return NAPO_ERR_Q_RANGE;
-    }
-  }
-  return NAPO_OK;
-}
-
-static napo_status loss_forward(const void *margins, napo_layout layout, const void *q, int64_t q_stride, double beta,
-                                void *loss, void *grad_factor, napo_dtype dtype) {
+napo_status napo_check_loss_forward_args(const void *margins, napo_layout layout, const void *q, int64_t q_stride,
+                                         double beta, const void *loss) {
   napo_status status = napo_check_layout(margins, layout);
   if (status != NAPO_OK || (status = napo_check_loss_params(beta)) != NAPO_OK) {
     return status;
@@ -148,11 +132,23 @@ static napo_status loss_forward(const void *margins, napo_layout layout, const v
   if (layout.rows == 0 || layout.cols == 0) {
     return NAPO_OK;
   }
-  if (loss == NULL) {
+  if (loss == NULL || q == NULL) {
     return NAPO_ERR_NULL_POINTER;
   }
-  if ((status = check_row_q(q, q_stride, layout.rows, dtype)) != NAPO_OK) {
+  return product_within(q_stride, layout.rows, INT64_MAX / (int64_t)sizeof(double)) ? NAPO_OK : NAPO_ERR_SIZE;
+}
+
+static napo_status loss_forward(const void *margins, napo_layout layout, const void *q, int64_t q_stride, double beta,
+                                void *loss, void *grad_factor, napo_dtype dtype) {
+  const napo_status status = napo_check_loss_forward_args(margins, layout, q, q_stride, beta, loss);
+  if (status != NAPO_OK || layout.rows == 0 || layout.cols == 0) {
     return status;
+  }
+  /* Every row's q is validated before anything is written. */
+  for (int64_t r = 0; r < layout.rows; ++r) {
+    if (!napo_q_in_range(load(q, dtype, r * q_stride))) {
+      return NAPO_ERR_Q_RANGE;
+    }
   }
   for (int64_t r = 0; r < layout.rows; ++r) {
     const double q_value = load(q, dtype, r * q_stride);
@@ -265,13 +261,15 @@ static napo_status dynamic_weights(const void *reward_margins, int64_t stride, i
   }
   double scale = 1.0;
   const double scaled_total = scaled_sum(reward_margins, stride, k, dtype, &scale);
-  /* The eps test needs the true total; scaled_total * scale may round to +-inf, on the right side. */
-  const double total = scaled_total * scale;
+  int64_t infinite = 0;
+  if (scaled_total == INFINITY) { /* some margin is +inf, none -inf or NaN */
+    for (int64_t i = 0; i < k; ++i) {
+      infinite += load(reward_margins, dtype, i * stride) == INFINITY;
+    }
+  }
   for (int64_t i = 0; i < k; ++i) {
-    /* total <= eps covers step 0, where every margin is zero and the ratio is
-     * 0/0; a NaN total fails the test and propagates NaN weights. */
-    const double ratio = load(reward_margins, dtype, i * stride) / scale / scaled_total;
-    store(weights, dtype, i, total <= eps ? 1.0 / (double)k : napo_clip(ratio, w_min, 1.0));
+    const double r = load(reward_margins, dtype, i * stride);
+    store(weights, dtype, i, napo_dynamic_weight(r, scale, scaled_total, k, infinite, w_min, eps));
   }
   return NAPO_OK;
 }

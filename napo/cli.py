@@ -275,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         "questions from a language prior ('red') when the image is missing and often when it is not",
     )
 
+    commands.add_parser(
+        "doctor",
+        help="print versions and native backends, and check napo's kernels against the reference on every GPU "
+        "(the CPU kernels without one); exit 1 when a check fails",
+    )
+
     sample = commands.add_parser("make-sample-data", help="write the embedded RLAIF-V-schema sample set as Parquet")
     sample.add_argument("path")
     sample.add_argument("--rows", type=_positive_int, default=32)
@@ -326,6 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
         )
         return 0
+    if args.command == "doctor":
+        from napo.doctor import main as doctor
+
+        return doctor()
     if args.command == "generate":
         return _generate(args)
     if args.command == "logps":

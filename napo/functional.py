@@ -278,6 +278,9 @@ def dynamic_weights(
     Formula:
         w_k = clip(R_k / sum_j R_j, w_min, 1); uniform 1/K when sum_j R_j <= eps
         (always at step 0, where every margin is zero).
+        When m of the R_k are +inf (and none is -inf or NaN): clip(1/m, w_min, 1) for those and
+        w_min for the others, the limit of R_k / sum_j R_j as the infinite terms grow alike
+        (e.g. [inf, 1, 1] -> [1, w_min, w_min]). +inf with -inf, or a NaN, gives NaN weights.
 
     Args:
         reward_margins: ``[K]`` batch means of the logp reward margin beta * M_k, one per loss term.

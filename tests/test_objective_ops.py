@@ -257,3 +257,25 @@ def test_q_from_mean_is_elementwise():
     q = torch.ops.napo.q_from_mean(means, 0.5, 0.001, 1.0)
     assert q.tolist() == pytest.approx([1.0, 2 / (1 + math.e), 1.0, 0.001], rel=1e-15)
     assert_close(q, reference.q_from_mean(means, 0.5, 0.001, 1.0), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dynamic_weights_of_infinite_margins(backend, dtype):
+    # [inf, 1, 1] gave [nan, 0.01, 0.01] (inf / inf). The limit of R_k / sum R: the infinite terms
+    # share 1 (clipped to [w_min, 1]), the finite ones get w_min.
+    op = torch.ops.napo.dynamic_weights if backend == "native" else reference.dynamic_weights
+    inf, nan = math.inf, math.nan
+    cases = [
+        ([inf, 1.0, 1.0], 0.01, [1.0, 0.01, 0.01]),
+        ([inf, -5.0, inf, 3e38], 0.01, [0.5, 0.01, 0.5, 0.01]),
+        ([inf, inf, inf], 0.5, [0.5, 0.5, 0.5]),  # 1/3 clipped up to w_min
+        ([inf, -inf, 1.0], 0.01, [nan, nan, nan]),  # no limit
+        ([inf, nan, 1.0], 0.01, [nan, nan, nan]),
+        ([-inf, 1.0], 0.01, [0.5, 0.5]),  # a total <= eps: uniform, as before
+    ]
+    for margins, w_min, expected in cases:
+        got = op(torch.tensor(margins, dtype=dtype), w_min, 1e-8)
+        assert got.dtype == dtype
+        assert_close(got, torch.tensor(expected, dtype=dtype), rtol=0, atol=0, what=str(margins))
+    assert napo.dynamic_weights([inf, 1, 1]).tolist() == pytest.approx([1.0, 0.01, 0.01])

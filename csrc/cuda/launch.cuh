@@ -6,6 +6,16 @@
 
 #include "../napo.h"
 
+/* The one launch syntax of napo's sources: NAPO_LAUNCH(kernel, grid, block, smem, stream)(args...) is
+ * kernel<<<grid, block, smem, stream>>>(args...) under nvcc, and a launch on napo's CPU emulation of CUDA
+ * (csrc/cuda/emu/cuda_emu.h) under a host compiler, so the host code computing grids and blocks runs too. */
+#ifdef __CUDACC__
+#define NAPO_LAUNCH(kernel, grid, block, smem, stream) kernel<<<(grid), (block), (smem), (stream)>>>
+#else
+#define NAPO_LAUNCH(kernel, grid, block, smem, stream)                                                                 \
+  napo_emu::make_launcher(#kernel, (grid), (block), (smem), (stream), kernel)
+#endif
+
 namespace napo_cuda {
 
 /* NAPO_CUDA_DEBUG, as set by napo_cuda_set_debug (csrc/cuda/runtime.cu). */

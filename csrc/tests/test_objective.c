@@ -270,9 +270,28 @@ static void test_dynamic_weights_huge_margins(tally *t) {
   double w4[4];
   CHECK(t, napo_dynamic_weights_f64(largest, 1, 4, 0.0, 0.0, w4) == NAPO_OK);
   CHECK(t, w4[0] == 0.25 && w4[1] == 0.25 && w4[2] == 0.25 && w4[3] == 0.25);
-  /* An infinite margin is not rescued: inf / inf is NaN, as without scaling. */
-  const double with_inf[] = {INFINITY, 1.0, 1.0};
-  CHECK(t, napo_dynamic_weights_f64(with_inf, 1, 3, 0.01, 1e-8, w) == NAPO_OK && isnan(w[0]) && w[1] == 0.01);
+}
+
+/* R_k = +inf is the limit of a term growing without bound: its share R_k / sum R tends to 1 (to 1/m
+ * for m terms growing alike) and every finite term's to 0, clipped to w_min. inf / inf gave NaN. */
+static void test_dynamic_weights_infinite_margins(tally *t) {
+  double w[4];
+  const double one_inf[] = {INFINITY, 1.0, 1.0};
+  CHECK(t, napo_dynamic_weights_f64(one_inf, 1, 3, 0.01, 1e-8, w) == NAPO_OK && w[0] == 1.0 && w[1] == 0.01 &&
+               w[2] == 0.01);
+  const double two_inf[] = {INFINITY, -5.0, INFINITY, 1e308};
+  CHECK(t, napo_dynamic_weights_f64(two_inf, 1, 4, 0.01, 1e-8, w) == NAPO_OK && w[0] == 0.5 && w[1] == 0.01 &&
+               w[2] == 0.5 && w[3] == 0.01);
+  const float all_inf[] = {INFINITY, INFINITY, INFINITY};
+  float w32[3];
+  CHECK(t, napo_dynamic_weights_f32(all_inf, 1, 3, 0.5, 1e-8, w32) == NAPO_OK && w32[0] == 0.5f && w32[2] == 0.5f);
+  /* +inf and -inf together have no limit: NaN, as a NaN margin gives; -inf alone is a total <= eps. */
+  const double both[] = {INFINITY, -INFINITY, 1.0};
+  CHECK(t, napo_dynamic_weights_f64(both, 1, 3, 0.01, 1e-8, w) == NAPO_OK && isnan(w[0]) && isnan(w[2]));
+  const double with_nan[] = {INFINITY, NAN, 1.0};
+  CHECK(t, napo_dynamic_weights_f64(with_nan, 1, 3, 0.01, 1e-8, w) == NAPO_OK && isnan(w[0]) && isnan(w[2]));
+  const double minus_inf[] = {-INFINITY, 1.0};
+  CHECK(t, napo_dynamic_weights_f64(minus_inf, 1, 2, 0.01, 1e-8, w) == NAPO_OK && w[0] == 0.5 && w[1] == 0.5);
 }
 
 static void test_bad_arguments(tally *t) {
@@ -321,6 +340,7 @@ int main(void) {
   test_dynamic_weights(&t);
   test_loss_subnormal_and_tiny_q(&t);
   test_dynamic_weights_huge_margins(&t);
+  test_dynamic_weights_infinite_margins(&t);
   test_adaptive_q_huge_margins(&t);
   test_sum_scale(&t);
   test_bad_arguments(&t);

@@ -81,13 +81,20 @@ def adaptive_q(margins: torch.Tensor, gamma: float, q_min: float, q_max: float) 
 
 
 def dynamic_weights(reward_margins: torch.Tensor, w_min: float, eps: float) -> torch.Tensor:
-    """w_k = clip(R_k / sum R, w_min, 1), or 1/K when sum R <= eps."""
+    """w_k = clip(R_k / sum R, w_min, 1), or 1/K when sum R <= eps; with m margins at +inf (none at
+    -inf or NaN), clip(1/m, w_min, 1) for those and w_min for the rest (the limit of the ratio)."""
     r = reward_margins.to(torch.float64)
     # Divided by their largest magnitude, K margins near the float64 maximum do not sum to inf.
     scale = _scale_of(r)
     scaled_total = (r / scale).sum()
     uniform = torch.full_like(r, 1.0 / r.numel())
-    weights = torch.where(scaled_total * scale <= eps, uniform, ((r / scale) / scaled_total).clamp(w_min, 1.0))
+    ratio = ((r / scale) / scaled_total).clamp(w_min, 1.0)
+    # A +inf total means some R_k = +inf and none -inf or NaN (those make it NaN).
+    is_inf = torch.isposinf(r)
+    infinite_share = (1.0 / is_inf.sum().to(torch.float64)).clamp(w_min, 1.0)
+    limit = torch.where(is_inf, infinite_share, torch.full_like(r, w_min))
+    weights = torch.where(torch.isposinf(scaled_total), limit, ratio)
+    weights = torch.where(scaled_total * scale <= eps, uniform, weights)
     return weights.to(reward_margins.dtype)
 
 
