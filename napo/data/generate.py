@@ -210,10 +210,12 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
 
 
 def generate_answers(
-    model, processor, prompts: list[str], images: list | None, settings: GenerationSettings
+    model, processor, prompts: list[str], images: list | None, settings: GenerationSettings, seed: int = SAMPLING_SEED
 ) -> list[str]:
-    """One batched beam search (greedy, or sampled when ``settings.temperature`` > 0: seeded, so a rerun of
-    the same batch gives the same answers); the new tokens of each prompt, decoded and stripped."""
+    """One batched beam search (greedy, or sampled when ``settings.temperature`` > 0: seeded with ``seed``, so
+    a rerun of the same batch gives the same answers); the new tokens of each prompt, decoded and stripped.
+    Answers that must not depend on the batching are sampled one prompt per call, each with its own seed
+    (see :func:`napo.eval.answers.item_seed`)."""
     import torch
 
     # Left padding whatever the processor's default: a right-padded batch would generate after the padding.
@@ -225,7 +227,7 @@ def generate_answers(
     sampling = {"do_sample": True, "temperature": settings.temperature} if sampled else {"do_sample": False}
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.inference_mode(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(SAMPLING_SEED)  # the caller's random state is left as it was
+        torch.manual_seed(seed)  # the caller's random state is left as it was
         output = model.generate(
             **inputs,
             max_new_tokens=settings.max_new_tokens,

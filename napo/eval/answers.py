@@ -59,10 +59,18 @@ def fingerprint(table: Any) -> str:
     return digest.hexdigest()
 
 
+def item_seed(idx: str, run_seed: int = 0) -> int:
+    """The sampling seed of one item: from the run's seed and the item's idx alone, so that a sampled answer
+    does not depend on which items share its batch (a resumed run batches the remaining items differently)."""
+    digest = hashlib.sha256(f"{run_seed}:{idx}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
 def _answer_batch(llava, processor, items: list[tuple[dict, Any]], decoding: Decoding) -> list[dict]:
     """Answers one batch; items with and without an image go to separate generate calls (one call takes
-    images for all of its prompts or for none)."""
-    from napo.data.generate import GenerationSettings, generate_answers
+    images for all of its prompts or for none). Sampled decoding answers each item in its own call seeded
+    by :func:`item_seed`: one random stream per batch would make an answer depend on its batch-mates."""
+    from napo.data.generate import SAMPLING_SEED, GenerationSettings, generate_answers
     from napo.data.prompts import user_prompt
 
     settings = GenerationSettings(max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams,
@@ -77,7 +85,15 @@ def _answer_batch(llava, processor, items: list[tuple[dict, Any]], decoding: Dec
             for row, _ in group
         ]
         images = [image for _, image in group] if with_image else None
-        for (row, _), answer in zip(group, generate_answers(llava, processor, prompts, images, settings), strict=True):
+        if decoding.temperature > 0:
+            answers = [
+                generate_answers(llava, processor, [prompt], None if images is None else [images[i]], settings,
+                                 seed=item_seed(row["idx"], SAMPLING_SEED))[0]
+                for i, ((row, _), prompt) in enumerate(zip(group, prompts, strict=True))
+            ]  # fmt: skip
+        else:
+            answers = generate_answers(llava, processor, prompts, images, settings)
+        for (row, _), answer in zip(group, answers, strict=True):
             finished.append({**row, "answer": answer})
     return finished
 
