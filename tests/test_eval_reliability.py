@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ pd = pytest.importorskip("pandas")
 
 import napo.eval.answers as answers_module  # noqa: E402
 from napo.data import load_model, make_tiny_model  # noqa: E402
-from napo.eval import evaluate, read_answers  # noqa: E402
+from napo.eval import read_answers  # noqa: E402
 from napo.eval.answers import generate_benchmark_answers  # noqa: E402
 from napo.eval.benchmark import Decoding  # noqa: E402
 from napo.eval.shapes import ShapesBench  # noqa: E402

@@ -140,7 +140,7 @@ def test_resume_after_sigkill(workdir, scored, tmp_path):
     run = tmp_path / "run"
     data = scored
     command = [sys.executable, "-m", "napo", "train", "--model", str(workdir / "model"), "--data", str(data),
-               "--output", str(run), "--max-steps", "400", "--batch-size", "2", "--save-steps", "2",
+               "--output", str(run), "--max-steps", "16", "--batch-size", "2", "--save-steps", "2",
                "--logging-steps", "1", "--learning-rate", "1e-4", "--no-progress"]  # fmt: skip
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -155,16 +155,15 @@ def test_resume_after_sigkill(workdir, scored, tmp_path):
     assert process.returncode == -signal.SIGKILL
     # The kill may land while a trainer_state.json is half written: the newest *complete* one is what resumes.
     complete = int(last_complete_checkpoint(run).name.removeprefix("checkpoint-"))
-    assert complete < 400
+    assert complete < 16, "the kill must land before the run ends"
     (run / "checkpoint-999").mkdir()  # what a kill while saving leaves: no trainer_state.json
     (run / "checkpoint-999" / "model.safetensors").write_bytes(b"partial")
-    command[command.index("400")] = str(complete + 2)
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checkpoint-999 is incomplete" in result.stdout
     assert f"resuming from {run / f'checkpoint-{complete}'}" in result.stdout
     steps = [h["step"] for h in log_history(run) if "loss" in h]
-    assert steps == list(range(1, complete + 3))  # the first run's steps, then the two new ones
+    assert steps == list(range(1, 17))  # the first run's steps, then the rest (the same command resumes)
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -209,8 +208,7 @@ def test_resume_refuses_a_checkpoint_that_leaves_weights_unrestored(workdir, sco
     state = load_file(weights)
     dropped = next(name for name in state if "layers.1" in name)
     save_file({k: v for k, v in state.items() if k != dropped}, weights, metadata={"format": "pt"})
-    command[command.index("2")] = "3"
-    assert main(command) == 2
+    assert main(command) == 2  # the same command resumes from checkpoint-2
     err = capsys.readouterr().err
     assert "does not restore every weight" in err and "refusing to resume" in err
 
@@ -303,3 +301,24 @@ def test_cached_reference_of_another_prompt_format_is_scored_again(workdir, scor
     assert cached_settings(run / "reference-logps")["prompt_format"] == "llava_v1"
     entry = next(h for h in log_history_or_final(run) if "loss" in h)
     assert abs(entry["napo/margin_language"]) < 1e-4  # step 1: the rescored reference is the policy's own
+
+
+def test_a_rerun_with_other_settings_is_refused_and_overwrite_starts_again(workdir, scored, tmp_path, capsys):
+    """Issue 23, defect 9: a finished run rerun with another learning rate, beta or step count resumed its old
+    checkpoint and saved the old weights; now each setting is compared and --overwrite starts afresh."""
+    run = tmp_path / "run"
+    base = ["train", "--model", str(workdir / "model"), "--data", str(scored), "--output", str(run), "--batch-size",
+            "2", "--save-steps", "1", "--logging-steps", "1", "--no-progress"]  # fmt: skip
+    assert main([*base, "--max-steps", "2", "--learning-rate", "1e-3"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--max-steps", "1", "--learning-rate", "1e-2", "--beta", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "--overwrite" in err
+    for expected in ("learning_rate 0.001 (this run: 0.01)", "max_steps 2 (this run: 1)", "beta 0.1 (this run: 0.5)"):
+        assert expected in err, err
+    assert main([*base, "--max-steps", "1", "--learning-rate", "1e-2", "--beta", "0.5", "--overwrite"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and not (run / "checkpoint-2").exists()
+    # Options that leave the result alone (logging, saving, progress) do not stop a resume.
+    assert main([*base[:-5], "--max-steps", "1", "--learning-rate", "1e-2", "--beta", "0.5"]) == 0

@@ -28,6 +28,17 @@ __all__ = [
 ]
 
 REFERENCE_DIR = "reference-logps"
+RUN_RECORD = "napo_train.json"  # in the output: the settings a rerun must share to resume the run
+
+# The TrainingArguments / DPOConfig fields that change the trained weights (NaPOConfig's own fields are all
+# recorded as well); the rest (logging, saving, progress bars, report_to) may differ between a run and its resume.
+_RESULT_FIELDS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "optim_args", "seed", "data_seed", "full_determinism",
+    "bf16", "fp16", "tf32", "beta", "max_length", "max_prompt_length", "max_completion_length", "truncation_mode",
+    "padding_free", "dataloader_drop_last", "group_by_length",
+)  # fmt: skip
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -164,6 +175,58 @@ def last_complete_checkpoint(output: Path) -> Path | None:
     return None
 
 
+def run_settings(args: Any, model: str | Path, data: str | Path) -> dict[str, Any]:
+    """What decides a run's result: the model, the data and every result-changing field of ``args``, as JSON
+    values (what :data:`RUN_RECORD` holds)."""
+    from napo.train.trainer import NaPOConfig
+
+    own = set(NaPOConfig.__annotations__)
+    values = {key: value for key, value in args.to_dict().items() if key in own or key in _RESULT_FIELDS}
+    where = {"model": model, "data": data}
+    recorded = {key: str(Path(p).resolve()) if Path(p).exists() else str(p) for key, p in where.items()}
+    return json.loads(json.dumps({**recorded, **dict(sorted(values.items()))}, default=str))
+
+
+def check_run_record(output: Path, settings: dict[str, Any]) -> None:
+    """Refuses to resume a run in ``output`` that was started with other settings (a checkpoint of another
+    learning rate, beta or step count would otherwise be resumed, or returned as it is, without a word)."""
+    path = output / RUN_RECORD
+    if not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+        if not isinstance(previous, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} (the settings of the run in {output}) cannot be read ({error}); add --overwrite "
+            "(overwrite=True) to start the run again, or choose another --output"
+        ) from None
+    differences = [
+        f"{key} {previous.get(key, '(not set)')!r} (this run: {settings.get(key, '(not set)')!r})"
+        for key in sorted(set(previous) | set(settings))
+        if previous.get(key) != settings.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"{output} holds a napo train run with other settings: {'; '.join(differences)}. Rerun with the "
+            "recorded settings to resume it, add --overwrite (overwrite=True) to delete its checkpoints and start "
+            "again, or choose another --output"
+        )
+
+
+def clear_run(output: Path) -> None:
+    """What ``--overwrite`` deletes: the checkpoints, the cached reference log-probs and the run record (the
+    final model's files are written again at the end)."""
+    import shutil
+
+    for path in output.glob("checkpoint-*"):
+        if path.is_dir():
+            shutil.rmtree(path)
+    shutil.rmtree(output / REFERENCE_DIR, ignore_errors=True)
+    (output / RUN_RECORD).unlink(missing_ok=True)
+
+
 def step_table_callback():
     """A TrainerCallback printing one row per logging step: loss, q, weights and margins per term."""
     from transformers import TrainerCallback
@@ -196,6 +259,7 @@ def train(
     logps_batch_size: int = 8,
     progress: bool = True,
     print_table: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Trains ``model`` with NaPO on ``data`` into ``output``; returns the output directory.
 
@@ -205,6 +269,8 @@ def train(
         output: where checkpoints, the reference-log-prob cache and the final model go.
         config: NaPOConfig fields (``max_steps``, ``learning_rate``, ``beta``, ``language_column``, ...).
         logps_batch_size: rows per forward when the reference log-probs are computed first.
+        overwrite: delete the checkpoints and cached reference log-probs of an earlier run in ``output`` and
+            start again (without it, a rerun resumes, and a rerun with other settings is refused).
     """
     import torch
     from accelerate import PartialState
@@ -230,6 +296,18 @@ def train(
     state = PartialState()
     if state.is_main_process:
         warn_if_fsdp_on_cpu(args.fsdp, state.device.type)
+    settings_now = run_settings(args, model, data)
+    if overwrite:
+        if state.is_main_process:
+            clear_run(output)
+        state.wait_for_everyone()
+    check_run_record(output, settings_now)  # every process, before any writes the record
+    state.wait_for_everyone()
+    if state.is_main_process:
+        from napo.data.store import write_atomically
+
+        output.mkdir(parents=True, exist_ok=True)
+        write_atomically(output / RUN_RECORD, lambda tmp: tmp.write_text(json.dumps(settings_now, indent=2)))
     data = Path(data)
     names = parquet_schema(parquet_files(data)).names  # every file's columns, not only the first's
     terms = resolve_terms(args, names)
