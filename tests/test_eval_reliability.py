@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,12 +14,13 @@ pd = pytest.importorskip("pandas")
 
 import napo.eval.answers as answers_module  # noqa: E402
 from napo.data import load_model, make_tiny_model  # noqa: E402
-from napo.eval import read_answers  # noqa: E402
+from napo.eval import evaluate, read_answers  # noqa: E402
 from napo.eval.answers import generate_benchmark_answers  # noqa: E402
 from napo.eval.benchmark import Decoding  # noqa: E402
 from napo.eval.shapes import ShapesBench  # noqa: E402
 
 QUIET = {"progress": False}
+SHORT = {"max_new_tokens": 2, "num_beams": 1}
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +78,159 @@ def test_killed_and_resumed_answers_equal_the_uninterrupted_run(tiny, loaded, tm
     generate_benchmark_answers(ShapesBench(scenarios=1), tiny, one_by_one, loaded=loaded, decoding=decoding,
                                batch_size=1, **QUIET)  # fmt: skip
     assert read_answers(one_by_one).frame["answer"].tolist() == whole
+
+
+# ---------------------------------------------------------------- napo eval --answers trusts nothing it reads
+
+
+def write_pope(root: Path, labels: dict[int, str] | None = None) -> Path:
+    """A 4-question POPE file (question ids 1-4) and its two images under ``root/pope``."""
+    from PIL import Image
+
+    labels = labels or {1: "yes", 2: "no", 3: "yes", 4: "no"}
+    pope = root / "pope"
+    (pope / "images").mkdir(parents=True, exist_ok=True)
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8), (10, 200, 30)).save(pope / "images" / name, format="JPEG")
+    lines = [json.dumps({"question_id": q, "image": "ab"[q % 2] + ".jpg", "text": f"Is there a thing {q}?",
+                         "label": label}) for q, label in labels.items()]  # fmt: skip
+    (pope / "coco_pope_random.json").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pope_answers(tiny, loaded, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(data dir, an eval output holding the tiny model's POPE answers, its metrics)."""
+    root = tmp_path_factory.mktemp("pope-answers")
+    data = write_pope(root / "data")
+    result = evaluate(tiny, "pope", root / "out", data_dir=data, loaded={tiny: loaded}, **SHORT, **QUIET)
+    return data, root / "out", result.metrics
+
+
+def _copy(pope_answers, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the answers to tamper with, and the folder of its one model's POPE answers."""
+    out = pope_answers[1]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    return copy, copy / "answers" / "llava" / "pope"
+
+
+def _rescore(pope_answers, answers: Path, tmp_path: Path, data: Path | None = None):
+    return evaluate(None, "pope", tmp_path / "rescored", data_dir=data or pope_answers[0], answers=answers, **QUIET)
+
+
+def _write_part(folder: Path, name: str, rows: list[dict]) -> Path:
+    import pyarrow as pa
+
+    path = folder / name
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_rescoring_untouched_answers_gives_the_same_metrics(pope_answers, tmp_path):
+    copy, _ = _copy(pope_answers, tmp_path)
+    pd.testing.assert_frame_equal(_rescore(pope_answers, copy, tmp_path).metrics, pope_answers[2])
+
+
+def test_an_answer_to_an_item_the_benchmark_lacks_is_refused(pope_answers, tmp_path):
+    """Defect 2: a ninth answer (idx random/99) was scored: "9 answered of 8 items", marked complete."""
+    copy, folder = _copy(pope_answers, tmp_path)
+    part = _write_part(folder, "part-s0007-000000.parquet", [{"idx": "random/99", "image": "images/a.jpg",
+                       "question": "Is there?", "meta": json.dumps({"category": "random", "label": "yes"}),
+                       "answer": "Yes"}])  # fmt: skip
+    with pytest.raises(ValueError, match=r"random/99.*not an item of the benchmark") as error:
+        _rescore(pope_answers, copy, tmp_path)
+    assert str(part) in str(error.value)
+
+
+def test_answers_are_scored_against_the_benchmark_named_not_their_stored_copy(pope_answers, tmp_path):
+    """Defect 3: the labels stored with the answers were scored and --data-dir's benchmark was ignored."""
+    copy, folder = _copy(pope_answers, tmp_path)
+    # Labels changed inside the answer parts: the scores stay the benchmark's.
+    for part in folder.glob("part-*.parquet"):
+        frame = pq.read_table(part).to_pandas()
+        frame["meta"] = [json.dumps({**json.loads(m), "label": "no"}) for m in frame["meta"]]
+        pq.write_table(pq.read_table(part).from_pandas(frame, preserve_index=False), part)
+    pd.testing.assert_frame_equal(_rescore(pope_answers, copy, tmp_path).metrics, pope_answers[2])
+    # A relabelled benchmark in --data-dir: refused, saying what differs.
+    relabelled = write_pope(tmp_path / "relabelled", {1: "yes", 2: "no", 3: "no", 4: "no"})
+    with pytest.raises(ValueError, match=r"other items.*the meta of 1 item\(s\) \(e\.g\. 'random/3'\)"):
+        _rescore(pope_answers, copy, tmp_path, data=relabelled)
+
+
+@pytest.mark.parametrize("bad", [None, 3, float("nan")], ids=["null", "int", "nan"])
+def test_an_answer_that_is_not_text_is_refused_naming_the_part(pope_answers, tmp_path, bad):
+    """Defect 4: a null, int or NaN answer gave a traceback."""
+    copy, folder = _copy(pope_answers, tmp_path)
+    part = next(folder.glob("part-*.parquet"))
+    frame = pq.read_table(part).to_pandas()
+    answers = frame["answer"].tolist()
+    answers[1] = bad
+    if isinstance(bad, int):
+        answers = [bad] * len(answers)  # an int column (Parquet columns have one type)
+    frame["answer"] = answers
+    frame.to_parquet(part, index=False)
+    with pytest.raises(ValueError, match=r"row \d \(idx '.*'\): answer must be a string") as error:
+        _rescore(pope_answers, copy, tmp_path)
+    assert str(part) in str(error.value)
+
+
+def test_a_part_without_an_answer_column_is_refused_and_one_without_meta_is_scored(pope_answers, tmp_path):
+    copy, folder = _copy(pope_answers, tmp_path)
+    part = next(folder.glob("part-*.parquet"))
+    table = pq.read_table(part)
+    pq.write_table(table.drop_columns(["meta"]), part)
+    pd.testing.assert_frame_equal(_rescore(pope_answers, copy, tmp_path).metrics, pope_answers[2])
+    pq.write_table(table.drop_columns(["answer"]), part)
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) answer") as error:
+        _rescore(pope_answers, copy, tmp_path)
+    assert str(part) in str(error.value)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"eval"', '{"settings": 3}', '{"settings": {"items": "8"}}', "\xff"])
+def test_a_manifest_that_is_not_an_object_is_a_clear_error(pope_answers, tmp_path, capsys, text):
+    """Defect 5: an eval.json holding valid JSON that is not an object raised AttributeError."""
+    from napo.cli import main
+
+    copy, folder = _copy(pope_answers, tmp_path)
+    manifest = folder / "__napo__" / "eval.json"
+    manifest.write_bytes(text.encode("latin-1"))
+    code = main(["eval", "--answers", str(copy), "--benchmark", "pope", "--data-dir", str(pope_answers[0]),
+                 "--output", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+    assert code == 2
+    assert str(manifest) in capsys.readouterr().err
+
+
+def test_the_same_item_answered_differently_in_two_parts_is_refused(pope_answers, tmp_path):
+    copy, folder = _copy(pope_answers, tmp_path)
+    first = pq.read_table(next(folder.glob("part-*.parquet"))).to_pylist()[0]
+    _write_part(folder, "part-s0007-000000.parquet", [{**first, "answer": first["answer"] + " (other)"}])
+    with pytest.raises(ValueError, match=rf"idx '{first['idx']}' is answered twice, differently"):
+        _rescore(pope_answers, copy, tmp_path)
+
+
+def test_skipped_items_count_once_and_a_bad_error_line_is_named(pope_answers, tmp_path):
+    """Defect 7's counts: an item logged as skipped twice, or skipped then answered, counts once (23 answered
+    + 2 skipped of 24 items before)."""
+    copy, folder = _copy(pope_answers, tmp_path)
+    answered = pq.read_table(next(folder.glob("part-*.parquet"))).column("idx").to_pylist()
+    errors = folder / "__napo__" / "errors.jsonl"
+    entry = {"idx": answered[0], "reason": "undecodable image", "shard": 0}
+    errors.write_text(json.dumps(entry) + "\n" + json.dumps(entry) + "\n")
+    read = read_answers(folder)
+    assert (len(read.frame), len(read.errors), read.total) == (4, 0, 4)
+    errors.write_text("[1, 2]\n" + json.dumps(entry) + "\n")
+    with pytest.raises(ValueError, match="line 1 is not a JSON object") as error:
+        _rescore(pope_answers, copy, tmp_path)
+    assert str(errors) in str(error.value)
+
+
+def test_a_second_model_into_the_same_output_keeps_the_first_in_the_report(tiny, loaded, tmp_path):
+    other = make_tiny_model(tmp_path / "llava-other", seed=1)
+    out = tmp_path / "eval"
+    options = {"shapes": {"scenarios": 1}}
+    evaluate(tiny, "shapes", out, options=options, loaded={tiny: loaded}, **SHORT, **QUIET)
+    result = evaluate(other, "shapes", out, options=options, **SHORT, **QUIET)
+    assert list(result.table["model"]) == ["llava-other", "llava"]
+    assert set(json.loads((out / "shapes" / "metrics.json").read_text())["models"]) == {"llava", "llava-other"}
+    assert "| llava |" in (out / "report.md").read_text()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napo.eval.answers import Answers, generate_benchmark_answers, read_answers
+from napo.eval.answers import Answers, generate_benchmark_answers, items_table, read_answers
 from napo.eval.benchmark import Benchmark, Decoding, MissingDataError
 
 __all__ = ["BENCHMARKS", "EvalResult", "comparison_table", "evaluate", "load_benchmarks"]
@@ -211,6 +211,7 @@ def evaluate(
     answers_root = output / "answers" if answers is None else _answers_root(Path(answers))
     options.setdefault("mmhal", {}).setdefault("cache", answers_root / "judgements-mmhal.jsonl")
     chosen = load_benchmarks(benchmarks, data_dir, options)  # every data problem before any model loads
+    tables = {benchmark.name: items_table(benchmark.items()) for benchmark in chosen}  # the items too
     summaries = []
     if answers is not None:
         directories = _answers_dirs(Path(answers), chosen)
@@ -246,16 +247,45 @@ def evaluate(
                     rows_per_part=rows_per_part,
                     overwrite=overwrite,
                     progress=progress,
+                    items=tables[benchmark.name],
                 )
                 summaries.append((tag, benchmark.name, summary))
                 directories.setdefault(tag, {})[benchmark.name] = where
-    result = score_answers(directories, chosen, output)
+        # The models evaluated into this output before stay in its report: the comparison is the point.
+        earlier: dict[str, dict[str, Path]] = {}
+        if (output / "answers").is_dir():
+            for tag, by_benchmark in _answers_dirs(output, chosen).items():
+                for name, where in by_benchmark.items():
+                    if name not in directories.get(tag, {}):
+                        earlier.setdefault(tag, {})[name] = where
+    result = score_answers(directories, chosen, output, tables, earlier=earlier if answers is None else None)
     result.summaries = summaries
     return result
 
 
-def score_answers(directories: dict[str, dict[str, Path]], benchmarks: list[Benchmark], output: Path) -> EvalResult:
-    """Scores every answers directory and writes the per-benchmark files and the report."""
+def score_answers(
+    directories: dict[str, dict[str, Path]],
+    benchmarks: list[Benchmark],
+    output: Path,
+    tables: dict | None = None,
+    earlier: dict[str, dict[str, Path]] | None = None,
+) -> EvalResult:
+    """Scores every answers directory against its benchmark's items (``tables``: {name: items_table}, built
+    here when not given) and writes the per-benchmark files and the report. ``earlier``: the answers of models
+    evaluated into this output before, kept in the report beside the new ones (left out, with a word, when they
+    answered other items)."""
+    import sys
+
+    tables = tables or {benchmark.name: items_table(benchmark.items()) for benchmark in benchmarks}
+    for tag, by_benchmark in (earlier or {}).items():
+        for name, where in by_benchmark.items():
+            try:
+                read_answers(where, tables[name])
+            except ValueError as error:
+                print(f"napo eval: the earlier answers of {tag} on {name} are left out of the report: {error}",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            directories.setdefault(tag, {})[name] = where
     import pandas as pd
 
     from napo.eval.report import write_benchmark_files, write_report
@@ -265,7 +295,7 @@ def score_answers(directories: dict[str, dict[str, Path]], benchmarks: list[Benc
         for benchmark in benchmarks:
             if benchmark.name not in by_benchmark:
                 continue
-            answers: Answers = read_answers(by_benchmark[benchmark.name])
+            answers: Answers = read_answers(by_benchmark[benchmark.name], tables[benchmark.name])
             metrics, per_item = benchmark.score(answers.frame)
             runs[(tag, benchmark.name)] = (answers, metrics)
             items[(tag, benchmark.name)] = per_item
