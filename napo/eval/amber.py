@@ -39,6 +39,7 @@ from napo.eval.benchmark import (
     read_json,
     require_files,
     require_keys,
+    require_types,
 )
 from napo.eval.nlp import Similarity, TextTools, nltk_tools, spacy_similarity
 
@@ -183,7 +184,9 @@ class AmberBench(Benchmark):
         if not isinstance(self.annotations, list) or not isinstance(self.queries, list):
             raise DataFormatError(f"{self.name}: annotations.json and query_generative.json must hold JSON lists")
         for number, query in enumerate(self.queries):
-            require_keys(query, ("id", "image", "query"), f"{files['queries']} entry {number}", self.name)
+            where = f"{files['queries']} entry {number}"
+            require_keys(query, ("id", "image", "query"), where, self.name)
+            require_types(query, {"id": "int", "image": "text", "query": "text"}, where, self.name)
             annotation = self._annotation(query["id"])
             unknown = [w for w in [*annotation["truth"], *annotation["hallu"]] if w not in association]
             if unknown:
@@ -210,10 +213,13 @@ class AmberBench(Benchmark):
     def _annotation(self, query_id: int) -> dict:
         # AMBER looks an answer's annotation up by position (id - 1); the id there must agree.
         position = int(query_id) - 1
-        if not 0 <= position < len(self.annotations) or self.annotations[position].get("id") != query_id:
+        entry = self.annotations[position] if 0 <= position < len(self.annotations) else None
+        if not isinstance(entry, dict) or entry.get("id") != query_id:
             raise DataFormatError(f"{self.name}: annotations.json entry {position} is not item {query_id}")
         annotation = self.annotations[position]
-        require_keys(annotation, ("type", "truth", "hallu"), f"annotations.json item {query_id}", self.name)
+        where = f"{self.data_dir / 'data' / 'annotations.json'} item {query_id}"
+        require_keys(annotation, ("type", "truth", "hallu"), where, self.name)
+        require_types(annotation, {"type": "string", "truth": "strings", "hallu": "strings"}, where, self.name)
         if annotation["type"] != "generative":
             raise DataFormatError(f"{self.name}: item {query_id} is {annotation['type']}, not generative")
         return annotation

@@ -10,6 +10,7 @@ those, and :meth:`Benchmark.score` reduces them to metrics (one dict) and per-it
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,11 +81,50 @@ def read_jsonl(path: Path, benchmark: str) -> list[dict]:
 
 
 def require_keys(record: dict, keys: tuple[str, ...], where: str, benchmark: str) -> None:
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{benchmark}: {where} is not a JSON object (got {type(record).__name__})")
     missing = [k for k in keys if k not in record]
     if missing:
         raise DataFormatError(
             f"{benchmark}: {where} lacks the field(s) {', '.join(missing)} (has: {', '.join(map(str, record))})"
         )
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What a field of a benchmark file may hold (JSON read by Python's json module, which takes NaN and Infinity).
+_KINDS: dict[str, tuple[str, Any]] = {
+    "text": ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())),
+    "string": ("a string", lambda v: isinstance(v, str)),
+    "id": (
+        "an integer or a non-empty string",
+        lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and bool(v.strip())),
+    ),
+    "int": (
+        "an integer",
+        lambda v: (
+            (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())
+        ),
+    ),
+    "strings": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "votes": (
+        "an object of finite numbers",
+        lambda v: isinstance(v, dict) and bool(v) and all(_finite_number(x) for x in v.values()),
+    ),
+}
+
+
+def require_types(record: dict, kinds: dict[str, str], where: str, benchmark: str) -> None:
+    """Refuses a field of ``record`` that is not of its kind (see ``_KINDS``: a null, a number where text
+    belongs, a NaN vote), naming the file and row in ``where``; call after :func:`require_keys`."""
+    for key, kind in kinds.items():
+        if key not in record:
+            continue
+        description, check = _KINDS[kind]
+        if not check(record[key]):
+            raise DataFormatError(f"{benchmark}: {where}: {key} must be {description}, got {record[key]!r}")
 
 
 def item(idx: str, image: bytes | str | None, question: str, **meta: Any) -> dict:

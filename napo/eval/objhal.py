@@ -42,6 +42,7 @@ from napo.eval.benchmark import (
     read_jsonl,
     require_files,
     require_keys,
+    require_types,
 )
 from napo.eval.nlp import TextTools, nltk_tools
 
@@ -180,6 +181,8 @@ class ObjectHalBench(Benchmark):
         self.questions = read_jsonl(questions, self.name)
         for number, row in enumerate(self.questions, start=1):
             require_keys(row, ("image_id", "question"), f"{questions} line {number}", self.name)
+            kinds = {"image_id": "int", "question": "text", "image": "text", "image_path": "text"}
+            require_types(row, kinds, f"{questions} line {number}", self.name)
             if "image" not in row and "image_path" not in row:
                 raise DataFormatError(f"{self.name}: {questions} line {number} has neither image nor image_path")
         missing = [
