@@ -18,7 +18,6 @@ skip) and skipped. An image given by path is read only from inside the data's di
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import pickle
@@ -112,9 +111,10 @@ def image_path(path: str, data_root: Path | None, allow_outside: bool = False) -
 
 
 def decode_image(value: Any, data_root: Path | None = None, allow_outside: bool = False):
-    """A PIL RGB image from {"bytes", "path"}, raw bytes, or a path (see :func:`image_path`); RowError if it
-    cannot be decoded."""
-    from PIL import Image
+    """A PIL RGB image from {"bytes", "path"}, raw bytes, or a path (see :func:`image_path`), decoded by
+    :func:`napo.images.open_image` (EXIF orientation applied, high bit depths scaled); RowError if it cannot be
+    decoded."""
+    from napo.images import open_image
 
     raw, path = None, None
     if isinstance(value, dict):
@@ -125,12 +125,10 @@ def decode_image(value: Any, data_root: Path | None = None, allow_outside: bool 
         path = value
     try:
         if raw:
-            image = Image.open(io.BytesIO(raw))
-        elif path and (resolved := image_path(path, data_root, allow_outside)).is_file():
-            image = Image.open(resolved)
-        else:
-            raise RowError("no image bytes (and no readable image path)")
-        return image.convert("RGB")
+            return open_image(bytes(raw))
+        if path and (resolved := image_path(path, data_root, allow_outside)).is_file():
+            return open_image(resolved)
+        raise RowError("no image bytes (and no readable image path)")
     except RowError:
         raise
     except Exception as error:

@@ -171,14 +171,15 @@ def render_completions(
 def _images_of(example: dict[str, Any]) -> list:
     from napo.data.generate import decode_image
     from napo.data.store import RowError
+    from napo.images import rgb_image
 
     raw = example.get("images")
     if raw is None:
         raw = [] if example.get("image") is None else [example["image"]]
     images = []
     for value in raw:
-        if hasattr(value, "convert") and hasattr(value, "size"):  # already a PIL image
-            images.append(value)
+        if hasattr(value, "convert") and hasattr(value, "size"):  # already a PIL image: the same decoding rules
+            images.append(rgb_image(value))
             continue
         try:
             images.append(decode_image(value))
