@@ -234,3 +234,23 @@ def test_a_second_model_into_the_same_output_keeps_the_first_in_the_report(tiny,
     assert list(result.table["model"]) == ["llava-other", "llava"]
     assert set(json.loads((out / "shapes" / "metrics.json").read_text())["models"]) == {"llava", "llava-other"}
     assert "| llava |" in (out / "report.md").read_text()
+
+
+def test_a_second_eval_into_the_same_output_is_refused_naming_the_first(tiny, loaded, tmp_path):
+    """Defect 7: two runs into one output took no lock (and counted an item skipped twice)."""
+    import os
+    import socket
+
+    from napo.eval.run import output_lock
+
+    out = tmp_path / "eval"
+    options = {"shapes": {"scenarios": 1}}
+    with output_lock(out), pytest.raises(ValueError, match="in use by another napo eval") as error:
+        evaluate(tiny, "shapes", out, options=options, loaded={tiny: loaded}, **SHORT, **QUIET)
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in str(error.value)
+    assert not (out / "answers").exists()  # refused before anything was written
+    # Another shard may share the output; the lock goes with the run that held it.
+    with output_lock(out, shard_index=1):
+        evaluate(tiny, "shapes", out, options=options, loaded={tiny: loaded}, num_shards=2, shard_index=0, **SHORT,
+                 **QUIET)  # fmt: skip
+    evaluate(tiny, "shapes", out, options=options, loaded={tiny: loaded}, **SHORT, **QUIET)

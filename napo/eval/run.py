@@ -13,7 +13,10 @@ Layout of ``output``::
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,9 +200,76 @@ def evaluate(
     Returns:
         An :class:`EvalResult`.
     """
-    from napo.data.inputs import check_int, check_output_dir
+    from napo.data.inputs import check_output_dir
+    from napo.data.store import shard_from_env
 
     check_output_dir(output)
+    with output_lock(Path(output), shard_from_env(num_shards, shard_index)[1]):
+        return _evaluate(
+            models, benchmarks, output, data_dir=data_dir, answers=answers, options=options, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, prompt_format=prompt_format,
+            limit=limit, num_shards=num_shards, shard_index=shard_index, device=device, dtype=dtype,
+            rows_per_part=rows_per_part, overwrite=overwrite, progress=progress, loaded=loaded,
+        )  # fmt: skip
+
+
+@contextmanager
+def output_lock(output: Path, shard_index: int = 0) -> Iterator[None]:
+    """Holds ``output`` for this process's shard while it runs: a second ``napo eval`` of the same shard into the
+    same output (it would answer and count the same items twice) is refused, naming the first one's pid and host.
+    An flock: the kernel lets it go when the process ends, killed or not, so a stale lock cannot stop a rerun."""
+    import fcntl
+    import socket
+
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / f".napo-eval-s{shard_index:04d}.lock"
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the run: closing it releases the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not written its pid yet"
+        handle.close()
+        raise ValueError(
+            f"{output} is in use by another napo eval ({holder}, lock {path}); wait for it to end, or give another "
+            "--output (different --shard-index values may share an output)"
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _evaluate(
+    models,
+    benchmarks,
+    output,
+    *,
+    data_dir,
+    answers,
+    options,
+    batch_size,
+    max_new_tokens,
+    num_beams,
+    temperature,
+    prompt_format,
+    limit,
+    num_shards,
+    shard_index,
+    device,
+    dtype,
+    rows_per_part,
+    overwrite,
+    progress,
+    loaded,
+) -> EvalResult:
+    """:func:`evaluate` once the output is held."""
+    from napo.data.inputs import check_int
+
     check_int("batch_size", batch_size, 1)
     for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
         if value is not None:
