@@ -166,13 +166,20 @@ def last_complete_checkpoint(output: Path) -> Path | None:
         if path.is_dir() and suffix.isdigit():
             steps.append((int(suffix), path))
     for _, path in sorted(steps, reverse=True):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):
+        if not checkpoint_complete(path):
             print(f"napo train: {path} is incomplete (killed while saving?); not resuming from it")
             continue
         return path
     return None
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """Whether a checkpoint directory's ``trainer_state.json``, the file the Trainer writes last, is whole."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def run_settings(args: Any, model: str | Path, data: str | Path) -> dict[str, Any]:
@@ -225,6 +232,60 @@ def clear_run(output: Path) -> None:
             shutil.rmtree(path)
     shutil.rmtree(output / REFERENCE_DIR, ignore_errors=True)
     (output / RUN_RECORD).unlink(missing_ok=True)
+
+
+class DiskFullError(OSError):
+    """The disk filled up while ``napo train`` was saving (the message says what and how to go on)."""
+
+
+_WRITE_FAILURE_WORDS = ("file write failed", "unexpected pos", "No space left on device", "Disk quota exceeded")
+_LOW_SPACE = 64 * 2**20  # bytes: below this a failed write is taken for a full disk
+
+
+def disk_full(error: BaseException, where: Path) -> bool:
+    """Whether ``error`` (raised while writing under ``where``) means the disk is full: an ENOSPC/EDQUOT
+    OSError anywhere in its chain, or a writer's failure message (torch's zip writer says only ``unexpected pos
+    614144 vs 614036``) while the disk holding ``where`` has next to no space left."""
+    import errno
+    import shutil
+
+    seen: BaseException | None = error
+    worded = False
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        worded = worded or any(words in str(seen) for words in _WRITE_FAILURE_WORDS)
+        seen = seen.__cause__ or seen.__context__
+    if not worded:
+        return False
+    try:
+        return shutil.disk_usage(where).free < _LOW_SPACE
+    except OSError:
+        return False
+
+
+def guard_saves(trainer: Any, output: Path) -> None:
+    """Makes a full disk during a checkpoint save one clear :class:`DiskFullError` (the writers' own messages
+    do not say it), after removing the partial checkpoint so that nothing can take it for a complete one."""
+    import shutil
+
+    save_checkpoint = trainer._save_checkpoint
+
+    def saving(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return save_checkpoint(*args, **kwargs)
+        except Exception as error:
+            if not disk_full(error, output):
+                raise
+            partial = output / f"checkpoint-{trainer.state.global_step}"
+            if partial.is_dir() and not checkpoint_complete(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise DiskFullError(
+                f"no space left on device while saving {partial.name} in {output}; free space and rerun the same "
+                "command to resume from the last complete checkpoint"
+            ) from error
+
+    trainer._save_checkpoint = saving
 
 
 def step_table_callback():
@@ -368,10 +429,19 @@ def train(
     last = last_complete_checkpoint(output)
     if last is not None and state.is_main_process:
         print(f"napo train: resuming from {last}")
+    guard_saves(trainer, output)
     trainer.train(resume_from_checkpoint=None if last is None else str(last))
-    trainer.save_model(str(output))
-    trainer.save_state()  # OUTPUT/trainer_state.json: the log history napo analyze --run reads, checkpoints or not
-    if state.is_main_process:
-        processor.save_pretrained(str(output))
+    try:
+        trainer.save_model(str(output))
+        trainer.save_state()  # OUTPUT/trainer_state.json: the log history napo analyze --run reads, checkpoints or not
+        if state.is_main_process:
+            processor.save_pretrained(str(output))
+    except Exception as error:
+        if not disk_full(error, output):
+            raise
+        raise DiskFullError(
+            f"no space left on device while saving the final model in {output}; free space and rerun the same "
+            "command (it resumes from the last checkpoint)"
+        ) from error
     state.wait_for_everyone()
     return output
