@@ -363,3 +363,28 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_clear_error_and_the_rerun_r
     assert f"resuming from {cut / 'checkpoint-1'}" in capsys.readouterr().out
     assert main([*command, "--output", str(tmp_path / "full")]) == 0
     assert_same_weights(tmp_path / "full", cut)
+
+
+def test_non_finite_cached_reference_logps_are_refused_naming_the_rows(workdir, scored, tmp_path, capsys):
+    """Issue 23: with -inf reference log-probs the trainer trained with loss 0.0 and logged NaN weights."""
+    frame = pd.read_parquet(scored)
+    column = next(c for c in frame.columns if c.startswith("ref_") and "question_only" in c)
+    frame.loc[1, column] = float("-inf")
+    frame.loc[3, column] = float("nan")
+    frame.to_parquet(tmp_path / "bad.parquet", index=False)
+    code = main(["train", "--model", str(workdir / "model"), "--data", str(tmp_path / "bad.parquet"), "--output",
+                 str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--no-progress"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{column!r} is null, NaN or infinite in 2 row(s) (idx {frame['idx'][1]}, {frame['idx'][3]})" in err
+
+
+def test_a_null_cached_reference_value_is_named_not_reported_as_a_missing_column():
+    from napo.train.collator import _reference_tensors, reference_columns
+
+    name, average = reference_columns("rejected")
+    rows = [{"idx": "a", name: -3.0, average: -1.0}, {"idx": "b", name: float("nan"), average: -1.0},
+            {"idx": "c", name: None, average: -1.0}]  # fmt: skip
+    with pytest.raises(ValueError, match=rf"{name!r} is null, NaN or infinite in the rows idx=b, c"):
+        _reference_tensors(rows, ["rejected"])
+    assert set(_reference_tensors([{"idx": "a"}], ["rejected"])) == set()  # no cached column: the model scores

@@ -322,6 +322,9 @@ class NaPOTrainer(DPOTrainer):
         self._napo_cached_reference = self._has_reference_columns(train_dataset) and (
             eval_dataset is None or self._has_reference_columns(eval_dataset)
         )
+        if self._napo_cached_reference:
+            for dataset in (train_dataset, eval_dataset):
+                _check_reference_values(dataset, self.napo_columns)
         # TRL refuses to precompute for vision data and caches only chosen/rejected: napo does it itself below.
         requested_precompute = args.precompute_ref_log_probs
         self._napo_precompute = bool(requested_precompute) and not self._napo_cached_reference
@@ -685,6 +688,33 @@ class NaPOTrainer(DPOTrainer):
                     named[name] = self.add_reference_logps(dataset, batch_size, name)
                 eval_dataset = named if isinstance(eval_dataset, dict) else named["eval"]
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+
+def _check_reference_values(dataset: Any, columns: Sequence[str]) -> None:
+    """Refuses cached reference log-probs that are null, NaN or infinite, naming the rows, before any step: with
+    -inf the margin is infinite, the weights NaN and the loss 0. A streamed dataset is checked batch by batch by
+    the collator instead."""
+    import numpy as np
+
+    if isinstance(dataset, dict):
+        for part in dataset.values():
+            _check_reference_values(part, columns)
+        return
+    names = getattr(dataset, "column_names", None)
+    if dataset is None or names is None or not hasattr(dataset, "__len__"):
+        return
+    for name in (n for column in columns for n in reference_columns(column)):
+        if name not in names:
+            continue
+        values = np.asarray([np.nan if v is None else v for v in dataset[name]], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            rows = [str(dataset[int(i)].get("idx", int(i))) for i in bad[:5]]
+            raise ValueError(
+                f"the cached reference log-prob column {name!r} is null, NaN or infinite in {bad.size} row(s) "
+                f"(idx {', '.join(rows)}{', ...' if bad.size > 5 else ''}); score them again (napo logps --overwrite) "
+                "or drop those rows"
+            )
 
 
 @functools.cache
