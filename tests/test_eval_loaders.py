@@ -95,3 +95,17 @@ def test_pope_labels_other_than_yes_no_count_as_yes_with_one_warning(request):
     assert len(caught) == 1
     labels = [json.loads(i["meta"])["label"] for i in bench.items() if i["idx"].startswith("random/")]
     assert labels[:4] == ["Yes", "yes", "yes", "maybe"]
+
+
+@pytest.mark.parametrize("image", ["ABSOLUTE", "../a.jpg", "x/../../a.jpg"])
+def test_an_image_path_that_is_absolute_or_climbs_out_is_refused_at_load(request, image):
+    """Issue 23: an absolute image path passed the pre-check (the file existed), then failed item by item
+    with the wrong reason."""
+    root = request.getfixturevalue("pope_dir")
+    path = root / "coco_pope_random.json"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["image"] = str(root / "images" / "a.jpg") if image == "ABSOLUTE" else image
+    path.write_text("\n".join(map(json.dumps, rows)))
+    with pytest.raises(DataFormatError, match=r"line 1: the image path .* must be relative to") as error:
+        _load("pope", root)
+    assert str(path) in str(error.value) and "--allow-outside-images" in str(error.value)

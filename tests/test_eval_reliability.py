@@ -254,3 +254,22 @@ def test_a_second_eval_into_the_same_output_is_refused_naming_the_first(tiny, lo
         evaluate(tiny, "shapes", out, options=options, loaded={tiny: loaded}, num_shards=2, shard_index=0, **SHORT,
                  **QUIET)  # fmt: skip
     evaluate(tiny, "shapes", out, options=options, loaded={tiny: loaded}, **SHORT, **QUIET)
+
+
+def test_the_outside_images_hint_names_an_option_eval_has(tiny, tmp_path, capsys):
+    """Issue 23: eval's per-item hint named --allow-outside-images, which napo eval rejected as unknown. A POPE
+    images/ folder that links to a copy elsewhere is refused item by item with the hint, and the option works."""
+    from napo.cli import main
+
+    data = write_pope(tmp_path / "data")
+    elsewhere = tmp_path / "coco"
+    (data / "pope" / "images").rename(elsewhere)
+    (data / "pope" / "images").symlink_to(elsewhere)
+    command = ["eval", "--model", str(tiny), "--benchmark", "pope", "--data-dir", str(data), "--max-new-tokens",
+               "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main([*command, "--output", str(tmp_path / "refused")]) == 1  # nothing answered
+    errors = read_answers(tmp_path / "refused" / "answers" / "llava" / "pope").errors
+    assert len(errors) == 4 and all("--allow-outside-images" in e["reason"] for e in errors)
+    capsys.readouterr()
+    assert main([*command, "--output", str(tmp_path / "allowed"), "--allow-outside-images"]) == 0
+    assert "4 answered, 0 skipped" in capsys.readouterr().out

@@ -38,6 +38,7 @@ from napo.eval.benchmark import (
     metas,
     read_json,
     require_files,
+    require_inside,
     require_keys,
     require_types,
 )
@@ -187,6 +188,7 @@ class AmberBench(Benchmark):
             where = f"{files['queries']} entry {number}"
             require_keys(query, ("id", "image", "query"), where, self.name)
             require_types(query, {"id": "int", "image": "text", "query": "text"}, where, self.name)
+            require_inside(query["image"], where, self.name, str(self.data_dir / "image"))
             annotation = self._annotation(query["id"])
             unknown = [w for w in [*annotation["truth"], *annotation["hallu"]] if w not in association]
             if unknown:

@@ -113,6 +113,7 @@ def generate_benchmark_answers(
     overwrite: bool = False,
     progress: bool = True,
     items: Any = None,
+    allow_outside_images: bool = False,
 ) -> RunSummary:
     """Answers ``benchmark``'s items with ``loaded`` = (model, processor) into ``output`` (resuming).
 
@@ -159,7 +160,7 @@ def generate_benchmark_answers(
     def prepare(row: dict) -> tuple[dict, Any]:
         if not isinstance(row["question"], str) or not row["question"].strip():
             raise RowError("empty question")
-        image = None if row["image"] is None else decode_image(row["image"], data_root)
+        image = None if row["image"] is None else decode_image(row["image"], data_root, allow_outside_images)
         return row, image
 
     job = RowJob(

@@ -127,6 +127,17 @@ def require_types(record: dict, kinds: dict[str, str], where: str, benchmark: st
             raise DataFormatError(f"{benchmark}: {where}: {key} must be {description}, got {record[key]!r}")
 
 
+def require_inside(path: str, where: str, benchmark: str, folder: str) -> None:
+    """Refuses an image path of a benchmark file that is absolute or climbs out with ``..``: it would pass the
+    check that the file exists, then be read as a path under ``folder`` and fail item by item for a wrong reason."""
+    if Path(path).is_absolute() or ".." in Path(path).parts:
+        raise DataFormatError(
+            f"{benchmark}: {where}: the image path {path!r} must be relative to {folder} and stay inside it "
+            "(no leading / and no ..); put the image there (a link to a folder elsewhere works with "
+            "--allow-outside-images)"
+        )
+
+
 def item(idx: str, image: bytes | str | None, question: str, **meta: Any) -> dict:
     """One item row (see the module docstring)."""
     return {"idx": idx, "image": image, "question": question, "meta": json.dumps(meta, sort_keys=True)}

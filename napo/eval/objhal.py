@@ -41,6 +41,7 @@ from napo.eval.benchmark import (
     read_json,
     read_jsonl,
     require_files,
+    require_inside,
     require_keys,
     require_types,
 )
@@ -183,6 +184,8 @@ class ObjectHalBench(Benchmark):
             require_keys(row, ("image_id", "question"), f"{questions} line {number}", self.name)
             kinds = {"image_id": "int", "question": "text", "image": "text", "image_path": "text"}
             require_types(row, kinds, f"{questions} line {number}", self.name)
+            if "image" not in row:
+                require_inside(row["image_path"], f"{questions} line {number}", self.name, str(self.data_dir))
             if "image" not in row and "image_path" not in row:
                 raise DataFormatError(f"{self.name}: {questions} line {number} has neither image nor image_path")
         missing = [

@@ -23,6 +23,7 @@ from napo.eval.benchmark import (
     item,
     metas,
     read_jsonl,
+    require_inside,
     require_keys,
     require_types,
 )
@@ -96,6 +97,7 @@ class PopeBench(Benchmark):
                 require_keys(row, ("question_id", "image", "text", "label"), where, self.name)
                 require_types(row, {"question_id": "id", "image": "text", "text": "text", "label": "text"}, where,
                               self.name)  # fmt: skip
+                require_inside(row["image"], where, self.name, str(self.data_dir / "images"))
                 self.questions.append((category, row))
         odd = [row["label"] for _, row in self.questions if row["label"] not in ("yes", "no")]
         if odd:

@@ -182,6 +182,7 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     loaded: dict | None = None,
+    allow_outside_images: bool = False,
 ) -> EvalResult:
     """Evaluates every model on every benchmark and writes the reports under ``output``.
 
@@ -196,6 +197,8 @@ def evaluate(
         prompt_format: ``template`` (the checkpoint's chat template) or ``llava_v1`` (the LLaVA-1.5 format the
             reference scripts use): see :mod:`napo.data.prompts`.
         limit, num_shards, shard_index, rows_per_part, overwrite: as ``napo generate`` (per benchmark).
+        allow_outside_images: read images that resolve outside the benchmark's folder (an images/ folder that is
+            a link to a copy of COCO elsewhere, say); trusted data only.
         loaded: {model: (model, processor)} already loaded.
     Returns:
         An :class:`EvalResult`.
@@ -210,6 +213,7 @@ def evaluate(
             max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, prompt_format=prompt_format,
             limit=limit, num_shards=num_shards, shard_index=shard_index, device=device, dtype=dtype,
             rows_per_part=rows_per_part, overwrite=overwrite, progress=progress, loaded=loaded,
+            allow_outside_images=allow_outside_images,
         )  # fmt: skip
 
 
@@ -266,6 +270,7 @@ def _evaluate(
     overwrite,
     progress,
     loaded,
+    allow_outside_images,
 ) -> EvalResult:
     """:func:`evaluate` once the output is held."""
     from napo.data.inputs import check_int
@@ -318,6 +323,7 @@ def _evaluate(
                     overwrite=overwrite,
                     progress=progress,
                     items=tables[benchmark.name],
+                    allow_outside_images=allow_outside_images,
                 )
                 summaries.append((tag, benchmark.name, summary))
                 directories.setdefault(tag, {})[benchmark.name] = where
