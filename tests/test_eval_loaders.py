@@ -109,3 +109,20 @@ def test_an_image_path_that_is_absolute_or_climbs_out_is_refused_at_load(request
     with pytest.raises(DataFormatError, match=r"line 1: the image path .* must be relative to") as error:
         _load("pope", root)
     assert str(path) in str(error.value) and "--allow-outside-images" in str(error.value)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_a_file_that_is_not_utf8_is_refused_naming_it(request, encoding):
+    root = request.getfixturevalue("pope_dir")
+    path = root / "coco_pope_random.json"
+    path.write_bytes(path.read_text().replace("thing", "thïng").encode(encoding))
+    with pytest.raises(DataFormatError, match="is not UTF-8 text") as error:
+        _load("pope", root)
+    assert str(path) in str(error.value)
+
+
+def test_a_utf8_byte_order_mark_is_read(request):
+    root = request.getfixturevalue("pope_dir")
+    path = root / "coco_pope_random.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(_load("pope", root).items()) == 8

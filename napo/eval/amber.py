@@ -37,6 +37,7 @@ from napo.eval.benchmark import (
     item,
     metas,
     read_json,
+    read_text,
     require_files,
     require_inside,
     require_keys,
@@ -202,12 +203,14 @@ class AmberBench(Benchmark):
         ]
         if missing:
             raise MissingDataError(self.name, missing, hint="download AMBER's images into image/")
-        starts = read_metric_starts(files["metrics.txt"].read_text())
+        starts = read_metric_starts(read_text(files["metrics.txt"], self.name))
         absent = [k for k in GENERATIVE_STARTS if k not in starts]
         if absent:
             raise DataFormatError(f"{self.name}: metrics.txt lacks {', '.join(absent)}")
         # Lines as the reference reads them: only the newline removed.
-        safe_words = [line.split("\n")[0] for line in files["safe_words.txt"].read_text().splitlines(keepends=True)]
+        safe_words = [
+            line.split("\n")[0] for line in read_text(files["safe_words.txt"], self.name).splitlines(keepends=True)
+        ]
         self.scorer = AmberScorer(
             association, safe_words, starts, tools or nltk_tools(need_tagger=True), similarity or spacy_similarity()
         )

@@ -57,9 +57,20 @@ def require_files(benchmark: str, paths: list[Path], hint: str = "") -> None:
         raise MissingDataError(benchmark, missing, hint)
 
 
+def read_text(path: Path, benchmark: str) -> str:
+    """A benchmark file's text: UTF-8 (a UTF-8 byte-order mark is allowed); anything else (UTF-16, Latin-1)
+    is an error naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataFormatError(
+            f"{benchmark}: {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+        ) from None
+
+
 def read_json(path: Path, benchmark: str) -> Any:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(read_text(path, benchmark))
     except json.JSONDecodeError as error:
         raise DataFormatError(f"{benchmark}: {path} is not valid JSON ({error})") from None
 
@@ -67,7 +78,7 @@ def read_json(path: Path, benchmark: str) -> Any:
 def read_jsonl(path: Path, benchmark: str) -> list[dict]:
     """Every JSON object of a JSON-lines file; a bad line is an error naming its number."""
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, benchmark).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -40,6 +40,7 @@ from napo.eval.benchmark import (
     metas,
     read_json,
     read_jsonl,
+    read_text,
     require_files,
     require_inside,
     require_keys,
@@ -195,7 +196,7 @@ class ObjectHalBench(Benchmark):
         ]
         if missing:
             raise MissingDataError(self.name, missing)
-        self.scorer = ChairScorer(read_synonyms(synonyms.read_text()), tools or nltk_tools())
+        self.scorer = ChairScorer(read_synonyms(read_text(synonyms, self.name)), tools or nltk_tools())
         self._coco = coco
         self._truth: dict | None = None
 
