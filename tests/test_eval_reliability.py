@@ -273,3 +273,23 @@ def test_the_outside_images_hint_names_an_option_eval_has(tiny, tmp_path, capsys
     capsys.readouterr()
     assert main([*command, "--output", str(tmp_path / "allowed"), "--allow-outside-images"]) == 0
     assert "4 answered, 0 skipped" in capsys.readouterr().out
+
+
+class _OneLongQuestion(ShapesBench):
+    def items(self):
+        rows = super().items()
+        rows[1] = {**rows[1], "question": "Is the square red? " * 10_000}  # 50,000 words
+        return rows
+
+
+def test_a_question_past_the_models_context_is_skipped_and_counted(tiny, loaded, tmp_path):
+    """Issue 23: a 50,000-word question was generated from (time grows with the square of its length)."""
+    import time
+
+    bench = _OneLongQuestion(scenarios=1)
+    started = time.perf_counter()
+    summary = generate_benchmark_answers(bench, tiny, tmp_path / "a", loaded=loaded, decoding=Decoding(2, 1), **QUIET)
+    assert (summary.written, summary.failed) == (12, 1)
+    (error,) = read_answers(tmp_path / "a").errors
+    assert error["idx"] == bench.items()[1]["idx"] and error["reason"].startswith("question too long: ")
+    assert "the model's context is 2048" in error["reason"] and time.perf_counter() - started < 60

@@ -157,9 +157,17 @@ def generate_benchmark_answers(
     schema = schema.with_metadata({b"napo": json.dumps({**run.manifest, "columns": ["answer"]}).encode()})
     data_root = benchmark.data_dir
 
+    context = getattr(getattr(llava.config, "text_config", llava.config), "max_position_embeddings", None)
+
     def prepare(row: dict) -> tuple[dict, Any]:
         if not isinstance(row["question"], str) or not row["question"].strip():
             raise RowError("empty question")
+        # A question past the model's context cannot be answered (and its attention cost grows with the square of
+        # its length): skipped, and counted with the reason. A token has at least one character: short ones pass.
+        if context is not None and len(row["question"]) > context:
+            tokens = len(processor.tokenizer(row["question"], add_special_tokens=False)["input_ids"])
+            if tokens >= context:
+                raise RowError(f"question too long: {tokens} tokens, the model's context is {context}")
         image = None if row["image"] is None else decode_image(row["image"], data_root, allow_outside_images)
         return row, image
 
