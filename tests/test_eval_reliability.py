@@ -293,3 +293,16 @@ def test_a_question_past_the_models_context_is_skipped_and_counted(tiny, loaded,
     (error,) = read_answers(tmp_path / "a").errors
     assert error["idx"] == bench.items()[1]["idx"] and error["reason"].startswith("question too long: ")
     assert "the model's context is 2048" in error["reason"] and time.perf_counter() - started < 60
+
+
+@pytest.mark.parametrize("problem", ["empty", "repeated"])
+def test_benchmark_data_is_refused_before_any_model_loads(tmp_path, problem):
+    """Issue 23: an empty file or repeated ids were refused only after the model had loaded."""
+    data = write_pope(tmp_path / "data")
+    path = data / "pope" / "coco_pope_random.json"
+    lines = path.read_text().splitlines()
+    path.write_text("" if problem == "empty" else "\n".join([lines[0], lines[0]]) + "\n")
+    expected = "has no items" if problem == "empty" else "repeat the idx 'random/1'"
+    with pytest.raises(ValueError, match=expected) as error:
+        evaluate(str(tmp_path / "no-such-model"), "pope", tmp_path / "out", data_dir=data, **QUIET)
+    assert str(data / "pope") in str(error.value)

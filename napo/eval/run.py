@@ -286,7 +286,13 @@ def _evaluate(
     answers_root = output / "answers" if answers is None else _answers_root(Path(answers))
     options.setdefault("mmhal", {}).setdefault("cache", answers_root / "judgements-mmhal.jsonl")
     chosen = load_benchmarks(benchmarks, data_dir, options)  # every data problem before any model loads
-    tables = {benchmark.name: items_table(benchmark.items()) for benchmark in chosen}  # the items too
+    tables = {}
+    for benchmark in chosen:  # the items too (empty, repeated ids), still before any model loads
+        try:
+            tables[benchmark.name] = items_table(benchmark.items())
+        except ValueError as error:
+            where = benchmark.data_dir if benchmark.data_dir is not None else "built in"
+            raise ValueError(f"{benchmark.name} ({where}): {error}") from None
     summaries = []
     if answers is not None:
         directories = _answers_dirs(Path(answers), chosen)
