@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--logps-batch-size", type=_positive_int, default=8, help="rows per reference forward")
     _add_prompt_format_argument(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier run's checkpoints in --output and start again"
+    )
 
     analyze = commands.add_parser(
         "analyze", help="a Markdown report (tables + PNG figures) of margins, q and noise for a dataset and a run"
@@ -438,6 +441,7 @@ def _train(args: argparse.Namespace) -> int:
             config=config,
             logps_batch_size=args.logps_batch_size,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     except (ValueError, TypeError, OSError, KeyError, pickle.UnpicklingError) as error:
         # OSError: a path the user named (the data, the model) cannot be read; UnpicklingError: torch's

@@ -18,7 +18,6 @@ skip) and skipped. An image given by path is read only from inside the data's di
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import pickle
@@ -112,9 +111,10 @@ def image_path(path: str, data_root: Path | None, allow_outside: bool = False) -
 
 
 def decode_image(value: Any, data_root: Path | None = None, allow_outside: bool = False):
-    """A PIL RGB image from {"bytes", "path"}, raw bytes, or a path (see :func:`image_path`); RowError if it
-    cannot be decoded."""
-    from PIL import Image
+    """A PIL RGB image from {"bytes", "path"}, raw bytes, or a path (see :func:`image_path`), decoded by
+    :func:`napo.images.open_image` (EXIF orientation applied, high bit depths scaled); RowError if it cannot be
+    decoded."""
+    from napo.images import open_image
 
     raw, path = None, None
     if isinstance(value, dict):
@@ -125,12 +125,10 @@ def decode_image(value: Any, data_root: Path | None = None, allow_outside: bool 
         path = value
     try:
         if raw:
-            image = Image.open(io.BytesIO(raw))
-        elif path and (resolved := image_path(path, data_root, allow_outside)).is_file():
-            image = Image.open(resolved)
-        else:
-            raise RowError("no image bytes (and no readable image path)")
-        return image.convert("RGB")
+            return open_image(bytes(raw))
+        if path and (resolved := image_path(path, data_root, allow_outside)).is_file():
+            return open_image(resolved)
+        raise RowError("no image bytes (and no readable image path)")
     except RowError:
         raise
     except Exception as error:
@@ -210,10 +208,12 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
 
 
 def generate_answers(
-    model, processor, prompts: list[str], images: list | None, settings: GenerationSettings
+    model, processor, prompts: list[str], images: list | None, settings: GenerationSettings, seed: int = SAMPLING_SEED
 ) -> list[str]:
-    """One batched beam search (greedy, or sampled when ``settings.temperature`` > 0: seeded, so a rerun of
-    the same batch gives the same answers); the new tokens of each prompt, decoded and stripped."""
+    """One batched beam search (greedy, or sampled when ``settings.temperature`` > 0: seeded with ``seed``, so
+    a rerun of the same batch gives the same answers); the new tokens of each prompt, decoded and stripped.
+    Answers that must not depend on the batching are sampled one prompt per call, each with its own seed
+    (see :func:`napo.eval.answers.item_seed`)."""
     import torch
 
     # Left padding whatever the processor's default: a right-padded batch would generate after the padding.
@@ -225,7 +225,7 @@ def generate_answers(
     sampling = {"do_sample": True, "temperature": settings.temperature} if sampled else {"do_sample": False}
     devices = [model.device] if model.device.type == "cuda" else []
     with torch.inference_mode(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(SAMPLING_SEED)  # the caller's random state is left as it was
+        torch.manual_seed(seed)  # the caller's random state is left as it was
         output = model.generate(
             **inputs,
             max_new_tokens=settings.max_new_tokens,

@@ -37,8 +37,11 @@ from napo.eval.benchmark import (
     item,
     metas,
     read_json,
+    read_text,
     require_files,
+    require_inside,
     require_keys,
+    require_types,
 )
 from napo.eval.nlp import Similarity, TextTools, nltk_tools, spacy_similarity
 
@@ -183,7 +186,10 @@ class AmberBench(Benchmark):
         if not isinstance(self.annotations, list) or not isinstance(self.queries, list):
             raise DataFormatError(f"{self.name}: annotations.json and query_generative.json must hold JSON lists")
         for number, query in enumerate(self.queries):
-            require_keys(query, ("id", "image", "query"), f"{files['queries']} entry {number}", self.name)
+            where = f"{files['queries']} entry {number}"
+            require_keys(query, ("id", "image", "query"), where, self.name)
+            require_types(query, {"id": "int", "image": "text", "query": "text"}, where, self.name)
+            require_inside(query["image"], where, self.name, str(self.data_dir / "image"))
             annotation = self._annotation(query["id"])
             unknown = [w for w in [*annotation["truth"], *annotation["hallu"]] if w not in association]
             if unknown:
@@ -197,12 +203,14 @@ class AmberBench(Benchmark):
         ]
         if missing:
             raise MissingDataError(self.name, missing, hint="download AMBER's images into image/")
-        starts = read_metric_starts(files["metrics.txt"].read_text())
+        starts = read_metric_starts(read_text(files["metrics.txt"], self.name))
         absent = [k for k in GENERATIVE_STARTS if k not in starts]
         if absent:
             raise DataFormatError(f"{self.name}: metrics.txt lacks {', '.join(absent)}")
         # Lines as the reference reads them: only the newline removed.
-        safe_words = [line.split("\n")[0] for line in files["safe_words.txt"].read_text().splitlines(keepends=True)]
+        safe_words = [
+            line.split("\n")[0] for line in read_text(files["safe_words.txt"], self.name).splitlines(keepends=True)
+        ]
         self.scorer = AmberScorer(
             association, safe_words, starts, tools or nltk_tools(need_tagger=True), similarity or spacy_similarity()
         )
@@ -210,10 +218,13 @@ class AmberBench(Benchmark):
     def _annotation(self, query_id: int) -> dict:
         # AMBER looks an answer's annotation up by position (id - 1); the id there must agree.
         position = int(query_id) - 1
-        if not 0 <= position < len(self.annotations) or self.annotations[position].get("id") != query_id:
+        entry = self.annotations[position] if 0 <= position < len(self.annotations) else None
+        if not isinstance(entry, dict) or entry.get("id") != query_id:
             raise DataFormatError(f"{self.name}: annotations.json entry {position} is not item {query_id}")
         annotation = self.annotations[position]
-        require_keys(annotation, ("type", "truth", "hallu"), f"annotations.json item {query_id}", self.name)
+        where = f"{self.data_dir / 'data' / 'annotations.json'} item {query_id}"
+        require_keys(annotation, ("type", "truth", "hallu"), where, self.name)
+        require_types(annotation, {"type": "string", "truth": "strings", "hallu": "strings"}, where, self.name)
         if annotation["type"] != "generative":
             raise DataFormatError(f"{self.name}: item {query_id} is {annotation['type']}, not generative")
         return annotation

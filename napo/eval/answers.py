@@ -59,10 +59,18 @@ def fingerprint(table: Any) -> str:
     return digest.hexdigest()
 
 
+def item_seed(idx: str, run_seed: int = 0) -> int:
+    """The sampling seed of one item: from the run's seed and the item's idx alone, so that a sampled answer
+    does not depend on which items share its batch (a resumed run batches the remaining items differently)."""
+    digest = hashlib.sha256(f"{run_seed}:{idx}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
 def _answer_batch(llava, processor, items: list[tuple[dict, Any]], decoding: Decoding) -> list[dict]:
     """Answers one batch; items with and without an image go to separate generate calls (one call takes
-    images for all of its prompts or for none)."""
-    from napo.data.generate import GenerationSettings, generate_answers
+    images for all of its prompts or for none). Sampled decoding answers each item in its own call seeded
+    by :func:`item_seed`: one random stream per batch would make an answer depend on its batch-mates."""
+    from napo.data.generate import SAMPLING_SEED, GenerationSettings, generate_answers
     from napo.data.prompts import user_prompt
 
     settings = GenerationSettings(max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams,
@@ -77,7 +85,15 @@ def _answer_batch(llava, processor, items: list[tuple[dict, Any]], decoding: Dec
             for row, _ in group
         ]
         images = [image for _, image in group] if with_image else None
-        for (row, _), answer in zip(group, generate_answers(llava, processor, prompts, images, settings), strict=True):
+        if decoding.temperature > 0:
+            answers = [
+                generate_answers(llava, processor, [prompt], None if images is None else [images[i]], settings,
+                                 seed=item_seed(row["idx"], SAMPLING_SEED))[0]
+                for i, ((row, _), prompt) in enumerate(zip(group, prompts, strict=True))
+            ]  # fmt: skip
+        else:
+            answers = generate_answers(llava, processor, prompts, images, settings)
+        for (row, _), answer in zip(group, answers, strict=True):
             finished.append({**row, "answer": answer})
     return finished
 
@@ -96,10 +112,13 @@ def generate_benchmark_answers(
     rows_per_part: int = 256,
     overwrite: bool = False,
     progress: bool = True,
+    items: Any = None,
+    allow_outside_images: bool = False,
 ) -> RunSummary:
     """Answers ``benchmark``'s items with ``loaded`` = (model, processor) into ``output`` (resuming).
 
-    ``decoding`` overrides the benchmark's own settings (recorded in the manifest and the report).
+    ``decoding`` overrides the benchmark's own settings (recorded in the manifest and the report). ``items``:
+    the benchmark's :func:`items_table`, when the caller has built it already (to check it before a model loads).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -108,7 +127,7 @@ def generate_benchmark_answers(
 
     decoding = decoding or benchmark.decoding
     output = Path(output)
-    table = items_table(benchmark.items())
+    table = items_table(benchmark.items()) if items is None else items
     (output / BOOKKEEPING).mkdir(parents=True, exist_ok=True)
     items_path = output / ITEMS
     settings = {
@@ -138,10 +157,18 @@ def generate_benchmark_answers(
     schema = schema.with_metadata({b"napo": json.dumps({**run.manifest, "columns": ["answer"]}).encode()})
     data_root = benchmark.data_dir
 
+    context = getattr(getattr(llava.config, "text_config", llava.config), "max_position_embeddings", None)
+
     def prepare(row: dict) -> tuple[dict, Any]:
         if not isinstance(row["question"], str) or not row["question"].strip():
             raise RowError("empty question")
-        image = None if row["image"] is None else decode_image(row["image"], data_root)
+        # A question past the model's context cannot be answered (and its attention cost grows with the square of
+        # its length): skipped, and counted with the reason. A token has at least one character: short ones pass.
+        if context is not None and len(row["question"]) > context:
+            tokens = len(processor.tokenizer(row["question"], add_special_tokens=False)["input_ids"])
+            if tokens >= context:
+                raise RowError(f"question too long: {tokens} tokens, the model's context is {context}")
+        image = None if row["image"] is None else decode_image(row["image"], data_root, allow_outside_images)
         return row, image
 
     job = RowJob(
@@ -184,30 +211,159 @@ class Answers:
         return len(self.frame) + len(self.errors) >= self.total
 
 
-def read_answers(directory: str | Path) -> Answers:
-    """Reads an answers directory written by :func:`generate_benchmark_answers` (any number of shards)."""
+def _read_manifest(path: Path) -> dict:
+    """The answers' ``eval.json``, every way it can be wrong a ValueError naming it."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason}); was it written by napo eval?") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    settings = manifest.get("settings", {}) if isinstance(manifest, dict) else None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must hold a JSON object with a 'settings' object (napo eval's manifest)")
+    items = settings.get("items", 0)
+    if isinstance(items, bool) or not isinstance(items, int) or items < 0:
+        raise ValueError(f"{path}: settings.items must be a whole number >= 0, got {items!r}")
+    return manifest
+
+
+def _read_errors(path: Path) -> list[dict]:
+    """The skipped items logged in ``errors.jsonl``, one per idx (a rerun can log an item again). A last line
+    cut short by a crash is passed over; any other line that is not a JSON object with an idx is an error."""
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason})") from None
+    errors: dict[str, dict] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                continue  # the line a crash cut short
+            raise ValueError(f"{path} line {number} is not valid JSON") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("idx"), str):
+            raise ValueError(f"{path} line {number} is not a JSON object with a string idx")
+        errors.setdefault(entry["idx"], entry)
+    return list(errors.values())
+
+
+def _read_parts(directory: Path) -> Any:
+    """The parts' ``idx`` and ``answer`` columns, with the part each row came from; a missing column or a
+    value that is not a string is an error naming the part (and the item)."""
     import pandas as pd
     import pyarrow.parquet as pq
 
     from napo.data.store import existing_parts
 
+    frames = []
+    for part in existing_parts(directory):
+        try:
+            table = pq.read_table(part)
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise ValueError(f"{part} is not a readable Parquet file ({type(error).__name__}: {error})") from None
+        missing = [column for column in ("idx", "answer") if column not in table.column_names]
+        if missing:
+            raise ValueError(f"{part} lacks the column(s) {', '.join(missing)} that napo eval writes")
+        frame = table.select(["idx", "answer"]).to_pandas()
+        for column in ("idx", "answer"):
+            bad = [i for i, value in enumerate(frame[column]) if not isinstance(value, str)]
+            if bad:
+                row = bad[0]
+                raise ValueError(
+                    f"{part} row {row} (idx {frame['idx'][row]!r}): {column} must be a string, got "
+                    f"{frame[column][row]!r} ({len(bad)} such row(s))"
+                )
+        frames.append(frame.assign(part=str(part)))
+    if not frames:
+        return pd.DataFrame({"idx": pd.Series(dtype=object), "answer": pd.Series(dtype=object), "part": []})
+    frame = pd.concat(frames, ignore_index=True)
+    repeated = frame[frame.duplicated("idx", keep=False)]
+    for idx, group in repeated.groupby("idx"):
+        if group["answer"].nunique() > 1:
+            raise ValueError(
+                f"idx {idx!r} is answered twice, differently, in {' and '.join(sorted(set(group['part'])))}; "
+                "remove the part that should not count"
+            )
+    return frame.drop_duplicates("idx")
+
+
+def _difference(recorded: Any, current: Any) -> str:
+    """What differs between the items the answers were generated for and the benchmark's items now."""
+    old = {row["idx"]: row for row in recorded.to_pylist()}
+    new = {row["idx"]: row for row in current.to_pylist()}
+    parts = []
+    if old.keys() - new.keys():
+        parts.append(
+            f"{len(old.keys() - new.keys())} item(s) no longer in it (e.g. {sorted(old.keys() - new.keys())[0]!r})"
+        )
+    if new.keys() - old.keys():
+        parts.append(f"{len(new.keys() - old.keys())} new item(s) (e.g. {sorted(new.keys() - old.keys())[0]!r})")
+    for column in ("question", "meta", "image"):
+        changed = sorted(i for i in old.keys() & new.keys() if old[i][column] != new[i][column])
+        if changed:
+            parts.append(f"the {column} of {len(changed)} item(s) (e.g. {changed[0]!r})")
+    return "; ".join(parts) or "the items' order"
+
+
+def read_answers(directory: str | Path, items: Any = None) -> Answers:
+    """Reads an answers directory written by :func:`generate_benchmark_answers` (any number of shards).
+
+    ``items``: the benchmark's items now (an :func:`items_table`). With them the answers are scored against
+    the benchmark the user named, not the copy stored with the answers: answers generated for other items (a
+    relabelled or another benchmark: the recorded fingerprint differs) or naming an idx the benchmark lacks are
+    refused, saying what differs.
+    """
+    import pandas as pd
+
     directory = Path(directory)
     manifest_path = directory / BOOKKEEPING / MANIFEST
     if not manifest_path.exists():
         raise FileNotFoundError(f"{directory} holds no napo eval answers (no {BOOKKEEPING}/{MANIFEST})")
-    manifest = json.loads(manifest_path.read_text())
-    parts = existing_parts(directory)
-    if parts:
-        frame = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
-    else:
-        frame = pd.DataFrame({c: pd.Series(dtype=object) for c in (*ITEM_COLUMNS, "answer")})
-    errors = []
-    if (directory / ERRORS).exists():
-        for line in (directory / ERRORS).read_text().splitlines():
-            try:
-                errors.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a crash
-    total = int(manifest.get("settings", {}).get("items", len(frame)))
-    frame = frame.drop_duplicates("idx").sort_values("idx").reset_index(drop=True)
-    return Answers(directory=directory, frame=frame, errors=errors, total=total, manifest=manifest)
+    manifest = _read_manifest(manifest_path)
+    settings = manifest["settings"]
+    answered = _read_parts(directory)
+    errors = _read_errors(directory / ERRORS)
+    errors = [entry for entry in errors if entry["idx"] not in set(answered["idx"])]  # answered by a later run
+    if items is None:
+        parts = [_part_frame(p) for p in sorted(set(answered["part"]))]
+        frame = pd.concat(parts, ignore_index=True) if parts else None
+        if frame is None:
+            frame = pd.DataFrame({c: pd.Series(dtype=object) for c in (*ITEM_COLUMNS, "answer")})
+        frame = frame.drop_duplicates("idx").sort_values("idx").reset_index(drop=True)
+        total = int(settings.get("items", len(frame)))
+        return Answers(directory=directory, frame=frame, errors=errors, total=total, manifest=manifest)
+    recorded = settings.get("fingerprint")
+    if recorded != fingerprint(items):
+        stored = directory / ITEMS
+        what = "unknown items"
+        if stored.exists():
+            import pyarrow.parquet as pq
+
+            what = _difference(pq.read_table(stored), items)
+        raise ValueError(
+            f"{directory} holds answers to other items than the benchmark {settings.get('benchmark', '')} in "
+            f"--data-dir now ({what}); rescoring them would give stale scores: generate the answers again "
+            "(napo eval --model ... --overwrite) or point --data-dir at the benchmark they answered"
+        )
+    known = set(items.column("idx").to_pylist())
+    for idx, where in [*zip(answered["idx"], answered["part"], strict=True),
+                       *((e["idx"], directory / ERRORS) for e in errors)]:  # fmt: skip
+        if idx not in known:
+            raise ValueError(f"{where}: idx {idx!r} is not an item of the benchmark; remove it, or rescore with the "
+                             "benchmark these answers are for")  # fmt: skip
+    frame = items.select(list(ITEM_COLUMNS)).to_pandas()
+    frame = frame.merge(answered[["idx", "answer"]], on="idx", how="inner")
+    frame = frame.sort_values("idx").reset_index(drop=True)
+    return Answers(directory=directory, frame=frame, errors=errors, total=items.num_rows, manifest=manifest)
+
+
+def _part_frame(part: str) -> Any:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(part).to_pandas()

@@ -10,6 +10,7 @@ those, and :meth:`Benchmark.score` reduces them to metrics (one dict) and per-it
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,9 +57,20 @@ def require_files(benchmark: str, paths: list[Path], hint: str = "") -> None:
         raise MissingDataError(benchmark, missing, hint)
 
 
+def read_text(path: Path, benchmark: str) -> str:
+    """A benchmark file's text: UTF-8 (a UTF-8 byte-order mark is allowed); anything else (UTF-16, Latin-1)
+    is an error naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataFormatError(
+            f"{benchmark}: {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+        ) from None
+
+
 def read_json(path: Path, benchmark: str) -> Any:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(read_text(path, benchmark))
     except json.JSONDecodeError as error:
         raise DataFormatError(f"{benchmark}: {path} is not valid JSON ({error})") from None
 
@@ -66,7 +78,7 @@ def read_json(path: Path, benchmark: str) -> Any:
 def read_jsonl(path: Path, benchmark: str) -> list[dict]:
     """Every JSON object of a JSON-lines file; a bad line is an error naming its number."""
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, benchmark).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -80,10 +92,60 @@ def read_jsonl(path: Path, benchmark: str) -> list[dict]:
 
 
 def require_keys(record: dict, keys: tuple[str, ...], where: str, benchmark: str) -> None:
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{benchmark}: {where} is not a JSON object (got {type(record).__name__})")
     missing = [k for k in keys if k not in record]
     if missing:
         raise DataFormatError(
             f"{benchmark}: {where} lacks the field(s) {', '.join(missing)} (has: {', '.join(map(str, record))})"
+        )
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What a field of a benchmark file may hold (JSON read by Python's json module, which takes NaN and Infinity).
+_KINDS: dict[str, tuple[str, Any]] = {
+    "text": ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())),
+    "string": ("a string", lambda v: isinstance(v, str)),
+    "id": (
+        "an integer or a non-empty string",
+        lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and bool(v.strip())),
+    ),
+    "int": (
+        "an integer",
+        lambda v: (
+            (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())
+        ),
+    ),
+    "strings": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "votes": (
+        "an object of finite numbers",
+        lambda v: isinstance(v, dict) and bool(v) and all(_finite_number(x) for x in v.values()),
+    ),
+}
+
+
+def require_types(record: dict, kinds: dict[str, str], where: str, benchmark: str) -> None:
+    """Refuses a field of ``record`` that is not of its kind (see ``_KINDS``: a null, a number where text
+    belongs, a NaN vote), naming the file and row in ``where``; call after :func:`require_keys`."""
+    for key, kind in kinds.items():
+        if key not in record:
+            continue
+        description, check = _KINDS[kind]
+        if not check(record[key]):
+            raise DataFormatError(f"{benchmark}: {where}: {key} must be {description}, got {record[key]!r}")
+
+
+def require_inside(path: str, where: str, benchmark: str, folder: str) -> None:
+    """Refuses an image path of a benchmark file that is absolute or climbs out with ``..``: it would pass the
+    check that the file exists, then be read as a path under ``folder`` and fail item by item for a wrong reason."""
+    if Path(path).is_absolute() or ".." in Path(path).parts:
+        raise DataFormatError(
+            f"{benchmark}: {where}: the image path {path!r} must be relative to {folder} and stay inside it "
+            "(no leading / and no ..); put the image there (a link to a folder elsewhere works with "
+            "--allow-outside-images)"
         )
 
 

@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="shapes: comma-separated kinds of question kept, among vlind,color,blank,describe (default: all)",
     )
-    _add_run_arguments(parser, rows="items of each benchmark", images=False)
+    _add_run_arguments(parser, rows="items of each benchmark")  # --allow-outside-images: a linked images/ folder
     parser.add_argument(
         "--judge",
         default="openai",
@@ -130,6 +130,7 @@ def run_eval(args: argparse.Namespace) -> int:
             rows_per_part=args.rows_per_part,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            allow_outside_images=args.allow_outside_images,
         )
     except MissingDataError as error:
         print(f"napo eval: error: {error}", file=sys.stderr)  # the list of missing files, one per line

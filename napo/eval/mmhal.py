@@ -37,6 +37,7 @@ from napo.eval.benchmark import (
     metas,
     read_json,
     require_keys,
+    require_types,
 )
 
 __all__ = ["HFJudge", "Judge", "JudgeError", "MMHalBench", "OpenAIJudge", "parse_rating", "read_judge_prompt"]
@@ -228,6 +229,9 @@ class MMHalBench(Benchmark):
             raise DataFormatError(f"{self.name}: {records_path} must hold a JSON list")
         for number, record in enumerate(self.records):
             require_keys(record, RECORD_KEYS, f"{records_path} record {number}", self.name)
+            kinds = {"question_type": "string", "image_content": "strings", "question": "text", "gt_answer": "string",
+                     "image_src": "text"}  # fmt: skip
+            require_types(record, kinds, f"{records_path} record {number}", self.name)
         missing = [str(self._image(r)) for r in self.records if not self._image(r).is_file()]
         if missing:
             raise MissingDataError(self.name, missing, hint="put MMHal-Bench's images under images/")

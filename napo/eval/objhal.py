@@ -40,8 +40,11 @@ from napo.eval.benchmark import (
     metas,
     read_json,
     read_jsonl,
+    read_text,
     require_files,
+    require_inside,
     require_keys,
+    require_types,
 )
 from napo.eval.nlp import TextTools, nltk_tools
 
@@ -180,6 +183,10 @@ class ObjectHalBench(Benchmark):
         self.questions = read_jsonl(questions, self.name)
         for number, row in enumerate(self.questions, start=1):
             require_keys(row, ("image_id", "question"), f"{questions} line {number}", self.name)
+            kinds = {"image_id": "int", "question": "text", "image": "text", "image_path": "text"}
+            require_types(row, kinds, f"{questions} line {number}", self.name)
+            if "image" not in row:
+                require_inside(row["image_path"], f"{questions} line {number}", self.name, str(self.data_dir))
             if "image" not in row and "image_path" not in row:
                 raise DataFormatError(f"{self.name}: {questions} line {number} has neither image nor image_path")
         missing = [
@@ -189,7 +196,7 @@ class ObjectHalBench(Benchmark):
         ]
         if missing:
             raise MissingDataError(self.name, missing)
-        self.scorer = ChairScorer(read_synonyms(synonyms.read_text()), tools or nltk_tools())
+        self.scorer = ChairScorer(read_synonyms(read_text(synonyms, self.name)), tools or nltk_tools())
         self._coco = coco
         self._truth: dict | None = None
 

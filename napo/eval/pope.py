@@ -13,9 +13,20 @@ Reference: haotian-liu/LLaVA ``llava/eval/eval_pope.py`` (parsing and metrics) a
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from napo.eval.benchmark import Benchmark, Decoding, MissingDataError, item, metas, read_jsonl, require_keys
+from napo.eval.benchmark import (
+    Benchmark,
+    Decoding,
+    MissingDataError,
+    item,
+    metas,
+    read_jsonl,
+    require_inside,
+    require_keys,
+    require_types,
+)
 
 __all__ = ["PopeBench", "parse_yes_no", "pope_metrics"]
 
@@ -82,8 +93,20 @@ class PopeBench(Benchmark):
         for path in files:
             category = path.stem.removeprefix("coco_pope_")
             for number, row in enumerate(read_jsonl(path, self.name), start=1):
-                require_keys(row, ("question_id", "image", "text", "label"), f"{path} line {number}", self.name)
+                where = f"{path} line {number}"
+                require_keys(row, ("question_id", "image", "text", "label"), where, self.name)
+                require_types(row, {"question_id": "id", "image": "text", "text": "text", "label": "text"}, where,
+                              self.name)  # fmt: skip
+                require_inside(row["image"], where, self.name, str(self.data_dir / "images"))
                 self.questions.append((category, row))
+        odd = [row["label"] for _, row in self.questions if row["label"] not in ("yes", "no")]
+        if odd:
+            warnings.warn(
+                f"pope: {len(odd)} label(s) are neither 'yes' nor 'no' (e.g. {odd[0]!r}); they count as 'yes', as "
+                "LLaVA's eval_pope.py counts them",
+                UserWarning,
+                stacklevel=2,
+            )
         missing = sorted(
             {
                 str(self.data_dir / "images" / row["image"])

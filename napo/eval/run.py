@@ -13,12 +13,15 @@ Layout of ``output``::
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napo.eval.answers import Answers, generate_benchmark_answers, read_answers
+from napo.eval.answers import Answers, generate_benchmark_answers, items_table, read_answers
 from napo.eval.benchmark import Benchmark, Decoding, MissingDataError
 
 __all__ = ["BENCHMARKS", "EvalResult", "comparison_table", "evaluate", "load_benchmarks"]
@@ -179,6 +182,7 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     loaded: dict | None = None,
+    allow_outside_images: bool = False,
 ) -> EvalResult:
     """Evaluates every model on every benchmark and writes the reports under ``output``.
 
@@ -193,13 +197,84 @@ def evaluate(
         prompt_format: ``template`` (the checkpoint's chat template) or ``llava_v1`` (the LLaVA-1.5 format the
             reference scripts use): see :mod:`napo.data.prompts`.
         limit, num_shards, shard_index, rows_per_part, overwrite: as ``napo generate`` (per benchmark).
+        allow_outside_images: read images that resolve outside the benchmark's folder (an images/ folder that is
+            a link to a copy of COCO elsewhere, say); trusted data only.
         loaded: {model: (model, processor)} already loaded.
     Returns:
         An :class:`EvalResult`.
     """
-    from napo.data.inputs import check_int, check_output_dir
+    from napo.data.inputs import check_output_dir
+    from napo.data.store import shard_from_env
 
     check_output_dir(output)
+    with output_lock(Path(output), shard_from_env(num_shards, shard_index)[1]):
+        return _evaluate(
+            models, benchmarks, output, data_dir=data_dir, answers=answers, options=options, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, prompt_format=prompt_format,
+            limit=limit, num_shards=num_shards, shard_index=shard_index, device=device, dtype=dtype,
+            rows_per_part=rows_per_part, overwrite=overwrite, progress=progress, loaded=loaded,
+            allow_outside_images=allow_outside_images,
+        )  # fmt: skip
+
+
+@contextmanager
+def output_lock(output: Path, shard_index: int = 0) -> Iterator[None]:
+    """Holds ``output`` for this process's shard while it runs: a second ``napo eval`` of the same shard into the
+    same output (it would answer and count the same items twice) is refused, naming the first one's pid and host.
+    An flock: the kernel lets it go when the process ends, killed or not, so a stale lock cannot stop a rerun."""
+    import fcntl
+    import socket
+
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / f".napo-eval-s{shard_index:04d}.lock"
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the run: closing it releases the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not written its pid yet"
+        handle.close()
+        raise ValueError(
+            f"{output} is in use by another napo eval ({holder}, lock {path}); wait for it to end, or give another "
+            "--output (different --shard-index values may share an output)"
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _evaluate(
+    models,
+    benchmarks,
+    output,
+    *,
+    data_dir,
+    answers,
+    options,
+    batch_size,
+    max_new_tokens,
+    num_beams,
+    temperature,
+    prompt_format,
+    limit,
+    num_shards,
+    shard_index,
+    device,
+    dtype,
+    rows_per_part,
+    overwrite,
+    progress,
+    loaded,
+    allow_outside_images,
+) -> EvalResult:
+    """:func:`evaluate` once the output is held."""
+    from napo.data.inputs import check_int
+
     check_int("batch_size", batch_size, 1)
     for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
         if value is not None:
@@ -211,6 +286,13 @@ def evaluate(
     answers_root = output / "answers" if answers is None else _answers_root(Path(answers))
     options.setdefault("mmhal", {}).setdefault("cache", answers_root / "judgements-mmhal.jsonl")
     chosen = load_benchmarks(benchmarks, data_dir, options)  # every data problem before any model loads
+    tables = {}
+    for benchmark in chosen:  # the items too (empty, repeated ids), still before any model loads
+        try:
+            tables[benchmark.name] = items_table(benchmark.items())
+        except ValueError as error:
+            where = benchmark.data_dir if benchmark.data_dir is not None else "built in"
+            raise ValueError(f"{benchmark.name} ({where}): {error}") from None
     summaries = []
     if answers is not None:
         directories = _answers_dirs(Path(answers), chosen)
@@ -246,16 +328,46 @@ def evaluate(
                     rows_per_part=rows_per_part,
                     overwrite=overwrite,
                     progress=progress,
+                    items=tables[benchmark.name],
+                    allow_outside_images=allow_outside_images,
                 )
                 summaries.append((tag, benchmark.name, summary))
                 directories.setdefault(tag, {})[benchmark.name] = where
-    result = score_answers(directories, chosen, output)
+        # The models evaluated into this output before stay in its report: the comparison is the point.
+        earlier: dict[str, dict[str, Path]] = {}
+        if (output / "answers").is_dir():
+            for tag, by_benchmark in _answers_dirs(output, chosen).items():
+                for name, where in by_benchmark.items():
+                    if name not in directories.get(tag, {}):
+                        earlier.setdefault(tag, {})[name] = where
+    result = score_answers(directories, chosen, output, tables, earlier=earlier if answers is None else None)
     result.summaries = summaries
     return result
 
 
-def score_answers(directories: dict[str, dict[str, Path]], benchmarks: list[Benchmark], output: Path) -> EvalResult:
-    """Scores every answers directory and writes the per-benchmark files and the report."""
+def score_answers(
+    directories: dict[str, dict[str, Path]],
+    benchmarks: list[Benchmark],
+    output: Path,
+    tables: dict | None = None,
+    earlier: dict[str, dict[str, Path]] | None = None,
+) -> EvalResult:
+    """Scores every answers directory against its benchmark's items (``tables``: {name: items_table}, built
+    here when not given) and writes the per-benchmark files and the report. ``earlier``: the answers of models
+    evaluated into this output before, kept in the report beside the new ones (left out, with a word, when they
+    answered other items)."""
+    import sys
+
+    tables = tables or {benchmark.name: items_table(benchmark.items()) for benchmark in benchmarks}
+    for tag, by_benchmark in (earlier or {}).items():
+        for name, where in by_benchmark.items():
+            try:
+                read_answers(where, tables[name])
+            except ValueError as error:
+                print(f"napo eval: the earlier answers of {tag} on {name} are left out of the report: {error}",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            directories.setdefault(tag, {})[name] = where
     import pandas as pd
 
     from napo.eval.report import write_benchmark_files, write_report
@@ -265,7 +377,7 @@ def score_answers(directories: dict[str, dict[str, Path]], benchmarks: list[Benc
         for benchmark in benchmarks:
             if benchmark.name not in by_benchmark:
                 continue
-            answers: Answers = read_answers(by_benchmark[benchmark.name])
+            answers: Answers = read_answers(by_benchmark[benchmark.name], tables[benchmark.name])
             metrics, per_item = benchmark.score(answers.frame)
             runs[(tag, benchmark.name)] = (answers, metrics)
             items[(tag, benchmark.name)] = per_item

@@ -40,7 +40,9 @@ from napo.eval.benchmark import (
     metas,
     read_json,
     require_files,
+    require_inside,
     require_keys,
+    require_types,
 )
 
 __all__ = ["VLindBench", "good_images", "parse_true_false", "score_instances"]
@@ -258,6 +260,11 @@ class VLindBench(Benchmark):
             raise DataFormatError(f"{self.name}: {data} must hold a JSON list of instances")
         for number, instance in enumerate(self.instances):
             require_keys(instance, INSTANCE_KEYS, f"{data} instance {number}", self.name)
+            kinds = {key: "text" for key in INSTANCE_KEYS}
+            kinds |= {"context_id": "id", "aggregated_human_label_good_images": "votes"}
+            require_types(instance, kinds, f"{data} instance {number}", self.name)
+            for folder in self._folders(instance):
+                require_inside(folder, f"{data} instance {number}", self.name, str(self.data_dir))
         missing = [str(self.data_dir / path) for path in self._image_paths() if not (self.data_dir / path).is_file()]
         if missing:
             raise MissingDataError(self.name, missing, hint="the images/ folder of VLind-Bench is incomplete")

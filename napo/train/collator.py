@@ -21,6 +21,7 @@ Reference log-probs travel with the rows as ``ref_<column>_logps`` and ``ref_<co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,12 +62,26 @@ def _pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 def _reference_tensors(examples: list[dict[str, Any]], columns: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The cached reference columns that every example has, as float32 [B] tensors."""
+    """The cached reference columns, as float32 [B] tensors: those no example has are left out (the reference
+    model scores them); a value that is null, NaN or infinite in some example is an error naming it (a null
+    column would otherwise read as absent, and a non-finite one trains with a NaN weight and a 0 loss)."""
     out: dict[str, torch.Tensor] = {}
     for column in columns:
         for name in reference_columns(column):
-            if all(example.get(name) is not None for example in examples):
-                out[name] = torch.tensor([float(example[name]) for example in examples], dtype=torch.float32)
+            values = [example.get(name) for example in examples]
+            if all(value is None for value in values):
+                continue
+            bad = [
+                example.get("idx", position)
+                for position, (example, value) in enumerate(zip(examples, values, strict=True))
+                if not isinstance(value, (int, float)) or not math.isfinite(value)
+            ]
+            if bad:
+                raise ValueError(
+                    f"the cached reference log-prob {name!r} is null, NaN or infinite in the rows idx="
+                    f"{', '.join(map(str, bad[:5]))}; score them again (napo logps --overwrite) or drop those rows"
+                )
+            out[name] = torch.tensor([float(value) for value in values], dtype=torch.float32)
     return out
 
 
@@ -171,14 +186,15 @@ def render_completions(
 def _images_of(example: dict[str, Any]) -> list:
     from napo.data.generate import decode_image
     from napo.data.store import RowError
+    from napo.images import rgb_image
 
     raw = example.get("images")
     if raw is None:
         raw = [] if example.get("image") is None else [example["image"]]
     images = []
     for value in raw:
-        if hasattr(value, "convert") and hasattr(value, "size"):  # already a PIL image
-            images.append(value)
+        if hasattr(value, "convert") and hasattr(value, "size"):  # already a PIL image: the same decoding rules
+            images.append(rgb_image(value))
             continue
         try:
             images.append(decode_image(value))

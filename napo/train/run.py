@@ -28,6 +28,17 @@ __all__ = [
 ]
 
 REFERENCE_DIR = "reference-logps"
+RUN_RECORD = "napo_train.json"  # in the output: the settings a rerun must share to resume the run
+
+# The TrainingArguments / DPOConfig fields that change the trained weights (NaPOConfig's own fields are all
+# recorded as well); the rest (logging, saving, progress bars, report_to) may differ between a run and its resume.
+_RESULT_FIELDS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "optim_args", "seed", "data_seed", "full_determinism",
+    "bf16", "fp16", "tf32", "beta", "max_length", "max_prompt_length", "max_completion_length", "truncation_mode",
+    "padding_free", "dataloader_drop_last", "group_by_length",
+)  # fmt: skip
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -155,13 +166,126 @@ def last_complete_checkpoint(output: Path) -> Path | None:
         if path.is_dir() and suffix.isdigit():
             steps.append((int(suffix), path))
     for _, path in sorted(steps, reverse=True):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):
+        if not checkpoint_complete(path):
             print(f"napo train: {path} is incomplete (killed while saving?); not resuming from it")
             continue
         return path
     return None
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """Whether a checkpoint directory's ``trainer_state.json``, the file the Trainer writes last, is whole."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def run_settings(args: Any, model: str | Path, data: str | Path) -> dict[str, Any]:
+    """What decides a run's result: the model, the data and every result-changing field of ``args``, as JSON
+    values (what :data:`RUN_RECORD` holds)."""
+    from napo.train.trainer import NaPOConfig
+
+    own = set(NaPOConfig.__annotations__)
+    values = {key: value for key, value in args.to_dict().items() if key in own or key in _RESULT_FIELDS}
+    where = {"model": model, "data": data}
+    recorded = {key: str(Path(p).resolve()) if Path(p).exists() else str(p) for key, p in where.items()}
+    return json.loads(json.dumps({**recorded, **dict(sorted(values.items()))}, default=str))
+
+
+def check_run_record(output: Path, settings: dict[str, Any]) -> None:
+    """Refuses to resume a run in ``output`` that was started with other settings (a checkpoint of another
+    learning rate, beta or step count would otherwise be resumed, or returned as it is, without a word)."""
+    path = output / RUN_RECORD
+    if not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+        if not isinstance(previous, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} (the settings of the run in {output}) cannot be read ({error}); add --overwrite "
+            "(overwrite=True) to start the run again, or choose another --output"
+        ) from None
+    differences = [
+        f"{key} {previous.get(key, '(not set)')!r} (this run: {settings.get(key, '(not set)')!r})"
+        for key in sorted(set(previous) | set(settings))
+        if previous.get(key) != settings.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"{output} holds a napo train run with other settings: {'; '.join(differences)}. Rerun with the "
+            "recorded settings to resume it, add --overwrite (overwrite=True) to delete its checkpoints and start "
+            "again, or choose another --output"
+        )
+
+
+def clear_run(output: Path) -> None:
+    """What ``--overwrite`` deletes: the checkpoints, the cached reference log-probs and the run record (the
+    final model's files are written again at the end)."""
+    import shutil
+
+    for path in output.glob("checkpoint-*"):
+        if path.is_dir():
+            shutil.rmtree(path)
+    shutil.rmtree(output / REFERENCE_DIR, ignore_errors=True)
+    (output / RUN_RECORD).unlink(missing_ok=True)
+
+
+class DiskFullError(OSError):
+    """The disk filled up while ``napo train`` was saving (the message says what and how to go on)."""
+
+
+_WRITE_FAILURE_WORDS = ("file write failed", "unexpected pos", "No space left on device", "Disk quota exceeded")
+_LOW_SPACE = 64 * 2**20  # bytes: below this a failed write is taken for a full disk
+
+
+def disk_full(error: BaseException, where: Path) -> bool:
+    """Whether ``error`` (raised while writing under ``where``) means the disk is full: an ENOSPC/EDQUOT
+    OSError anywhere in its chain, or a writer's failure message (torch's zip writer says only ``unexpected pos
+    614144 vs 614036``) while the disk holding ``where`` has next to no space left."""
+    import errno
+    import shutil
+
+    seen: BaseException | None = error
+    worded = False
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        worded = worded or any(words in str(seen) for words in _WRITE_FAILURE_WORDS)
+        seen = seen.__cause__ or seen.__context__
+    if not worded:
+        return False
+    try:
+        return shutil.disk_usage(where).free < _LOW_SPACE
+    except OSError:
+        return False
+
+
+def guard_saves(trainer: Any, output: Path) -> None:
+    """Makes a full disk during a checkpoint save one clear :class:`DiskFullError` (the writers' own messages
+    do not say it), after removing the partial checkpoint so that nothing can take it for a complete one."""
+    import shutil
+
+    save_checkpoint = trainer._save_checkpoint
+
+    def saving(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return save_checkpoint(*args, **kwargs)
+        except Exception as error:
+            if not disk_full(error, output):
+                raise
+            partial = output / f"checkpoint-{trainer.state.global_step}"
+            if partial.is_dir() and not checkpoint_complete(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise DiskFullError(
+                f"no space left on device while saving {partial.name} in {output}; free space and rerun the same "
+                "command to resume from the last complete checkpoint"
+            ) from error
+
+    trainer._save_checkpoint = saving
 
 
 def step_table_callback():
@@ -196,6 +320,7 @@ def train(
     logps_batch_size: int = 8,
     progress: bool = True,
     print_table: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Trains ``model`` with NaPO on ``data`` into ``output``; returns the output directory.
 
@@ -205,6 +330,8 @@ def train(
         output: where checkpoints, the reference-log-prob cache and the final model go.
         config: NaPOConfig fields (``max_steps``, ``learning_rate``, ``beta``, ``language_column``, ...).
         logps_batch_size: rows per forward when the reference log-probs are computed first.
+        overwrite: delete the checkpoints and cached reference log-probs of an earlier run in ``output`` and
+            start again (without it, a rerun resumes, and a rerun with other settings is refused).
     """
     import torch
     from accelerate import PartialState
@@ -230,6 +357,18 @@ def train(
     state = PartialState()
     if state.is_main_process:
         warn_if_fsdp_on_cpu(args.fsdp, state.device.type)
+    settings_now = run_settings(args, model, data)
+    if overwrite:
+        if state.is_main_process:
+            clear_run(output)
+        state.wait_for_everyone()
+    check_run_record(output, settings_now)  # every process, before any writes the record
+    state.wait_for_everyone()
+    if state.is_main_process:
+        from napo.data.store import write_atomically
+
+        output.mkdir(parents=True, exist_ok=True)
+        write_atomically(output / RUN_RECORD, lambda tmp: tmp.write_text(json.dumps(settings_now, indent=2)))
     data = Path(data)
     names = parquet_schema(parquet_files(data)).names  # every file's columns, not only the first's
     terms = resolve_terms(args, names)
@@ -290,10 +429,19 @@ def train(
     last = last_complete_checkpoint(output)
     if last is not None and state.is_main_process:
         print(f"napo train: resuming from {last}")
+    guard_saves(trainer, output)
     trainer.train(resume_from_checkpoint=None if last is None else str(last))
-    trainer.save_model(str(output))
-    trainer.save_state()  # OUTPUT/trainer_state.json: the log history napo analyze --run reads, checkpoints or not
-    if state.is_main_process:
-        processor.save_pretrained(str(output))
+    try:
+        trainer.save_model(str(output))
+        trainer.save_state()  # OUTPUT/trainer_state.json: the log history napo analyze --run reads, checkpoints or not
+        if state.is_main_process:
+            processor.save_pretrained(str(output))
+    except Exception as error:
+        if not disk_full(error, output):
+            raise
+        raise DiskFullError(
+            f"no space left on device while saving the final model in {output}; free space and rerun the same "
+            "command (it resumes from the last checkpoint)"
+        ) from error
     state.wait_for_everyone()
     return output

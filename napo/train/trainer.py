@@ -57,6 +57,11 @@ def _term_field(term: str, default: Any, help_text: str) -> Any:
     return field(default=default, metadata={"help": f"[{term} term] {help_text}"})
 
 
+def bf16_supported(use_cpu: bool = False) -> bool:
+    """Whether training here can run under bf16 autocast: a CUDA device that supports it, not forced to the CPU."""
+    return not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 @dataclass
 class NaPOConfig(DPOConfig):
     r"""DPOConfig plus the NaPO objective; the defaults are the paper's (LLaVA-v1.5-7B).
@@ -120,15 +125,47 @@ class NaPOConfig(DPOConfig):
     w_min: float = field(default=0.01, metadata={"help": "lower clip of the dynamic weights"})
 
     def __post_init__(self) -> None:
+        if self.bf16 is None:
+            # TRL turns bf16 on whatever the device, and TrainingArguments then refuses a CPU machine: here bf16
+            # (autocast) is on where the device supports it, so NaPOConfig(output_dir=...) works everywhere.
+            self.bf16 = not self.fp16 and bf16_supported(self.use_cpu)
         super().__post_init__()
         check_prompt_format(self.prompt_format)
+        # The objective's own checks, with its messages, at construction rather than at the first step.
+        from napo import functional as F_napo
+        from napo.data.inputs import check_int
+
+        F_napo._check_positive("beta", self.beta)
+        F_napo._check_q_bounds(self.q_min, 1.0)
+        F_napo._check_unit_interval("w_min", self.w_min)
+        if self.max_length is not None:
+            check_int("max_length", self.max_length, 1)
         for term in _TERM_DEFAULTS:
             loss = getattr(self, f"{term}_loss")
             allowed = ("auto", "dpo", "napo", "none") if term == "original" else ("dpo", "napo", "none")
             if loss not in allowed:
                 raise ValueError(f"{term}_loss must be one of {', '.join(allowed)}, got {loss!r}")
             self.term_config(term, loss="napo")  # validates q, gamma and margin now, not at the first step
-        self.weight_setting()
+        weights = self.weight_setting()
+        if isinstance(weights, list):
+            self._check_weight_count(len(weights))
+
+    def _check_weight_count(self, count: int) -> None:
+        """Fixed weights are one per active term: at most the terms configured on, at least those sure to be on
+        (a biased term whose column is ``auto`` is on only when the data has the column)."""
+        possible, certain = [], []
+        for term in _TERM_DEFAULTS:
+            if getattr(self, f"{term}_loss") == "none" or getattr(self, f"{term}_column", "") == "none":
+                continue
+            possible.append(term)
+            if getattr(self, f"{term}_column", "") != "auto":
+                certain.append(term)
+        if not len(certain) <= count <= len(possible):
+            expected = f"{len(possible)}" if len(certain) == len(possible) else f"{len(certain)} to {len(possible)}"
+            raise ValueError(
+                f"weights has {count} values but {expected} terms are active ({', '.join(possible) or 'none'}): "
+                "napo_weights needs one value per active term"
+            )
 
     def term_config(self, term: str, loss: str | None = None) -> TermConfig:
         """The :class:`TermConfig` of one term (``loss`` overrides the configured kind, e.g. a resolved auto)."""
@@ -285,6 +322,9 @@ class NaPOTrainer(DPOTrainer):
         self._napo_cached_reference = self._has_reference_columns(train_dataset) and (
             eval_dataset is None or self._has_reference_columns(eval_dataset)
         )
+        if self._napo_cached_reference:
+            for dataset in (train_dataset, eval_dataset):
+                _check_reference_values(dataset, self.napo_columns)
         # TRL refuses to precompute for vision data and caches only chosen/rejected: napo does it itself below.
         requested_precompute = args.precompute_ref_log_probs
         self._napo_precompute = bool(requested_precompute) and not self._napo_cached_reference
@@ -648,6 +688,33 @@ class NaPOTrainer(DPOTrainer):
                     named[name] = self.add_reference_logps(dataset, batch_size, name)
                 eval_dataset = named if isinstance(eval_dataset, dict) else named["eval"]
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+
+def _check_reference_values(dataset: Any, columns: Sequence[str]) -> None:
+    """Refuses cached reference log-probs that are null, NaN or infinite, naming the rows, before any step: with
+    -inf the margin is infinite, the weights NaN and the loss 0. A streamed dataset is checked batch by batch by
+    the collator instead."""
+    import numpy as np
+
+    if isinstance(dataset, dict):
+        for part in dataset.values():
+            _check_reference_values(part, columns)
+        return
+    names = getattr(dataset, "column_names", None)
+    if dataset is None or names is None or not hasattr(dataset, "__len__"):
+        return
+    for name in (n for column in columns for n in reference_columns(column)):
+        if name not in names:
+            continue
+        values = np.asarray([np.nan if v is None else v for v in dataset[name]], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            rows = [str(dataset[int(i)].get("idx", int(i))) for i in bad[:5]]
+            raise ValueError(
+                f"the cached reference log-prob column {name!r} is null, NaN or infinite in {bad.size} row(s) "
+                f"(idx {', '.join(rows)}{', ...' if bad.size > 5 else ''}); score them again (napo logps --overwrite) "
+                "or drop those rows"
+            )
 
 
 @functools.cache
