@@ -176,17 +176,26 @@ def tokenize_prompts(processor: Any, prompts: list[str], images: list | None, pr
     (the chat template wrote its own BOS, if any)."""
     import torch
 
+    tokenizer = getattr(processor, "tokenizer", processor)
+    # A template that writes no BOS (llava-hf's LLaVA-1.5 one) gets the tokenizer's, as generation's prompts
+    # do (the tokenizer adds it there) and as the model was trained; llava_v1 puts it by id below.
+    bos = tokenizer.bos_token
+    template_bos = (
+        check_prompt_format(prompt_format) == "template"
+        and bool(bos)
+        and not any(prompt.startswith(bos) for prompt in prompts)
+        and _adds_bos(tokenizer)
+    )
     processed = processor(
         images=images or None,
         text=prompts,
         padding=True,
         padding_side="left",
         return_tensors="pt",
-        add_special_tokens=False,
+        add_special_tokens=template_bos,
     )
-    if check_prompt_format(prompt_format) == "template":
+    if prompt_format == "template":
         return processed
-    tokenizer = getattr(processor, "tokenizer", processor)
     image_id = tokenizer.convert_tokens_to_ids(_image_token(processor))
     rows = []
     for prompt, expanded, mask in zip(prompts, processed["input_ids"], processed["attention_mask"], strict=True):
@@ -205,6 +214,13 @@ def tokenize_prompts(processor: Any, prompts: list[str], images: list | None, pr
     if "token_type_ids" in out:
         out["token_type_ids"] = torch.zeros_like(out["input_ids"])
     return out
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer's special tokens are a BOS before the text and nothing else."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return special == [tokenizer.bos_token_id, *plain]
 
 
 def _runs(ids: list[int], image_id: int) -> list[int]:

@@ -170,7 +170,42 @@ def render_completions(
         for c in columns
     ]
     prefix = _common_prefix([prompt_text, *full])
-    return prefix, [text[len(prefix) :] for text in full]
+    eos = getattr(getattr(processing_class, "tokenizer", processing_class), "eos_token", None)
+    return prefix, [
+        _ends_with_eos(text[len(prefix) :], _plain_answer(example[c]), eos)
+        for c, text in zip(columns, full, strict=True)
+    ]
+
+
+def _plain_answer(value: Any) -> str | None:
+    """The answer's text when the completion is one plain text (an RLAIF-V answer, or one assistant message
+    with one text part), else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        content = value[0].get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and len(content) == 1 and content[0].get("type") == "text":
+            return content[0].get("text")
+    return None
+
+
+def _ends_with_eos(completion: str, answer: str | None, eos: str | None) -> str:
+    """A rendered completion that ends where the model learned answers end: with the end-of-sequence token.
+
+    llava-hf's LLaVA-1.5 template writes each answer followed by a space and no ``</s>``; scored as it is,
+    every answer's last supervised token is a ``▁`` the model never saw there, and the ``</s>`` it did see is
+    missing. When what the template writes after the answer is only whitespace, or the end-of-sequence token
+    and whitespace, the completion becomes the answer then ``eos``. Other templates' end-of-turn markers
+    (``<|im_end|>``, ``<end_of_turn>``...) are kept as they are."""
+    if not eos or not answer or answer not in completion:
+        return completion
+    end = completion.rindex(answer) + len(answer)
+    suffix = completion[end:].strip()
+    if suffix in ("", eos):
+        return completion[:end] + eos
+    return completion
 
 
 def _images_of(example: dict[str, Any]) -> list:
