@@ -72,7 +72,8 @@ def test_logps_match_a_plain_torch_reference_and_resume(workdir, capsys):
     model, biased = str(workdir / "model"), str(workdir / "biased")
     assert main(["logps", "--model", model, "--data", biased, "--output", str(output), "--batch-size", "3",
                  "--rows-per-part", "3", "--no-progress"]) == 0  # fmt: skip
-    assert "8 rows scored" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "8 rows scored" in out and out.count("napo logps: prompt format template:") == 1
     frame = pd.read_parquet(output).sort_values("idx")
     columns = ["chosen", "rejected", "question_only", "image_only"]
     for column in columns:
@@ -297,7 +298,9 @@ def test_cached_reference_of_another_prompt_format_is_scored_again(workdir, scor
     assert main(["train", "--model", str(workdir / "model"), "--data", str(scored), "--output", str(run),
                  "--prompt-format", "llava_v1", "--max-steps", "1", "--logging-steps", "1",
                  "--no-progress"]) == 0  # fmt: skip
-    assert "used prompt_format=template, training uses llava_v1: scoring them again" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "used prompt_format=template, training uses llava_v1: scoring them again" in out
+    assert out.count("napo train: prompt format llava_v1:") == 1
     from napo.train.reference import cached_settings
 
     assert cached_settings(run / "reference-logps")["prompt_format"] == "llava_v1"

@@ -19,6 +19,7 @@ __all__ = [
     "PROMPT_FORMATS",
     "answer_text",
     "check_prompt_format",
+    "describe_prompt_format",
     "llava_v1_answer_ids",
     "llava_v1_prompt_ids",
     "llava_v1_unsupervised",
@@ -40,6 +41,19 @@ def check_prompt_format(prompt_format: Any) -> str:
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
     return prompt_format
+
+
+def describe_prompt_format(prompt_format: str) -> str:
+    """One line saying what sequences a prompt format gives (napo generate, logps and train print it once)."""
+    if check_prompt_format(prompt_format) == "llava_v1":
+        return (
+            "prompt format llava_v1: the authors' LLaVA-1.5 conversation (system sentence, USER: <image>\\n... "
+            "ASSISTANT:, answers ending with </s>), tokenized as LLaVA's code does"
+        )
+    return (
+        "prompt format template: the checkpoint's chat template, with the tokenizer's BOS and </s> where the template "
+        "writes none; --prompt-format llava_v1 gives the authors' LLaVA-1.5 sequences"
+    )
 
 
 def _image_token(processor: Any) -> str:
