@@ -157,7 +157,11 @@ def child(variant: str, model_dir: str, device: str, repeats: int, count: int) -
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        else:  # no warm-up on CPU (minutes a step at these widths): the timed step includes first allocations
+        else:  # no warm-up step on CPU (minutes at these widths); the weights are paged in, not counted
+            with torch.no_grad():
+                for module in (model, trainer.ref_model):
+                    for parameter in module.parameters():
+                        parameter.sum()
             with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
                 handle.write("5")
             base = rss_bytes("VmRSS")

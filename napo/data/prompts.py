@@ -12,6 +12,7 @@ reproduction that must see the authors' tokens selects ``llava_v1`` in ``napo ge
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 __all__ = [
@@ -92,7 +93,7 @@ def answer_text(processor: Any, answer: str) -> str:
 # once gives other ids with transformers 5's LLaMA tokenizers (no ``▁`` after a special token when the
 # checkpoint says ``legacy: false``), and their BPE merges runs of spaces that sentencepiece keeps apart.
 
-_SENTENCEPIECE_COPIES: dict[int, Any] = {}
+_SENTENCEPIECE_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> copy or None
 
 
 def _is_sentencepiece(tokenizer: Any) -> bool:
@@ -109,9 +110,8 @@ def sentencepiece_backend(tokenizer: Any) -> Any:
     puts ``▁ ▁`` first (``▁▁ There``). The copy ranks the merges that make a whitespace-only piece last, and
     adds no prefix itself (no normalizer, ``Metaspace`` without prepending: :func:`text_ids` writes the
     dummy prefix where sentencepiece does, whatever the checkpoint's ``legacy`` flag)."""
-    key = id(tokenizer)
-    if key in _SENTENCEPIECE_COPIES:
-        return _SENTENCEPIECE_COPIES[key]
+    if tokenizer in _SENTENCEPIECE_COPIES:
+        return _SENTENCEPIECE_COPIES[tokenizer]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     copy = None
     if backend is not None and _is_sentencepiece(tokenizer):
@@ -132,7 +132,7 @@ def sentencepiece_backend(tokenizer: Any) -> Any:
             state["post_processor"] = None
             copy = Tokenizer.from_str(json.dumps(state))
             copy.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
-    _SENTENCEPIECE_COPIES[key] = copy
+    _SENTENCEPIECE_COPIES[tokenizer] = copy
     return copy
 
 
