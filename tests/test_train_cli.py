@@ -306,3 +306,25 @@ def test_cached_reference_of_another_prompt_format_is_scored_again(workdir, scor
     assert cached_settings(run / "reference-logps")["prompt_format"] == "llava_v1"
     entry = next(h for h in log_history_or_final(run) if "loss" in h)
     assert abs(entry["napo/margin_language"]) < 1e-4  # step 1: the rescored reference is the policy's own
+
+
+def test_cached_reference_of_earlier_token_ids_is_scored_again(workdir, scored, tmp_path, capsys):
+    """Reference log-probs napo logps wrote before the sequences changed (issue 22: BOS and </s> on the
+    template path, LLaVA's ids on llava_v1) carry no sequence version: they are not reused."""
+    import pyarrow.parquet as pq
+
+    from napo.train.reference import METADATA_KEY, cached_settings
+
+    older = tmp_path / "older"
+    older.mkdir()
+    for part in sorted(scored.glob("part-*.parquet")):
+        table = pq.read_table(part)
+        manifest = json.loads(table.schema.metadata[METADATA_KEY])
+        del manifest["settings"]["sequences"]
+        metadata = {**table.schema.metadata, METADATA_KEY: json.dumps(manifest).encode()}
+        pq.write_table(table.replace_schema_metadata(metadata), older / part.name)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(workdir / "model"), "--data", str(older), "--output", str(run),
+                 "--max-steps", "1", "--no-progress"]) == 0  # fmt: skip
+    assert "token ids of an earlier napo" in capsys.readouterr().out
+    assert cached_settings(run / "reference-logps")["sequences"] >= 2

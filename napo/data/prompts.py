@@ -18,6 +18,7 @@ from typing import Any
 __all__ = [
     "LLAVA_V1_SYSTEM",
     "PROMPT_FORMATS",
+    "SEQUENCE_VERSION",
     "answer_text",
     "check_prompt_format",
     "describe_prompt_format",
@@ -31,6 +32,10 @@ __all__ = [
 ]
 
 PROMPT_FORMATS = ("template", "llava_v1")
+
+# How napo turns rows into token ids, recorded with cached reference log-probs so that values computed on
+# other sequences are scored again. 2: LLaVA's own ids for llava_v1; BOS and </s> on the template path.
+SEQUENCE_VERSION = 2
 
 LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
