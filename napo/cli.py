@@ -374,9 +374,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {args.command}")  # argparse rejects unknown commands first
 
 
+def _say_prompt_format(command: str, prompt_format: str) -> None:
+    from napo.data.prompts import describe_prompt_format
+
+    print(f"napo {command}: {describe_prompt_format(prompt_format)}")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from napo.data import generate_biased
 
+    _say_prompt_format("generate", args.prompt_format or "template")
     return _run_stage(
         "generate",
         "written",
@@ -396,6 +403,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _logps(args: argparse.Namespace) -> int:
     from napo.train.reference import compute_reference_logps
 
+    _say_prompt_format("logps", args.prompt_format or "template")
     return _run_stage(
         "logps",
         "scored",
@@ -434,6 +442,7 @@ def _train(args: argparse.Namespace) -> int:
         config.update(
             {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
         )
+        _say_prompt_format("train", config.get("prompt_format", "template"))
         output = train(
             args.model,
             args.data,

@@ -8,6 +8,7 @@ import io
 
 import pandas as pd
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -120,3 +121,28 @@ def test_napo_config_and_text_data_refuse_what_llava_v1_cannot_render(tiny, tmp_
     with pytest.raises(ValueError, match="this dataset is text only"):
         NaPOTrainer(model=text_model, args=args, train_dataset=Dataset.from_list(rows),
                     processing_class=processor.tokenizer)  # fmt: skip
+
+
+def test_generation_with_llava_v1_feeds_the_model_llavas_ids(tiny):
+    """napo generate / napo eval tokenize llava_v1 prompts as the collator does: BOS by id, image chunks apart."""
+    from napo.data.generate import GenerationSettings, generate_answers, load_model
+    from napo.data.prompts import tokenize_prompts, user_prompt
+
+    model_dir, data = tiny
+    model, processor = load_model(model_dir, device="cpu")
+    image = Image.open(io.BytesIO(rows(data)[0]["image"]["bytes"])).convert("RGB")
+    prompts = [user_prompt(processor, "llava_v1", question=q, num_images=1) for q in ("What is it?", "Colors?")]
+    seen = []
+    generate = model.generate
+
+    def record(**inputs):
+        seen.append(inputs["input_ids"])
+        return generate(**inputs)
+
+    model.generate = record
+    settings = GenerationSettings(max_new_tokens=2, num_beams=1, prompt_format="llava_v1")
+    assert len(generate_answers(model, processor, prompts, [image, image], settings)) == 2
+    expected = tokenize_prompts(processor, prompts, [image, image], "llava_v1")["input_ids"]
+    assert torch.equal(seen[0], expected)
+    for row in expected:
+        assert row[row != processor.tokenizer.pad_token_id][0] == processor.tokenizer.bos_token_id

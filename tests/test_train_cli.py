@@ -72,7 +72,8 @@ def test_logps_match_a_plain_torch_reference_and_resume(workdir, capsys):
     model, biased = str(workdir / "model"), str(workdir / "biased")
     assert main(["logps", "--model", model, "--data", biased, "--output", str(output), "--batch-size", "3",
                  "--rows-per-part", "3", "--no-progress"]) == 0  # fmt: skip
-    assert "8 rows scored" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "8 rows scored" in out and out.count("napo logps: prompt format template:") == 1
     frame = pd.read_parquet(output).sort_values("idx")
     columns = ["chosen", "rejected", "question_only", "image_only"]
     for column in columns:
@@ -295,7 +296,9 @@ def test_cached_reference_of_another_prompt_format_is_scored_again(workdir, scor
     assert main(["train", "--model", str(workdir / "model"), "--data", str(scored), "--output", str(run),
                  "--prompt-format", "llava_v1", "--max-steps", "1", "--logging-steps", "1",
                  "--no-progress"]) == 0  # fmt: skip
-    assert "used prompt_format=template, training uses llava_v1: scoring them again" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "used prompt_format=template, training uses llava_v1: scoring them again" in out
+    assert out.count("napo train: prompt format llava_v1:") == 1
     from napo.train.reference import cached_settings
 
     assert cached_settings(run / "reference-logps")["prompt_format"] == "llava_v1"
@@ -388,3 +391,25 @@ def test_a_null_cached_reference_value_is_named_not_reported_as_a_missing_column
     with pytest.raises(ValueError, match=rf"{name!r} is null, NaN or infinite in the rows idx=b, c"):
         _reference_tensors(rows, ["rejected"])
     assert set(_reference_tensors([{"idx": "a"}], ["rejected"])) == set()  # no cached column: the model scores
+
+
+def test_cached_reference_of_earlier_token_ids_is_scored_again(workdir, scored, tmp_path, capsys):
+    """Reference log-probs napo logps wrote before the sequences changed (issue 22: BOS and </s> on the
+    template path, LLaVA's ids on llava_v1) carry no sequence version: they are not reused."""
+    import pyarrow.parquet as pq
+
+    from napo.train.reference import METADATA_KEY, cached_settings
+
+    older = tmp_path / "older"
+    older.mkdir()
+    for part in sorted(scored.glob("part-*.parquet")):
+        table = pq.read_table(part)
+        manifest = json.loads(table.schema.metadata[METADATA_KEY])
+        del manifest["settings"]["sequences"]
+        metadata = {**table.schema.metadata, METADATA_KEY: json.dumps(manifest).encode()}
+        pq.write_table(table.replace_schema_metadata(metadata), older / part.name)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(workdir / "model"), "--data", str(older), "--output", str(run),
+                 "--max-steps", "1", "--no-progress"]) == 0  # fmt: skip
+    assert "token ids of an earlier napo" in capsys.readouterr().out
+    assert cached_settings(run / "reference-logps")["sequences"] >= 2

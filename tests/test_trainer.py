@@ -126,12 +126,17 @@ def test_vision_equivalence_with_trl_dpo(tiny, processor, sample, tmp_path, napo
     rows = conversational(sample)
     dataset = Dataset.from_list(rows)
     results = []
-    for trainer_class, config_class, options in ((DPOTrainer, DPOConfig, {}), (NaPOTrainer, NaPOConfig, napo_options)):
+    # TRL's step on napo's batches (napo's adds the BOS and ends answers at </s>: the collator test above).
+    napo_batches = {"data_collator": NaPOVisionCollator(processor)}
+    for trainer_class, config_class, options, collator in (
+        (DPOTrainer, DPOConfig, {}, napo_batches),
+        (NaPOTrainer, NaPOConfig, napo_options, {}),
+    ):
         policy = AutoModelForImageTextToText.from_pretrained(tiny[0])
         reference = AutoModelForImageTextToText.from_pretrained(tiny[1])  # differs: margins are not zero
         args = config_class(output_dir=str(tmp_path / trainer_class.__name__), **TRAINING, **options)
         trainer = trainer_class(
-            model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=processor
+            model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=processor, **collator
         )
         results.append(one_step(trainer, rows[:4]))
     (dpo_loss, dpo_grads), (napo_loss, napo_grads) = results
@@ -184,17 +189,31 @@ def test_text_equivalence_with_trl_dpo(text_models, sample, tmp_path, napo_optio
     assert_grads_match(dpo_grads, napo_grads)
 
 
-def test_vision_collator_matches_trl(processor, sample):
+def test_vision_collator_is_trls_with_bos_and_the_answer_ending_in_eos(processor, sample):
+    """TRL's vision collator tokenizes the chat template's prompt without special tokens, so a template that
+    writes no BOS (llava-1.5's, the tiny model's) trains without one, and scores the space the template writes
+    after ``</s>`` as the answer's last token. napo's batch is TRL's with the tokenizer's BOS first (as
+    generation's prompts have it) and the answer ending at ``</s>``; the layout is TRL's."""
+    tokenizer = processor.tokenizer
+    space = tokenizer(" ", add_special_tokens=False)["input_ids"]
     rows = conversational(sample[:3])
     expected = DataCollatorForVisionPreference(processor)(copy.deepcopy(rows))
     for examples in (copy.deepcopy(rows), [dict(r) for r in sample[:3]]):  # TRL rows, then raw RLAIF-V rows
         actual = NaPOVisionCollator(processor)(examples)
         assert actual.keys() == expected.keys()
-        for key in expected:
-            assert torch.equal(actual[key], expected[key]), key
-    truncated = DataCollatorForVisionPreference(processor, max_length=24)(copy.deepcopy(rows))
-    ours = NaPOVisionCollator(processor, max_length=24)(copy.deepcopy(rows))
-    assert all(torch.equal(ours[k], truncated[k]) for k in truncated)
+        assert torch.equal(actual["pixel_values"], expected["pixel_values"])
+        for row in range(len(expected["input_ids"])):
+            theirs = expected["input_ids"][row][expected["attention_mask"][row].bool()].tolist()
+            their_scored = expected["input_ids"][row][expected["completion_mask"][row].bool()].tolist()
+            ours = actual["input_ids"][row][actual["attention_mask"][row].bool()].tolist()
+            our_scored = actual["input_ids"][row][actual["completion_mask"][row].bool()].tolist()
+            assert theirs[0] != tokenizer.bos_token_id and their_scored[-2:] == [tokenizer.eos_token_id, *space]
+            assert ours == [tokenizer.bos_token_id, *theirs[: -len(space)]]
+            assert our_scored == their_scored[: -len(space)] and our_scored[-1] == tokenizer.eos_token_id
+    full = NaPOVisionCollator(processor)(copy.deepcopy(rows))
+    truncated = NaPOVisionCollator(processor, max_length=24)(copy.deepcopy(rows))
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(truncated[key], full[key][:, :24]), key
 
 
 @pytest.mark.parametrize("max_length,mode", [(None, "keep_start"), (12, "keep_start"), (12, "keep_end")])
@@ -464,9 +483,13 @@ def test_peft_equivalence_with_trl_dpo(kind, tiny, text_models, processor, sampl
     runs = ((DPOTrainer, DPOConfig, {}), (NaPOTrainer, NaPOConfig, NAPO_AS_DPO[1]))
     for trainer_class, config_class, options in runs:
         args = config_class(output_dir=str(tmp_path / trainer_class.__name__), **TRAINING, **options)
+        # TRL's step on napo's vision batches (napo's adds the BOS and ends answers at </s>).
+        collator = (
+            {"data_collator": NaPOVisionCollator(processor)} if kind == "vision" and trainer_class is DPOTrainer else {}
+        )
         trainer = trainer_class(
             model=load_policy(), args=args, train_dataset=dataset, processing_class=processing,
-            peft_config=LoraConfig(**lora),
+            peft_config=LoraConfig(**lora), **collator,
         )  # fmt: skip
         assert trainer.ref_model is None
         trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -480,7 +503,7 @@ def test_peft_equivalence_with_trl_dpo(kind, tiny, text_models, processor, sampl
         examples = [trainer.train_dataset[i] for i in range(4)] if kind == "text" else rows[:4]
         results.append(one_step(trainer, examples))
     (dpo_loss, dpo_grads), (napo_loss, napo_grads) = results
-    assert abs(dpo_loss.item() - torch.log(torch.tensor(2.0)).item()) > 1e-3  # not log 2: policy != reference
+    assert abs(dpo_loss.item() - torch.log(torch.tensor(2.0)).item()) > 2e-4  # not log 2: policy != reference
     torch.testing.assert_close(napo_loss, dpo_loss, rtol=1e-5, atol=0)
     assert_grads_match(dpo_grads, napo_grads)
 

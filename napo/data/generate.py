@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from napo.data.inputs import REQUIRED_COLUMNS, check_idx_values, check_int, check_rlaif_schema
-from napo.data.prompts import check_prompt_format, user_prompt
+from napo.data.prompts import check_prompt_format, tokenize_prompts, user_prompt
 from napo.data.store import (
     RowError,
     RowJob,
@@ -217,7 +217,10 @@ def generate_answers(
     import torch
 
     # Left padding whatever the processor's default: a right-padded batch would generate after the padding.
-    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    if settings.prompt_format == "llava_v1":  # LLaVA's own ids (napo.data.prompts.tokenize_prompts)
+        inputs = tokenize_prompts(processor, prompts, images, "llava_v1")
+    else:
+        inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

@@ -74,7 +74,7 @@ def _answer_batch(llava, processor, items: list[tuple[dict, Any]], decoding: Dec
     from napo.data.prompts import user_prompt
 
     settings = GenerationSettings(max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams,
-                                  temperature=decoding.temperature)  # fmt: skip
+                                  temperature=decoding.temperature, prompt_format=decoding.prompt_format)  # fmt: skip
     finished: list[dict] = []
     for with_image in (True, False):
         group = [(row, image) for row, image in items if (image is not None) == with_image]

@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-from napo.data.prompts import answer_text, check_prompt_format, user_prompt
+from napo.data.prompts import (
+    answer_text,
+    check_prompt_format,
+    llava_v1_answer_ids,
+    llava_v1_unsupervised,
+    tokenize_prompts,
+    user_prompt,
+)
 
 __all__ = [
     "NaPOTextCollator",
@@ -151,11 +158,9 @@ def render_completions(
         for column in columns:
             if not isinstance(example[column], str):
                 raise TypeError(f"column {column!r} must hold strings, got {type(example[column]).__name__}")
+        # As text; the collator tokenizes it as LLaVA does (llava_v1_prompt_ids: the tokenizer's BOS first).
         prompt = user_prompt(processing_class, prompt_format, question=example["question"], num_images=num_images)
-        # The batch is tokenized without special tokens (chat templates write their own BOS); the authors'
-        # sequences start with BOS, as generation's do (the tokenizer adds it there).
-        bos = getattr(getattr(processing_class, "tokenizer", processing_class), "bos_token", None) or ""
-        return bos + prompt, [answer_text(processing_class, example[column]) for column in columns]
+        return prompt, [answer_text(processing_class, example[column]) for column in columns]
     if "prompt" in example and isinstance(example["prompt"], str):
         for column in columns:
             if not isinstance(example[column], str):
@@ -180,7 +185,42 @@ def render_completions(
         for c in columns
     ]
     prefix = _common_prefix([prompt_text, *full])
-    return prefix, [text[len(prefix) :] for text in full]
+    eos = getattr(getattr(processing_class, "tokenizer", processing_class), "eos_token", None)
+    return prefix, [
+        _ends_with_eos(text[len(prefix) :], _plain_answer(example[c]), eos)
+        for c, text in zip(columns, full, strict=True)
+    ]
+
+
+def _plain_answer(value: Any) -> str | None:
+    """The answer's text when the completion is one plain text (an RLAIF-V answer, or one assistant message
+    with one text part), else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        content = value[0].get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and len(content) == 1 and content[0].get("type") == "text":
+            return content[0].get("text")
+    return None
+
+
+def _ends_with_eos(completion: str, answer: str | None, eos: str | None) -> str:
+    """A rendered completion that ends where the model learned answers end: with the end-of-sequence token.
+
+    llava-hf's LLaVA-1.5 template writes each answer followed by a space and no ``</s>``; scored as it is,
+    every answer's last supervised token is a ``▁`` the model never saw there, and the ``</s>`` it did see is
+    missing. When what the template writes after the answer is only whitespace, or the end-of-sequence token
+    and whitespace, the completion becomes the answer then ``eos``. Other templates' end-of-turn markers
+    (``<|im_end|>``, ``<end_of_turn>``...) are kept as they are."""
+    if not eos or not answer or answer not in completion:
+        return completion
+    end = completion.rindex(answer) + len(answer)
+    suffix = completion[end:].strip()
+    if suffix in ("", eos):
+        return completion[:end] + eos
+    return completion
 
 
 def _images_of(example: dict[str, Any]) -> list:
@@ -232,21 +272,20 @@ class NaPOVisionCollator:
             render_completions(example, columns, self.processor, len(pictures), self.prompt_format)
             for example, pictures in zip(examples, images, strict=True)
         ]
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self._check_rows(examples, images, rendered, tokenizer)
         repeats = len(columns)
         prompts = [prompt for prompt, _ in rendered] * repeats
         completions = [texts[k] for k in range(repeats) for _, texts in rendered]
         all_images = images * repeats
         has_images = any(all_images)
-        processed = self.processor(
-            images=all_images if has_images else None,
-            text=prompts,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-            add_special_tokens=False,  # the chat template already wrote BOS
-        )
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        completion_ids = tokenizer(text=completions, add_special_tokens=False)["input_ids"]
+        # Without special tokens: the chat template already wrote BOS; llava_v1 puts the tokenizer's BOS.
+        processed = tokenize_prompts(self.processor, prompts, all_images if has_images else None, self.prompt_format)
+        if self.prompt_format == "llava_v1":
+            answers = [example[column] for column in columns for example in examples]
+            completion_ids = [llava_v1_answer_ids(self.processor, answer) for answer in answers]
+        else:
+            completion_ids = tokenizer(text=completions, add_special_tokens=False)["input_ids"]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         completion = _pad_right(completion_ids, pad_id)
         completion_attention = _pad_right([[1] * len(ids) for ids in completion_ids], 0)
@@ -274,6 +313,31 @@ class NaPOVisionCollator:
         output.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask, **extra)
         output.update(_reference_tensors(examples, columns))
         return output
+
+    def _check_rows(self, examples: list[dict], images: list[list], rendered: list, tokenizer: Any) -> None:
+        """Refuses, naming the rows, what would train on something else than the row says: an image token
+        written as text (one more image position than the row has images: the model's forward fails, or
+        worse), and under ``llava_v1`` the rows the authors' ``preprocess_v1`` supervises none of."""
+        image_token = getattr(self.processor, "image_token", None) or getattr(tokenizer, "image_token", None)
+        refused: list[str] = []
+        for example, pictures, (prompt, texts) in zip(examples, images, rendered, strict=True):
+            where = f"idx={example.get('idx', '?')}"
+            if image_token and (prompt.count(image_token) > len(pictures) or any(image_token in t for t in texts)):
+                refused.append(f"{where}: a literal {image_token!r} in its text")
+                continue
+            if self.prompt_format == "llava_v1":
+                for column in self.columns:
+                    reason = llava_v1_unsupervised(example["question"], example[column], tokenizer.eos_token or "")
+                    if reason:
+                        refused.append(f"{where}, column {column!r}: {reason}")
+                        break
+        if refused:
+            raise ValueError(
+                f"{len(refused)} of {len(examples)} rows in this batch cannot be trained on as they are "
+                f"({'; '.join(refused[:5])}{'; ...' if len(refused) > 5 else ''}). LLaVA's preprocess_v1 "
+                "supervises none of such a row; remove or fix these rows in the data (napo refuses them rather "
+                "than score a different sequence)"
+            )
 
 
 @dataclass

@@ -374,6 +374,7 @@ def train(
     terms = resolve_terms(args, names)
     needed = list(dict.fromkeys(["chosen", *(column for _, column in terms.values())]))
     scored_columns(names, needed)  # the RLAIF-V columns are there, before any model is loaded
+    from napo.data.prompts import SEQUENCE_VERSION
     from napo.train.collator import reference_columns
 
     cached = all(name in names for column in needed for name in reference_columns(column))
@@ -388,6 +389,13 @@ def train(
             print(f"napo train: the cached reference log-probs used prompt_format="
                   f"{settings.get('prompt_format', 'template')}, training uses {args.prompt_format}: "
                   "scoring them again")  # fmt: skip
+        cached = False
+    elif settings is not None and settings.get("sequences") != SEQUENCE_VERSION:
+        if state.is_main_process:
+            print(
+                "napo train: the cached reference log-probs were scored on the token ids of an earlier napo "
+                "(before BOS and </s> on the template path, and LLaVA's own ids on llava_v1): scoring them again"
+            )
         cached = False
     if not cached:
         reference_dir = output / REFERENCE_DIR
