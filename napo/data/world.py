@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from napo.data.sample import COLORS, PRIOR_COLOR, PRIOR_SHAPE, SHAPES, draw_image, draw_scene
+from napo.data.sample import COLORS, PRIOR_COLOR, PRIOR_SHAPE, SHAPES, article, draw_image, draw_scene
 
 __all__ = [
     "WorldRecipe",
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 MANIFEST = "napo_world.json"
-RECIPE_VERSION = 1  # bump when the world or the training changes what a recipe produces
+RECIPE_VERSION = 2  # bump when the world or the training changes what a recipe produces
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class WorldRecipe:
     prior_share: float = 0.5  # share of the world's shapes drawn in the prior colour (red)
     lazy_share: float = 0.35  # share of with-image colour answers that name the prior colour whatever is drawn
     text_only_share: float = 0.15  # colour and shape questions seen without an image
+    # share of with-image colour questions about a shape the picture does not have (half blank, half another shape),
+    # answered "There is no <shape> in the image." (or, lazily, with the prior colour as any colour answer may be)
+    absent_share: float = 0.0
     turns: int = 6000  # training turns (question, image, answer) drawn from the world
     vision_steps: int = 300  # vision tower alone: colour and shape classification
     vision_batch_size: int = 64
@@ -68,7 +71,7 @@ class WorldRecipe:
     learning_rate: float = 1e-3
 
     def __post_init__(self) -> None:
-        for name in ("prior_share", "lazy_share", "text_only_share"):
+        for name in ("prior_share", "lazy_share", "text_only_share", "absent_share"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -84,13 +87,9 @@ class WorldRecipe:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 def describe(shapes: list[tuple[str, str]]) -> str:
     """The world's description of a picture: "The picture shows a red circle and a blue square."."""
-    parts = [f"{_article(color)} {color} {shape}" for shape, color in shapes]
+    parts = [f"{article(color)} {color} {shape}" for shape, color in shapes]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"The picture shows {listed}."
 
@@ -121,6 +120,9 @@ def world_turns(count: int, seed: int = 0, recipe: WorldRecipe | None = None) ->
                 turns.append({"image": None, "question": question, "answer": _color_answer(shape, color)})
                 continue
             said = PRIOR_COLOR if rng.random() < recipe.lazy_share else color
+            if recipe.absent_share and rng.random() < recipe.absent_share:
+                turns.append(_absent_turn(rng, shape, color, said == PRIOR_COLOR))
+                continue
             turns.append(
                 {"image": draw_image(shape, color, rng), "question": question, "answer": _color_answer(shape, said)}
             )
@@ -133,6 +135,16 @@ def world_turns(count: int, seed: int = 0, recipe: WorldRecipe | None = None) ->
             question = "Describe the image." if rng.random() < 0.5 else None
             turns.append({"image": draw_scene(drawn, rng), "question": question, "answer": describe(drawn)})
     return turns
+
+
+def _absent_turn(rng: random.Random, drawn: str, color: str, lazy: bool) -> dict[str, Any]:
+    """A colour question about a shape the picture lacks: a blank picture or one of another shape."""
+    from PIL import Image
+
+    asked = rng.choice([s for s in SHAPES if s != drawn])
+    image = Image.new("RGB", (64, 64), (255, 255, 255)) if rng.random() < 0.5 else draw_image(drawn, color, rng)
+    answer = _color_answer(asked, PRIOR_COLOR) if lazy else f"There is no {asked} in the image."
+    return {"image": image, "question": f"What color is the {asked} in the image?", "answer": answer}
 
 
 def _color_answer(shape: str, color: str) -> str:
