@@ -12,7 +12,7 @@ C_SOURCES := csrc/objective.c csrc/logps.c
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: demo test test-c test-cuda-emu test-py lint format cuda-check gpu-check check-cpu-build bench clean install
+.PHONY: demo test test-c test-cuda-emu test-py test-binding-asan lint format cuda-check gpu-check check-cpu-build bench clean install
 
 $(VENV)/.installed: pyproject.toml setup.py requirements/ci-constraints.txt $(wildcard csrc/*.c csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,18 @@ $(EMU_BUILD)/libnapo_cuda_emu.so: $(EMU_DEPS)
 test-cuda-emu: $(EMU_BUILD)/test_cuda_emu_asan $(EMU_BUILD)/test_cuda_emu_tsan
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $(EMU_BUILD)/test_cuda_emu_asan
 	TSAN_OPTIONS=halt_on_error=1 $(EMU_BUILD)/test_cuda_emu_tsan
+
+# napo._C itself (module.c and the C core) under ASan/UBSan, preloaded into the interpreter, running the
+# binding's tests on the CPU. Not part of `make test` (a minute; it needs gcc's libasan and libubsan).
+ASAN_DIR := $(C_BUILD)/asan-binding
+test-binding-asan: $(VENV)/.installed
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR) && cp -r napo tests pyproject.toml $(ASAN_DIR)/ && rm -f $(ASAN_DIR)/napo/_C*.so
+	$(CC) $(C_WARNINGS) $(SANITIZE) -fPIC -shared -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+	  -Icsrc csrc/module.c $(C_SOURCES) -lm -lpthread \
+	  -o $(ASAN_DIR)/napo/_C"$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+	cd $(ASAN_DIR) && PYTHONPATH=. LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $(abspath $(PY)) -m pytest -q \
+	  -p no:cacheprovider tests/test_native_numpy.py tests/test_bad_inputs.py tests/test_logps.py tests/test_objective_ops.py
 
 # Compiles every CUDA source with warnings as errors when nvcc exists; a no-op otherwise.
 cuda-check:

@@ -267,13 +267,13 @@ def test_data_derived_strings_are_escaped_in_the_report(tmp_path):
     rows.to_parquet(data)
     report = analyze(data, tmp_path / "report", progress=False).read_text()
     assert not re.search(r"(?<!\\)(!\[x\]|<img)", report) and "\n# heading" not in report  # nothing unescaped
-    assert (
-        r"1 \!\[x\]\(http\:\/\/attacker\.example\/p\.png\) \<img src\=x onerror\=alert\(1\)\> \| \*b\* \`c\`" in report
-    )
+    # Escaped only where Markdown would read markup (issue 25): the idx renders as itself, on one line.
+    assert r"| 1 !\[x](http://attacker.example/p.png) \<img src=x onerror=alert(1)> \| \*b\* \`c\` |" in report
     lines = report.splitlines()
     for table_line in (line for line in lines if line.startswith("|")):
         assert table_line.endswith("|")  # no row broken across lines
-    assert "Data: `` " in report  # the path as a code span fenced past its own backtick
+    path = str(data).replace("\n", " ")
+    assert f"Data: ``{path}``" in report  # the path as a code span fenced past its own backtick, on one line
 
 
 def test_markdown_table_escapes_cells_and_headers_but_not_numbers():
@@ -283,7 +283,7 @@ def test_markdown_table_escapes_cells_and_headers_but_not_numbers():
         "| idx | n\\|x | m |",
         "|---|---|---|",
         "| a\\|b | 1 | 0.5 |",
-        "| \\<b\\> | 2 | nan |",
+        "| \\<b> | 2 | nan |",
     ]
 
 

@@ -22,38 +22,62 @@ __all__ = ["analyze", "code_span", "escape_markdown", "markdown_table"]
 
 # Line breaks end a table row or a paragraph; the other control characters have no business in a report.
 _BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
-_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+# What CommonMark and GitHub read as markup inside a line, and nothing else: code spans, emphasis and
+# strikethrough, links and images (an escaped "[" opens neither), raw HTML and autolinks ("<" before a tag
+# or a scheme), entities, GitHub's math, an underscore at the edge of a word (inside one it is literal)
+# and a backslash that would escape what follows it. "dpo-run" and "greedy, 1 beam(s)" stay as they are.
+_INLINE_MARKUP = re.compile(
+    r"[`*~\[$]|<(?=[A-Za-z/!?])|&(?=#?[0-9A-Za-z]+;)|(?<![^\W_])_|_(?![^\W_])|\\(?=[!-/:-@\[-`{-~])"
+)
+# What opens a block at the start of a line: a heading, quote, list item, table row or setext underline.
+_BLOCK_START = re.compile(r"[#>+=|-]|\d{1,9}(?=[.)])")
 
 
-def escape_markdown(value: Any) -> str:
-    """``value`` as literal text on one line of Markdown: every ASCII punctuation character backslash-escaped
-    (CommonMark renders each as itself), so data can open no link, image, HTML tag, emphasis or table cell."""
-    return _PUNCTUATION.sub(r"\\\1", _BREAKS.sub(" ", str(value)))
+def escape_markdown(value: Any, *, line_start: bool = False) -> str:
+    """``value`` as literal text on one line of Markdown: line breaks become spaces and only what would
+    be read as markup there is backslash-escaped, so data can open no link, image, HTML tag or emphasis.
+    ``line_start``: the text begins a line of its own (a paragraph), where a block marker is markup too.
+    A table cell also needs its ``|`` escaped (``markdown_table`` does it)."""
+    text = _INLINE_MARKUP.sub(lambda match: "\\" + match.group(), _BREAKS.sub(" ", str(value)))
+    if line_start:
+        text = text.lstrip()  # leading spaces do not show in a paragraph, and four of them start a code block
+        block = _BLOCK_START.match(text)
+        if block:
+            text = f"{text[: block.end()]}\\{text[block.end() :]}" if block.group()[0].isdigit() else f"\\{text}"
+    return text
 
 
-def code_span(value: Any) -> str:
-    """``value`` (a path, say) as an inline code span on one line: nothing inside one is interpreted but a
-    run of backticks as long as its fence, so the fence is made longer than any run in the text."""
+def code_span(value: Any, *, table_cell: bool = False) -> str:
+    """``value`` (a file name, a setting) as an inline code span on one line: nothing inside one is
+    interpreted but a run of backticks as long as its fence (so the fence is made longer than any run in
+    the text) and, in a GitHub table, ``|`` (escaped there)."""
     text = _BREAKS.sub(" ", str(value))
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
-    return f"{fence} {text} {fence}"
+    # A space pads each side where the text begins or ends with a backtick, or with a space on both sides
+    # (a code span drops one from each side then): only there.
+    padded = text.startswith("`") or text.endswith("`") or (text[:1] == text[-1:] == " " and text.strip())
+    text = f" {text} " if padded else text
+    return fence + (text.replace("|", "\\|") if table_cell else text) + fence
 
 
-def markdown_table(frame, digits: int = 4) -> str:
+def markdown_table(frame, digits: int = 4, code: tuple[str, ...] = ()) -> str:
     """A DataFrame as a GitHub Markdown table (floats to ``digits`` significant digits). Every other cell
-    and every header is escaped: idx values and labels come from the user's data."""
+    and every header is escaped (idx values and labels come from the user's data); the cells of the
+    ``code`` columns are code spans."""
 
-    def cell(value: Any) -> str:
+    def cell(value: Any, column: str = "") -> str:
+        if column in code:
+            return code_span(value, table_cell=True)
         if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
             value = float(value)
             return "nan" if math.isnan(value) else f"{value:.{digits}g}"
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return str(int(value))
-        return escape_markdown(value)
+        return escape_markdown(value).replace("|", "\\|")
 
-    header = "| " + " | ".join(map(escape_markdown, frame.columns)) + " |"
+    header = "| " + " | ".join(map(cell, frame.columns)) + " |"
     rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    rows = ["| " + " | ".join(map(cell, row, frame.columns)) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *rows])
 
 

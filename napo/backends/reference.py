@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from napo._ops import LSE_DTYPE
-
 
 def _row_q(q: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
     """q of shape [] (margins [B]) or [K] (margins [K, B]) as a column that broadcasts over the batch."""
@@ -128,8 +126,9 @@ def token_logps(
     lse = torch.logsumexp(x, dim=-1)
     token = torch.log_softmax(x, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros_like(lse)
-    # The op's lse is float64; this one is only as exact as a logsumexp in x's dtype.
-    return torch.where(mask, token, zero), torch.where(mask, lse, zero).to(LSE_DTYPE)
+    # The op's lse is float64 (napo._ops.LSE_DTYPE; the reference imports nothing of napo's, so it is
+    # spelled here); this one is only as exact as a logsumexp in x's dtype.
+    return torch.where(mask, token, zero), torch.where(mask, lse, zero).to(torch.float64)
 
 
 def token_logps_backward(

@@ -21,9 +21,9 @@ def plot_comparison(metrics, benchmarks: Sequence[str] | None = None, keys: dict
     import numpy as np
 
     from napo.analysis.plots import _figure
-    from napo.eval.run import _registry
+    from napo.eval.registry import benchmark_classes
 
-    registry = _registry()
+    registry = benchmark_classes()
     benchmarks = list(benchmarks or dict.fromkeys(metrics["benchmark"]))
     if not benchmarks:
         raise ValueError("no metrics to plot")

@@ -89,7 +89,8 @@ def write_report(output: Path, benchmarks: list[Benchmark], runs: dict, table: A
         if not mine:
             continue
         lines += [f"## {escape_markdown(benchmark.title)}", ""]
-        lines += [escape_markdown(note) for note in benchmark.notes()] + ([""] if benchmark.notes() else [])
+        lines += [escape_markdown(note, line_start=True) for note in benchmark.notes()]
+        lines += [""] if benchmark.notes() else []
         counts = [
             {
                 "model": tag,
@@ -114,12 +115,9 @@ def write_report(output: Path, benchmarks: list[Benchmark], runs: dict, table: A
         frame = pd.DataFrame(
             {"metric": keys, **{tag: [m.get(k, float("nan")) for k in keys] for tag, (_, m) in mine.items()}}
         )
-        lines += [
-            markdown_table(frame),
-            "",
-            f"Files: {code_span(benchmark.name + '/')} (metrics.json, metrics.csv, items-<model>.csv).",
-            "",
-        ]
+        files = ", ".join(map(code_span, ("metrics.json", "metrics.csv", "items-<model>.csv")))
+        folder = code_span(benchmark.name + "/")
+        lines += [markdown_table(frame, code=("metric",)), "", f"Files in {folder}: {files}.", ""]
     report = output / "report.md"
     report.write_text("\n".join(lines))
     return report

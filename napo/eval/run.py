@@ -23,26 +23,9 @@ from typing import Any
 
 from napo.eval.answers import Answers, generate_benchmark_answers, items_table, read_answers
 from napo.eval.benchmark import Benchmark, Decoding, MissingDataError
+from napo.eval.registry import benchmark_classes
 
 __all__ = ["BENCHMARKS", "EvalResult", "comparison_table", "evaluate", "load_benchmarks"]
-
-
-def _registry() -> dict[str, Any]:
-    from napo.eval.amber import AmberBench
-    from napo.eval.mmhal import MMHalBench
-    from napo.eval.objhal import ObjectHalBench
-    from napo.eval.pope import PopeBench
-    from napo.eval.shapes import ShapesBench
-    from napo.eval.vlind import VLindBench
-
-    return {
-        "shapes": ShapesBench,
-        "vlind": VLindBench,
-        "pope": PopeBench,
-        "objhal": ObjectHalBench,
-        "amber": AmberBench,
-        "mmhal": MMHalBench,
-    }
 
 
 BENCHMARKS = ("vlind", "objhal", "amber", "mmhal", "pope", "shapes")
@@ -57,7 +40,7 @@ def load_benchmarks(
     Every benchmark is checked before any is returned: the missing files of all of them are reported
     together in one :class:`MissingDataError`. ``options``: keyword arguments per benchmark name.
     """
-    registry = _registry()
+    registry = benchmark_classes()
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",")]
     if not names or not all(names):
