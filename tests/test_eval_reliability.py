@@ -306,3 +306,4 @@ def test_benchmark_data_is_refused_before_any_model_loads(tmp_path, problem):
     with pytest.raises(ValueError, match=expected) as error:
         evaluate(str(tmp_path / "no-such-model"), "pope", tmp_path / "out", data_dir=data, **QUIET)
     assert str(data / "pope") in str(error.value)
+    assert not (tmp_path / "out").exists()  # a refused run writes nothing
