@@ -67,11 +67,11 @@ def _answers_after_kills(tiny, loaded, out: Path, decoding: Decoding, kills: lis
 def test_killed_and_resumed_answers_equal_the_uninterrupted_run(tiny, loaded, tmp_path, monkeypatch, temperature):
     """Defect 6: a sampled answer is seeded per item (run seed, idx), so neither a resume (which batches the
     remaining items differently) nor another batch size changes it."""
-    decoding = Decoding(max_new_tokens=6, num_beams=1, temperature=temperature)
+    decoding = Decoding(max_new_tokens=4, num_beams=1, temperature=temperature)
     whole = _answers_after_kills(tiny, loaded, tmp_path / "whole", decoding, [], monkeypatch)
     if temperature:
         assert len(set(whole)) > 3, "sampling at temperature 1 must give varied answers for the test to mean anything"
-    for kills in ([1], [2, 1], [1, 1, 1]):
+    for kills in ([1], [2, 1]):
         name = "-".join(map(str, kills))
         assert _answers_after_kills(tiny, loaded, tmp_path / name, decoding, kills, monkeypatch) == whole, kills
     one_by_one = tmp_path / "one"
@@ -306,3 +306,4 @@ def test_benchmark_data_is_refused_before_any_model_loads(tmp_path, problem):
     with pytest.raises(ValueError, match=expected) as error:
         evaluate(str(tmp_path / "no-such-model"), "pope", tmp_path / "out", data_dir=data, **QUIET)
     assert str(data / "pope") in str(error.value)
+    assert not (tmp_path / "out").exists()  # a refused run writes nothing

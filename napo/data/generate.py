@@ -58,7 +58,7 @@ class GenerationSettings:
     num_beams: int = 3
     blank_images: bool = False
     prompt_format: str = "template"
-    temperature: float = 0.0  # 0: no sampling (the paper's biased answers); > 0: sampled, seeded per batch
+    temperature: float = 0.0  # 0: no sampling (the paper's biased answers); > 0: sampled, seeded per call
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, 1)

@@ -208,6 +208,7 @@ def output_lock(output: Path, shard_index: int = 0) -> Iterator[None]:
     import fcntl
     import socket
 
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     path = output / f".napo-eval-s{shard_index:04d}.lock"
     handle = open(path, "a+")  # noqa: SIM115 - held open for the run: closing it releases the lock
@@ -228,6 +229,9 @@ def output_lock(output: Path, shard_index: int = 0) -> Iterator[None]:
         handle.flush()
         yield
     finally:
+        if created and list(output.iterdir()) == [path]:  # a refused run leaves no output behind
+            path.unlink()
+            output.rmdir()
         handle.close()
 
 
