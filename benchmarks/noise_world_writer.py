@@ -201,6 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke test: tiny pretraining, 1 seed, 2 methods")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. seeds-1 (split a run over jobs)")
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="no training: the tables, CSV and plots of these --work folders' runs (seed-split jobs)",
+    )
     parser.add_argument("--rows", type=int, default=32, help="training rows per seed and level")
     parser.add_argument("--heldout", type=int, default=64, help="held-out clean rows (one set, seed 999)")
     parser.add_argument("--absent-share", type=float, default=0.15, help="rows about a shape the picture lacks")
@@ -222,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.seeds, args.rows, args.heldout, args.scenarios, args.epochs = 1, 8, 8, 2, 1
         args.levels, args.methods = ["0.4:0.25"], ["DPO, original pairs", FULL]
+    if args.report:
+        finish(args, *read_runs(args.report))
+        return
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts its thread pool
 
@@ -275,10 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     pretrained = {**base, "method": "pretrained", **metric_values(scored, model.name)}
     pretrained["blank_says_none"] = blank_says_none(scored.items[(model.name, "shapes")])
     runs: list[dict] = [pretrained]
+    (args.work / "runs.jsonl").write_text(json.dumps(pretrained) + "\n")  # every level appends: a killed job keeps them
+    (args.work / "steps.jsonl").write_text("")
     log("pretrained: " + ", ".join(f"{m} {pretrained[m]:.3f}" for m in (*BENCH_METRICS, "blank_says_none")))
     steps_log: list[dict] = []
 
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for label, level_flips in flips.items():
             where = args.work / f"seed{seed}-right{label}"
             shutil.rmtree(where, ignore_errors=True)
@@ -318,12 +331,35 @@ def main(argv: list[str] | None = None) -> None:
                     log(f"seed {seed} right {label} flip {flip:g} {method:<27} train {seconds:5.1f} s  {shown}")
                 for run, _ in trained.values():
                     shutil.rmtree(run, ignore_errors=True)
+                with (args.work / "runs.jsonl").open("a") as handle:
+                    handle.writelines(json.dumps(r) + "\n" for r in runs[-len(trained) :])
+                with (args.work / "steps.jsonl").open("a") as handle:
+                    handle.writelines(json.dumps(r) + "\n" for r in steps_log if r["seed"] == seed and
+                                      (r["right_share"], r["flip"]) == (label, flip))  # fmt: skip
     wall = time.perf_counter() - start
     log(f"done: {len(runs) - 1} training runs, wall {wall:.0f} s")
+    for r in runs:
+        r["wall_s"] = round(wall)
+    finish(args, runs, steps_log)
 
+
+def read_runs(folders: list[Path]) -> tuple[list[dict], list[dict]]:
+    """The runs and per-step logs that seed-split jobs wrote to their --work folders (one pretrained row kept)."""
+    runs, steps = [], []
+    for folder in folders:
+        rows = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines() if line]
+        runs += [r for r in rows if r["method"] != "pretrained" or not runs]
+        steps += [json.loads(line) for line in (folder / "steps.jsonl").read_text().splitlines() if line]
+    return runs, steps
+
+
+def finish(args, runs: list[dict], steps_log: list[dict]) -> None:
+    """The CSVs, tables and plots of the runs."""
+    methods = {m: METHODS[m] for m in args.methods}
+    stamp = runs[0]["date"]
     if args.csv:
-        header = [*dict.fromkeys(k for r in runs for k in r), "wall_s"]
-        append_rows(Path(args.csv), header, ([*(r.get(k, "") for k in header[:-1]), round(wall)] for r in runs))
+        header = list(dict.fromkeys(k for r in runs for k in r))
+        append_rows(Path(args.csv), header, ([r.get(k, "") for k in header] for r in runs))
         steps_csv = Path(args.csv).with_name(Path(args.csv).stem + "_steps.csv")
         steps_header = list(dict.fromkeys(k for r in steps_log for k in r))
         append_rows(steps_csv, ["date", *steps_header], ([stamp, *(r.get(k, "") for k in steps_header)]

@@ -9,7 +9,13 @@ question at all). Its **language prior** is made by construction, as a real one 
   colour and shape questions seen *without* an image (``text_only_share``; answered with the world's
   odds) teach a text-only guess of "red" and "circle";
 - a share of the colour answers (``lazy_share``) were written without looking: they name the prior
-  colour whatever the picture shows (the way a VLM's instruction data over-represents the common answer).
+  colour whatever the picture shows (the way a VLM's instruction data over-represents the common answer);
+- optionally (``absent_share``, 0 by default) some colour questions ask about a shape the picture lacks (a blank
+  picture, or another shape drawn), answered "There is no <shape> in the image." unless written lazily.
+
+The world speaks one register ("The square in the image is red.", "The picture shows an orange circle."); the sample
+set can be written in another (``make_sample_data(..., writer="other")``), as a real preference set is written by other
+models than the one trained.
 
 Pretraining follows LLaVA's recipe at toy scale, deterministic for a seed, in well under a minute on
 two CPU cores: the vision tower is first trained alone to recognise colour and shape (a linear probe
