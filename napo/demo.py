@@ -118,6 +118,22 @@ DEMO_LEARNING_RATE = 5e-5
 1.5e-4 also debiases it, 5e-4 breaks its language (the paper's 5e-7 is for a 7B model)."""
 
 
+def demo_recipe():
+    """The world the demo's model is pretrained on: the experiment's (``benchmarks/noise_world_writer.py``), a stronger
+    prior than the default recipe's (45% of its colour answers written without looking) and 5% of its colour turns
+    about a shape the picture lacks. Measured (RESULTS.md): on the default recipe with the world's own preference
+    set, 64 rows, colour accuracy went 0.75 -> 0.35 (DPO) / 0.45 (NaPO); here, with another writer's set, training
+    has the prior to remove (pretrained 0.375)."""
+    from napo.data.world import WorldRecipe
+
+    return WorldRecipe(lazy_share=0.45, absent_share=0.05)
+
+
+DEMO_WRITER, DEMO_ABSENT_SHARE = "other", 0.15
+"""The demo's preference set: another writer's register than the model's (so a right-anyway biased answer differs in
+words from the chosen one, as in RLAIF-V), 15% of its rows about a shape the picture lacks."""
+
+
 def prepare_model(workdir: str | Path, seed: int = 0) -> Path:
     """``workdir/pretrained``: the tiny LLaVA pretrained on the sample world (from the cache, pretrained into it
     the first time, under a minute on a CPU), its measured language prior printed."""
@@ -126,7 +142,7 @@ def prepare_model(workdir: str | Path, seed: int = 0) -> Path:
     from napo.data.world import MANIFEST, default_cache_dir, write_pretrained_model
 
     print(f"Step 0: a tiny LLaVA pretrained on the sample world (cached in {default_cache_dir()})")
-    target = write_pretrained_model(Path(workdir) / "pretrained", seed=seed)
+    target = write_pretrained_model(Path(workdir) / "pretrained", seed=seed, recipe=demo_recipe())
     manifest = json.loads((target / MANIFEST).read_text())
     prior = manifest["prior"]
     print(f"  pretrained in {manifest['pretraining_seconds']:.0f} s the first time -> {target}")
@@ -154,7 +170,7 @@ def run_data_demo(workdir: str | Path, rows: int = 64, max_new_tokens: int = 16,
         return None
     workdir = Path(workdir)
     model_dir = prepare_model(workdir, seed=seed)
-    data = make_sample_data(workdir / "sample.parquet", rows=rows)
+    data = make_sample_data(workdir / "sample.parquet", rows=rows, writer=DEMO_WRITER, absent_share=DEMO_ABSENT_SHARE)
     output = workdir / "rlaif-v-bias"
     _fresh(output)
     summary = generate_biased(
@@ -174,7 +190,7 @@ def run_data_demo(workdir: str | Path, rows: int = 64, max_new_tokens: int = 16,
     )
     frame = pd.read_parquet(output).sort_values("idx")
     colour = frame[frame["question"].str.startswith("What color")]
-    right_anyway = colour["chosen"] == colour["question_only"].str.strip()
+    right_anyway = colour.apply(lambda row: _right_anyway(row["question_only"], row["chosen"], row["question"]), axis=1)
     shown = pd.concat([colour[~right_anyway].head(2), frame.head(1)])
     for _, row in shown.drop_duplicates("idx").iterrows():
         print(f"  [{row['idx']}] {row['question']}")
@@ -182,11 +198,26 @@ def run_data_demo(workdir: str | Path, rows: int = 64, max_new_tokens: int = 16,
         print(f"      question_only: {row['question_only']}")
         print(f"      image_only:    {row['image_only']}")
     noisy = int(right_anyway.sum())
+    same = int((colour["chosen"] == colour["question_only"].str.strip()).sum())
     print(
-        f"  {noisy} of {len(colour)} colour questions got a language-biased answer that is right anyway (the "
-        "shape is red): the paper's noise, which NaPO's adaptive q is built for.\n"
+        f"  {noisy} of {len(colour)} colour questions got a language-biased answer that is right anyway (it names "
+        f"the drawn colour and the asked shape; {same} of them word for word the chosen answer): the paper's noise, "
+        "which NaPO's adaptive q is built for.\n"
     )
     return output
+
+
+def _right_anyway(biased: str, chosen: str, question: str) -> bool:
+    """A language-biased answer that agrees with the chosen one in content: the same first colour, and no shape but
+    the one the question asks about."""
+    from napo.eval.shapes import first_color, shape_mentions
+
+    color = first_color(chosen)
+    return (
+        color is not None
+        and first_color(biased) == color
+        and set(shape_mentions(biased)) <= set(shape_mentions(question))
+    )
 
 
 def _fresh(folder: Path) -> None:

@@ -366,11 +366,13 @@ def cached_pretrained_model(
     return target
 
 
-def write_pretrained_model(path: str | Path, seed: int = 0, progress: bool = True) -> Path:
-    """The cached pretrained tiny LLaVA for ``seed`` (pretrained first when the cache lacks it) copied to
-    ``path``; a copy already there is replaced only when it is another model."""
+def write_pretrained_model(
+    path: str | Path, seed: int = 0, progress: bool = True, recipe: WorldRecipe | None = None
+) -> Path:
+    """The cached pretrained tiny LLaVA for ``seed`` and ``recipe`` (pretrained first when the cache lacks it) copied
+    to ``path``; a copy already there is replaced only when it is another model."""
     path = Path(path)
-    cached = cached_pretrained_model(seed=seed, progress=progress)
+    cached = cached_pretrained_model(seed=seed, recipe=recipe, progress=progress)
     wanted = (cached / MANIFEST).read_text()
     if (path / MANIFEST).is_file() and (path / MANIFEST).read_text() == wanted:
         return path
