@@ -113,8 +113,11 @@ endif
 
 # The whole GPU verification, offline, in under 8 minutes: build, CUDA tests, GPU benchmarks, one
 # table (build/gpu-check/gpu_check.md). Without a GPU: build, test collection, and "no GPU".
-gpu-check: $(VENV)/.installed
-	$(PY) benchmarks/gpu_check.py
+# A GPU machine has its own CUDA build of torch: the check runs under .venv's python when there is one,
+# else under python3 as it is (it installs nothing; GPU_CHECK_ARGS, e.g. --out DIR --budget-s 540).
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

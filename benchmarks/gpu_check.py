@@ -26,7 +26,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CUDA_TESTS = ["tests/test_cuda.py", "tests/test_cuda_on_cpu.py", "tests/test_logps_nan.py"]
+CUDA_TESTS = ["tests/test_cuda.py", "tests/test_cuda_on_cpu.py", "tests/test_logps_nan.py", "tests/test_self_check.py"]
 
 
 class Check:
@@ -168,6 +168,25 @@ def _bench_logps(check: Check) -> None:
             check.row("bandwidth", "figure", line)
 
 
+def _bench_real_shapes(check: Check) -> None:
+    """One training step at llava-1.5-7b widths (1, 2 and 4 layers per tower) against TRL's DPOTrainer."""
+    code, text = check.run("bench-real-shapes", [sys.executable, "benchmarks/bench_real_shapes.py", "--device", "cuda",
+                                                 "--layers", "1", "2", "4", "--rows", "2", "--repeats", "3"],
+                           200)  # fmt: skip
+    if code != 0:
+        check.row("benchmark real shapes", "FAIL", "timed out" if code is None else "see bench-real-shapes.log")
+        return
+    check.row("benchmark real shapes", "pass")
+    for line in text.splitlines():
+        row = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(row) == 8 and row[0].isdigit():
+            check.row(f"7B-width step, {row[0]} layer(s), {row[1]}", "figure", f"{row[4]} s = {row[5]}x TRL; extra "
+                      f"memory {row[6]} GiB = {row[7]}x; {row[2]} sequences, {row[3]} tokens")  # fmt: skip
+        elif len(row) == 5 and row[0] in {"trl-dpo", "napo-as-dpo", "napo-3way"}:
+            check.row(f"7B-width step per layer, {row[0]}", "figure", f"{row[1]} s, {row[2]} GiB; 32 layers: "
+                      f"{row[3]} s, {row[4]} GiB (extrapolated)")  # fmt: skip
+
+
 def _bench_objective(check: Check) -> None:
     csv = check.out / "objective.csv"
     code, text = check.run("bench-objective", [sys.executable, "benchmarks/bench_objective.py", "--device", "cuda",
@@ -205,6 +224,7 @@ def main() -> None:
     _pytest(check, gpu)
     if gpu:
         _bench_logps(check)
+        _bench_real_shapes(check)
         _bench_objective(check)
     else:
         check.row("GPU benchmarks", "skip", "no GPU: no figure measured")
