@@ -514,11 +514,12 @@ def plot_steps(steps_log: list[dict], path: str) -> None:
         for row, kind in enumerate(("weight", "q")):
             axis = axes[row][column]
             for number, term in enumerate(("original", "language", "vision")):
-                for seed in sorted({r["seed"] for r in steps_log}):
+                seeds = sorted({r["seed"] for r in steps_log})
+                for seed in seeds:
                     mine = [r for r in steps_log if (r["right_share"], r["flip"]) == lv and r["seed"] == seed]
                     values = [r.get(f"napo/{kind}_{term}", float("nan")) for r in mine]
                     axis.plot([r["step"] for r in mine], values, color=f"C{number}", alpha=0.6, linewidth=0.9,
-                              label=term if seed == 0 else None)  # fmt: skip
+                              label=term if seed == seeds[0] else None)  # fmt: skip
             axis.set_title(f"{kind}, right {lv[0]}, flip {lv[1]:g}", fontsize="small")
             axis.set_xlabel("step")
             if kind == "weight":

@@ -123,7 +123,7 @@ def assert_same_weights(expected: Path, actual: Path) -> None:
         torch.testing.assert_close(second[name], tensor, rtol=0, atol=WEIGHT_ATOL, msg=name)
 
 
-HEAD_LAYOUT = {"zero2": "zero2 whole", "zero3": "zero3 partition of (424, 64), ", "fsdp2": "fsdp2 DTensor"}
+HEAD_LAYOUT = {"zero2": "zero2 whole", "zero3": "zero3 partition of (427, 64), ", "fsdp2": "fsdp2 DTensor"}
 
 
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])

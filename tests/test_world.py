@@ -95,7 +95,7 @@ def test_biased_answers_are_sentences_that_follow_the_prior(loaded):
     prompts = [user_prompt(processor, "template", question=f"What color is the {s} in the image?", num_images=0)
                for s in shapes]  # fmt: skip
     blind = generate_answers(model, processor, prompts, None, GenerationSettings(max_new_tokens=24, num_beams=3))
-    # The prior's colour in the world's register. Which shape it names is the model's: since the 424-token vocabulary
+    # The prior's colour in the world's register. Which shape it names is the model's: since the 427-token vocabulary
     # (recipe version 2) the default model names the world's commonest shape, the circle, whatever the question asks.
     assert all(re.fullmatch(r"The (circle|square|triangle) in the image is red\.", b) for b in blind), blind
     pictures = [draw_image(s, c, rng) for s, c in (("circle", "blue"), ("triangle", "green"))]
