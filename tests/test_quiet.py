@@ -54,8 +54,10 @@ def test_verbose_shows_the_libraries_bars(tmp_path, monkeypatch, capfd):
     from napo.cli import main
 
     monkeypatch.delenv("NAPO_VERBOSE", raising=False)
-    assert bars.is_progress_bar_enabled()  # as a fresh process starts
+    _quiet.configure(False)  # an earlier quiet command in this process (a notebook, another test)
+    assert not bars.is_progress_bar_enabled()
     assert main([*_logps_command(tmp_path), "--verbose"]) == 0
+    assert bars.is_progress_bar_enabled()
     output = "".join(capfd.readouterr())
     assert "Loading weights" in output and "napo logps (shard 0/1)" in output, output
 
@@ -64,6 +66,7 @@ def test_the_harmless_warnings_are_hidden_unless_verbose():
     from transformers import TrainingArguments
     from transformers.utils import logging as bars
 
+    _quiet.configure(True)  # whatever an earlier test left
     assert bars.is_progress_bar_enabled()
 
     deepspeed = logging.getLogger("DeepSpeed")
@@ -104,6 +107,7 @@ def test_napo_verbose_variable(monkeypatch, value, verbose):
 
 def test_napo_verbose_hides_nothing(monkeypatch):
     monkeypatch.setenv("NAPO_VERBOSE", "1")
+    _quiet.configure()  # undoes whatever an earlier quiet command in this process did
     environment, filters = dict(os.environ), list(warnings.filters)
     assert _quiet.configure() is True
     assert dict(os.environ) == environment and warnings.filters == filters

@@ -503,7 +503,9 @@ def test_peft_equivalence_with_trl_dpo(kind, tiny, text_models, processor, sampl
         examples = [trainer.train_dataset[i] for i in range(4)] if kind == "text" else rows[:4]
         results.append(one_step(trainer, examples))
     (dpo_loss, dpo_grads), (napo_loss, napo_grads) = results
-    assert abs(dpo_loss.item() - torch.log(torch.tensor(2.0)).item()) > 2e-4  # not log 2: policy != reference
+    # Not log 2 (policy != reference): the random adapters move the margin by ~1e-4 here, over a thousand times
+    # float32's rounding at log 2 (6e-8), however the tiny models' vocabulary happens to seed them.
+    assert abs(dpo_loss.item() - torch.log(torch.tensor(2.0)).item()) > 1e-5
     torch.testing.assert_close(napo_loss, dpo_loss, rtol=1e-5, atol=0)
     assert_grads_match(dpo_grads, napo_grads)
 
