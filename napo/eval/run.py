@@ -186,18 +186,79 @@ def evaluate(
     Returns:
         An :class:`EvalResult`.
     """
-    from napo.data.inputs import check_output_dir
+    from napo.data.inputs import check_int, check_output_dir
     from napo.data.store import shard_from_env
 
     check_output_dir(output)
     with output_lock(Path(output), shard_from_env(num_shards, shard_index)[1]):
-        return _evaluate(
-            models, benchmarks, output, data_dir=data_dir, answers=answers, options=options, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, num_beams=num_beams, temperature=temperature, prompt_format=prompt_format,
-            limit=limit, num_shards=num_shards, shard_index=shard_index, device=device, dtype=dtype,
-            rows_per_part=rows_per_part, overwrite=overwrite, progress=progress, loaded=loaded,
-            allow_outside_images=allow_outside_images,
-        )  # fmt: skip
+        check_int("batch_size", batch_size, 1)
+        for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
+            if value is not None:
+                check_int(name, value, 1)
+        output = Path(output)
+        options = {name: dict(values) for name, values in (options or {}).items()}
+        # The judge's replies live with the answers they judge: a rerun, a rescoring (--answers) or a second
+        # model with the same answer asks the judge nothing twice.
+        answers_root = output / "answers" if answers is None else _answers_root(Path(answers))
+        options.setdefault("mmhal", {}).setdefault("cache", answers_root / "judgements-mmhal.jsonl")
+        chosen = load_benchmarks(benchmarks, data_dir, options)  # every data problem before any model loads
+        tables = {}
+        for benchmark in chosen:  # the items too (empty, repeated ids), still before any model loads
+            try:
+                tables[benchmark.name] = items_table(benchmark.items())
+            except ValueError as error:
+                where = benchmark.data_dir if benchmark.data_dir is not None else "built in"
+                raise ValueError(f"{benchmark.name} ({where}): {error}") from None
+        summaries = []
+        if answers is not None:
+            directories = _answers_dirs(Path(answers), chosen)
+        else:
+            if models is None or (isinstance(models, list) and not models):
+                raise ValueError("give at least one model (--model), or answers to rescore (--answers)")
+            models = [models] if isinstance(models, (str, Path)) else list(models)
+            directories = {}
+            for model, tag in zip(models, model_tags(models), strict=True):
+                pair = (loaded or {}).get(model)
+                if pair is None:
+                    from napo.data.generate import load_model
+
+                    pair = load_model(model, device=device, dtype=dtype)
+                for benchmark in chosen:
+                    decoding = Decoding(
+                        max_new_tokens=max_new_tokens or benchmark.decoding.max_new_tokens,
+                        num_beams=num_beams or benchmark.decoding.num_beams,
+                        temperature=benchmark.decoding.temperature if temperature is None else temperature,
+                        prompt_format=prompt_format,
+                    )
+                    where = output / "answers" / tag / benchmark.name
+                    summary = generate_benchmark_answers(
+                        benchmark,
+                        model,
+                        where,
+                        loaded=pair,
+                        decoding=decoding,
+                        batch_size=batch_size,
+                        limit=limit,
+                        num_shards=num_shards,
+                        shard_index=shard_index,
+                        rows_per_part=rows_per_part,
+                        overwrite=overwrite,
+                        progress=progress,
+                        items=tables[benchmark.name],
+                        allow_outside_images=allow_outside_images,
+                    )
+                    summaries.append((tag, benchmark.name, summary))
+                    directories.setdefault(tag, {})[benchmark.name] = where
+            # The models evaluated into this output before stay in its report: the comparison is the point.
+            earlier: dict[str, dict[str, Path]] = {}
+            if (output / "answers").is_dir():
+                for tag, by_benchmark in _answers_dirs(output, chosen).items():
+                    for name, where in by_benchmark.items():
+                        if name not in directories.get(tag, {}):
+                            earlier.setdefault(tag, {})[name] = where
+        result = score_answers(directories, chosen, output, tables, earlier=earlier if answers is None else None)
+        result.summaries = summaries
+        return result
 
 
 @contextmanager
@@ -235,103 +296,6 @@ def output_lock(output: Path, shard_index: int = 0) -> Iterator[None]:
         handle.close()
 
 
-def _evaluate(
-    models,
-    benchmarks,
-    output,
-    *,
-    data_dir,
-    answers,
-    options,
-    batch_size,
-    max_new_tokens,
-    num_beams,
-    temperature,
-    prompt_format,
-    limit,
-    num_shards,
-    shard_index,
-    device,
-    dtype,
-    rows_per_part,
-    overwrite,
-    progress,
-    loaded,
-    allow_outside_images,
-) -> EvalResult:
-    """:func:`evaluate` once the output is held."""
-    from napo.data.inputs import check_int
-
-    check_int("batch_size", batch_size, 1)
-    for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
-        if value is not None:
-            check_int(name, value, 1)
-    output = Path(output)
-    options = {name: dict(values) for name, values in (options or {}).items()}
-    # The judge's replies live with the answers they judge: a rerun, a rescoring (--answers) or a second
-    # model with the same answer asks the judge nothing twice.
-    answers_root = output / "answers" if answers is None else _answers_root(Path(answers))
-    options.setdefault("mmhal", {}).setdefault("cache", answers_root / "judgements-mmhal.jsonl")
-    chosen = load_benchmarks(benchmarks, data_dir, options)  # every data problem before any model loads
-    tables = {}
-    for benchmark in chosen:  # the items too (empty, repeated ids), still before any model loads
-        try:
-            tables[benchmark.name] = items_table(benchmark.items())
-        except ValueError as error:
-            where = benchmark.data_dir if benchmark.data_dir is not None else "built in"
-            raise ValueError(f"{benchmark.name} ({where}): {error}") from None
-    summaries = []
-    if answers is not None:
-        directories = _answers_dirs(Path(answers), chosen)
-    else:
-        if models is None or (isinstance(models, list) and not models):
-            raise ValueError("give at least one model (--model), or answers to rescore (--answers)")
-        models = [models] if isinstance(models, (str, Path)) else list(models)
-        directories = {}
-        for model, tag in zip(models, model_tags(models), strict=True):
-            pair = (loaded or {}).get(model)
-            if pair is None:
-                from napo.data.generate import load_model
-
-                pair = load_model(model, device=device, dtype=dtype)
-            for benchmark in chosen:
-                decoding = Decoding(
-                    max_new_tokens=max_new_tokens or benchmark.decoding.max_new_tokens,
-                    num_beams=num_beams or benchmark.decoding.num_beams,
-                    temperature=benchmark.decoding.temperature if temperature is None else temperature,
-                    prompt_format=prompt_format,
-                )
-                where = output / "answers" / tag / benchmark.name
-                summary = generate_benchmark_answers(
-                    benchmark,
-                    model,
-                    where,
-                    loaded=pair,
-                    decoding=decoding,
-                    batch_size=batch_size,
-                    limit=limit,
-                    num_shards=num_shards,
-                    shard_index=shard_index,
-                    rows_per_part=rows_per_part,
-                    overwrite=overwrite,
-                    progress=progress,
-                    items=tables[benchmark.name],
-                    allow_outside_images=allow_outside_images,
-                )
-                summaries.append((tag, benchmark.name, summary))
-                directories.setdefault(tag, {})[benchmark.name] = where
-        # The models evaluated into this output before stay in its report: the comparison is the point.
-        earlier: dict[str, dict[str, Path]] = {}
-        if (output / "answers").is_dir():
-            for tag, by_benchmark in _answers_dirs(output, chosen).items():
-                for name, where in by_benchmark.items():
-                    if name not in directories.get(tag, {}):
-                        earlier.setdefault(tag, {})[name] = where
-    result = score_answers(directories, chosen, output, tables, earlier=earlier if answers is None else None)
-    result.summaries = summaries
-    return result
-
-
 def score_answers(
     directories: dict[str, dict[str, Path]],
     benchmarks: list[Benchmark],
@@ -346,10 +310,11 @@ def score_answers(
     import sys
 
     tables = tables or {benchmark.name: items_table(benchmark.items()) for benchmark in benchmarks}
+    read: dict[Path, Answers] = {}  # the earlier answers, read once: checked here, scored below
     for tag, by_benchmark in (earlier or {}).items():
         for name, where in by_benchmark.items():
             try:
-                read_answers(where, tables[name])
+                read[where] = read_answers(where, tables[name])
             except ValueError as error:
                 print(f"napo eval: the earlier answers of {tag} on {name} are left out of the report: {error}",
                       file=sys.stderr)  # fmt: skip
@@ -364,7 +329,8 @@ def score_answers(
         for benchmark in benchmarks:
             if benchmark.name not in by_benchmark:
                 continue
-            answers: Answers = read_answers(by_benchmark[benchmark.name], tables[benchmark.name])
+            where = by_benchmark[benchmark.name]
+            answers = read[where] if where in read else read_answers(where, tables[benchmark.name])
             metrics, per_item = benchmark.score(answers.frame)
             runs[(tag, benchmark.name)] = (answers, metrics)
             items[(tag, benchmark.name)] = per_item
