@@ -55,7 +55,7 @@ EMU_SAN_asan := -fsanitize=address,undefined -fno-sanitize-recover=all
 EMU_SAN_tsan := -fsanitize=thread
 EMU_SAN_plain :=
 EMU_DEPS = $(wildcard $(EMU_SRC)/*.c $(EMU_SRC)/*.h $(EMU_SRC)/cuda/*.cu $(EMU_SRC)/cuda/*.cuh $(EMU_SRC)/cuda/emu/*) \
-  $(EMU_SRC)/tests/test_cuda_emu.cpp
+  $(EMU_SRC)/tests/test_cuda_emu.cpp $(EMU_SRC)/tests/logits_buffer.h
 
 $(EMU_BUILD)/test_cuda_emu_%: $(EMU_DEPS)
 	mkdir -p $(EMU_BUILD)/$*

@@ -21,6 +21,7 @@
 #include "cuda_emu.h"
 
 extern "C" {
+#include "logits_buffer.h"
 #include "napo.h"
 #include "napo_dtype.h"
 }
@@ -61,36 +62,6 @@ bool close(double got, double want, double tol) {
 
 const char *dtype_name(napo_logits_dtype d) {
   return d == NAPO_LOGITS_F32 ? "f32" : d == NAPO_LOGITS_F64 ? "f64" : d == NAPO_LOGITS_BF16 ? "bf16" : "f16";
-}
-size_t item_size(napo_logits_dtype d) { return d == NAPO_LOGITS_F64 ? 8 : d == NAPO_LOGITS_F32 ? 4 : 2; }
-void put(void *base, napo_logits_dtype d, int64_t i, double v) {
-  switch (d) {
-  case NAPO_LOGITS_F32:
-    ((float *)base)[i] = (float)v;
-    break;
-  case NAPO_LOGITS_F64:
-    ((double *)base)[i] = v;
-    break;
-  case NAPO_LOGITS_BF16:
-    ((uint16_t *)base)[i] = napo_float_to_bf16((float)v);
-    break;
-  case NAPO_LOGITS_F16:
-    ((uint16_t *)base)[i] = napo_float_to_f16((float)v);
-    break;
-  }
-}
-double get(const void *base, napo_logits_dtype d, int64_t i) {
-  switch (d) {
-  case NAPO_LOGITS_F32:
-    return ((const float *)base)[i];
-  case NAPO_LOGITS_F64:
-    return ((const double *)base)[i];
-  case NAPO_LOGITS_BF16:
-    return napo_bf16_to_float(((const uint16_t *)base)[i]);
-  case NAPO_LOGITS_F16:
-    return napo_f16_to_float(((const uint16_t *)base)[i]);
-  }
-  return NAN;
 }
 double acc(const void *base, napo_logits_dtype d, int64_t i) {
   return d == NAPO_LOGITS_F64 ? ((const double *)base)[i] : ((const float *)base)[i];

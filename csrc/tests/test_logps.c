@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "logits_buffer.h"
 #include "napo.h"
 #include "napo_dtype.h"
 #include "napo_math.h"
@@ -21,41 +22,6 @@ static double uniform(void) { /* xorshift64*, in [0, 1) */
   rng_state ^= rng_state << 25;
   rng_state ^= rng_state >> 27;
   return (double)((rng_state * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0;
-}
-
-static size_t item_size(napo_logits_dtype dtype) {
-  return dtype == NAPO_LOGITS_F64 ? 8 : dtype == NAPO_LOGITS_F32 ? 4 : 2;
-}
-
-static void put(void *base, napo_logits_dtype dtype, int64_t i, double value) {
-  switch (dtype) {
-  case NAPO_LOGITS_F32:
-    ((float *)base)[i] = (float)value;
-    break;
-  case NAPO_LOGITS_F64:
-    ((double *)base)[i] = value;
-    break;
-  case NAPO_LOGITS_BF16:
-    ((uint16_t *)base)[i] = napo_float_to_bf16((float)value);
-    break;
-  case NAPO_LOGITS_F16:
-    ((uint16_t *)base)[i] = napo_float_to_f16((float)value);
-    break;
-  }
-}
-
-static double get(const void *base, napo_logits_dtype dtype, int64_t i) {
-  switch (dtype) {
-  case NAPO_LOGITS_F32:
-    return ((const float *)base)[i];
-  case NAPO_LOGITS_F64:
-    return ((const double *)base)[i];
-  case NAPO_LOGITS_BF16:
-    return napo_bf16_to_float(((const uint16_t *)base)[i]);
-  case NAPO_LOGITS_F16:
-    return napo_f16_to_float(((const uint16_t *)base)[i]);
-  }
-  return NAN;
 }
 
 static double acc(const void *base, napo_logits_dtype dtype, int64_t i) {
