@@ -47,7 +47,7 @@ def use_reference_backend() -> bool:
 @functools.cache
 def _load() -> tuple[ModuleType | None, BaseException | None]:
     try:
-        from napo import _C
+        import napo._C as _C  # as `import`, not `from napo import`: no edge to the package's __init__
     except Exception as error:  # ImportError, or an OSError from a broken shared object
         return None, error
     return _C, None

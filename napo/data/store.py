@@ -289,7 +289,7 @@ def start_run(
     shard_index: int | None,
 ) -> RunStart:
     """Checks the run options, resolves the shard, and records (or checks) the run's manifest."""
-    from napo import __version__
+    from napo._version import __version__
 
     check_run_options(batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
                       shard_index=shard_index)  # fmt: skip

@@ -1,11 +1,11 @@
-"""The ``napo eval`` subcommand's arguments and entry point (kept here so ``napo/cli.py`` stays small)."""
+"""``napo eval``: models on the paper's benchmarks (and the built-in shapes), reports side by side."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from napo.cli import _add_prompt_format_argument, _add_run_arguments, _error, _output_dir, _positive_int
+from napo.cli.args import add_prompt_format_argument, add_run_arguments, error, output_dir, positive_int
 
 
 def _temperature(text: str) -> float:
@@ -46,7 +46,10 @@ def _shapes_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "eval", help="evaluate models on the paper's benchmarks (and the built-in shapes); reports side by side"
+    )
     parser.add_argument(
         "--model", action="append", default=None, help="a LLaVA checkpoint (repeat: models compared side by side)"
     )
@@ -54,26 +57,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--benchmark", required=True, type=_benchmark_list, help="comma-separated: vlind,objhal,amber,mmhal,pope,shapes"
     )
     parser.add_argument("--data-dir", default=None, help="folder holding <benchmark>/ with each benchmark's files")
-    parser.add_argument("--output", required=True, type=_output_dir, help="reports and answers (rerunning resumes)")
+    parser.add_argument("--output", required=True, type=output_dir, help="reports and answers (rerunning resumes)")
     parser.add_argument("--answers", default=None, help="score an earlier run's answers without generating")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: each benchmark's own")
-    parser.add_argument("--num-beams", type=_positive_int, default=None, help="default: each benchmark's own")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: each benchmark's own")
+    parser.add_argument("--num-beams", type=positive_int, default=None, help="default: each benchmark's own")
     parser.add_argument(
         "--temperature",
         type=_temperature,
         default=None,
         help="sampling temperature, 0: none (default: each benchmark's own)",
     )
-    _add_prompt_format_argument(parser)
-    parser.add_argument("--shapes-scenarios", type=_positive_int, default=12, help="shapes: scenarios (10 items each)")
+    add_prompt_format_argument(parser)
+    parser.add_argument("--shapes-scenarios", type=positive_int, default=12, help="shapes: scenarios (10 items each)")
     parser.add_argument(
         "--shapes-kinds",
         type=_shapes_kinds,
         default=None,
         help="shapes: comma-separated kinds of question kept, among vlind,color,blank,describe (default: all)",
     )
-    _add_run_arguments(parser, rows="items of each benchmark")  # --allow-outside-images: a linked images/ folder
+    add_run_arguments(parser, rows="items of each benchmark")  # --allow-outside-images: a linked images/ folder
     parser.add_argument(
         "--judge",
         default="openai",
@@ -102,8 +105,8 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         from napo.eval import MissingDataError, evaluate
         from napo.eval.nlp import NlpUnavailable
-    except ImportError as error:
-        print(f"napo eval: error: {error} (pip install 'napo[eval]')", file=sys.stderr)
+    except ImportError as problem:
+        print(f"napo eval: error: {problem} (pip install 'napo[eval]')", file=sys.stderr)
         return 2
     if not args.model and not args.answers:
         print("napo eval: error: give --model (one or more) or --answers", file=sys.stderr)
@@ -132,11 +135,11 @@ def run_eval(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             allow_outside_images=args.allow_outside_images,
         )
-    except MissingDataError as error:
-        print(f"napo eval: error: {error}", file=sys.stderr)  # the list of missing files, one per line
+    except MissingDataError as problem:
+        print(f"napo eval: error: {problem}", file=sys.stderr)  # the list of missing files, one per line
         return 2
-    except (ValueError, OSError, KeyError, NlpUnavailable) as error:
-        return _error("eval", error)
+    except (ValueError, OSError, KeyError, NlpUnavailable) as problem:
+        return error("eval", problem)
     for tag, name, summary in result.summaries:
         print(
             f"napo eval: {tag} / {name}: {summary.written} answered, {summary.failed} skipped with errors, "
@@ -147,3 +150,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"napo eval: report written to {result.report}")
     nothing = result.summaries and all(s.written == 0 and s.already_done == 0 for _, _, s in result.summaries)
     return 1 if nothing else 0
+
+
+COMMANDS = {"eval": run_eval}
