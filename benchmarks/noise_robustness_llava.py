@@ -69,7 +69,7 @@ def flip(rows: list[dict], p: float, seed: int) -> list[dict]:
 
 
 def held_out_accuracy(policy, reference, processor, rows: list[dict], batch_size: int = 16) -> float:
-    from napo.data.generate import decode_image
+    from napo.models.loading import decode_image
     from napo.train.collator import NaPOVisionCollator
     from napo.train.lm_head import add_napo_lm_head
     from napo.train.reference import score_examples

@@ -10,7 +10,7 @@ completed with the pretrained model's own biased answers (``generate_biased``: `
    how many training rows show a red shape (``--red-shares``; "natural" = the sample set's own draw, about one in
    six), since this model's language-biased answers always name red. Measured, not assumed, from the generated
    answers: a biased answer counts as "as good as chosen" when its first colour word is the chosen answer's and
-   it names the same shapes in the same order (``first_color`` / ``shape_mentions`` of the shapes benchmark). The
+   it names the same shapes in the same order (``first_color`` / ``shape_mentions``, the world's grammar). The
    same measure is reported for the vision-biased answers, whose share is the model's, not set.
 2. **Flipped original pairs**: a share ``--flips`` of the rows has chosen and rejected swapped (texts and cached
    reference log-probs), the same rows in the same order at every level of a seed (the 0.2 rows are the first
@@ -69,7 +69,7 @@ ANSWERS = ["chosen", "rejected", "question_only", "image_only"]
 
 def as_good_as_chosen(answer: str, chosen: str) -> bool:
     """The noise label of a biased answer: it names the chosen answer's colour first and the same shapes."""
-    from napo.eval.shapes import first_color, shape_mentions
+    from napo.data.grammar import first_color, shape_mentions
 
     return first_color(answer) == first_color(chosen) and shape_mentions(answer) == shape_mentions(chosen)
 
@@ -86,7 +86,7 @@ def select_rows(path: Path, rows: int, seed: int, red_share: float | None) -> Pa
     import pyarrow.parquet as pq
 
     from napo.data import make_sample_data
-    from napo.eval.shapes import first_color
+    from napo.data.grammar import first_color
 
     if red_share is None:
         return make_sample_data(path, rows, seed=seed)
@@ -114,7 +114,7 @@ def biased_with_reference(model: Path, data: Path, out: Path, columns: list[str]
 
 def noise_shares(table) -> dict[str, float]:
     """The measured noise of the rows: biased answers as good as chosen (and identical to it), red-drawn rows."""
-    from napo.eval.shapes import first_color
+    from napo.data.grammar import first_color
 
     rows = table.to_pylist()
     return {

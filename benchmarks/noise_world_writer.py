@@ -81,7 +81,7 @@ def right_anyway(answer: str, truth: dict) -> bool:
     """Whether a biased answer agrees in content with the row's drawn truth: for a colour question the drawn colour
     named first and no other shape named; for a shape question the drawn shape (and, if a colour is named, the drawn
     one); for a question about a shape the picture lacks, a "no" and no colour."""
-    from napo.eval.shapes import first_color, shape_mentions
+    from napo.data.grammar import first_color, shape_mentions
 
     words = answer.lower().replace(".", " ").split()
     if truth["kind"] == "absent":
@@ -95,8 +95,9 @@ def right_anyway(answer: str, truth: dict) -> bool:
 def blind_answers(model: Path, questions: list[str]) -> dict[str, str]:
     """The model's language-biased answer (the question, no image; greedy, 16 new tokens, as ``generate_biased``
     writes it here) to each distinct question: it depends on the question alone, so it predicts every row's."""
-    from napo.data.generate import GenerationSettings, generate_answers, load_model
+    from napo.data.generate import GenerationSettings, generate_answers
     from napo.data.prompts import user_prompt
+    from napo.models.loading import load_model
 
     questions = sorted(set(questions))
     loaded, processor = load_model(model, device="cpu")
@@ -190,7 +191,7 @@ def per_step(run: Path) -> list[dict]:
 
 def blank_says_none(items) -> float:
     """Share of the blank-picture answers that say there is no shape (a "no" without a colour)."""
-    from napo.eval.shapes import first_color
+    from napo.data.grammar import first_color
 
     blank = items[items["kind"] == "blank"]["answer"].fillna("")
     says = [("no" in a.lower().replace(".", " ").split()) and first_color(a) is None for a in blank]

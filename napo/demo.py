@@ -210,7 +210,7 @@ def run_data_demo(workdir: str | Path, rows: int = 64, max_new_tokens: int = 16,
 def _right_anyway(biased: str, chosen: str, question: str) -> bool:
     """A language-biased answer that agrees with the chosen one in content: the same first colour, and no shape but
     the one the question asks about."""
-    from napo.eval.shapes import first_color, shape_mentions
+    from napo.data.grammar import first_color, shape_mentions
 
     color = first_color(chosen)
     return (

@@ -43,7 +43,8 @@ def q_at(margin: Any, gamma: float, q_min: float = 0.001, q_max: float = 1.0) ->
     return float(clipped) if np.ndim(clipped) == 0 else clipped
 
 
-def _as_frame(data: Any):
+def as_frame(data: Any):
+    """A pandas frame of ``data``: a DataFrame (copied), a Dataset or Arrow table, or a Parquet file or directory."""
     import pandas as pd
 
     if isinstance(data, pd.DataFrame):
@@ -123,8 +124,8 @@ def _score_model(
     """Per answer column, (sums, averages) lists under ``model`` (a directory or a loaded (model, processor))."""
     from tqdm.auto import tqdm
 
-    from napo.data.generate import decode_image, load_model
     from napo.data.store import RowError
+    from napo.models.loading import decode_image, load_model
 
     def image(row: dict):
         try:
@@ -206,7 +207,7 @@ def margins(
     check_int("batch_size", batch_size, 1)
     if max_length is not None:
         check_int("max_length", max_length, 1)
-    frame = _as_frame(data)
+    frame = as_frame(data)
     if "idx" not in frame.columns:
         raise ValueError(f"the data needs an 'idx' column (has: {', '.join(map(str, frame.columns))})")
     configs = {**DEFAULT_TERMS, **(terms or {})}
@@ -273,7 +274,7 @@ def margins(
             piece["avg_reward_margin"] = (chosen_avg - ref_c_avg) - (answer_avg - ref_a_avg)
         config = configs[term]
         if config.adaptive:
-            piece["q"] = q_at(piece[_margin_column(piece, config)], config.gamma, q_min)
+            piece["q"] = q_at(piece[margin_column_of(piece, config)], config.gamma, q_min)
         else:
             piece["q"] = 0.0 if config.loss == "dpo" else float(config.q)
         pieces.append(piece)
@@ -292,7 +293,7 @@ def margins(
     return result
 
 
-def _margin_column(frame, config: TermConfig) -> str:
+def margin_column_of(frame, config: TermConfig) -> str:
     """The column Eq. 12 reads for a term: avg or sum; the reward margin when a policy was scored."""
     prefix = "avg_" if config.margin == "avg" else ""
     return f"{prefix}reward_margin" if "reward_margin" in frame.columns else f"{prefix}logp_margin"
@@ -310,7 +311,7 @@ def summarize(frame, terms: Mapping[str, TermConfig] | None = None, q_min: float
     for key, group in frame.groupby(keys, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         config = configs[key[0]]
-        margin_column = _margin_column(group, config)
+        margin_column = margin_column_of(group, config)
         row = dict(zip(keys, key, strict=True))
         row.update({
             "rows": len(group),
@@ -345,7 +346,7 @@ def noise_ranking(frame, term: str = "language", top: int | None = 20, beta: flo
     if rows.empty:
         raise ValueError(f"the frame has no rows for term {term!r} (terms present: {sorted(frame['term'].unique())})")
     config = configs[term]
-    column = _margin_column(rows, config)
+    column = margin_column_of(rows, config)
     q = q_at(rows[column].mean(), config.gamma, q_min)
     ranked = rows.sort_values(column, kind="stable").copy()
     ranked["napo_weight"] = np.exp(q * -np.logaddexp(0.0, -beta * ranked[column].to_numpy(float)))

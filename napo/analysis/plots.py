@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from napo.analysis.margins import DEFAULT_TERMS, TERM_COLUMNS, _margin_column, q_at
+from napo.analysis.margins import DEFAULT_TERMS, TERM_COLUMNS, margin_column_of, q_at
 
 __all__ = ["load_log_history", "plot_margin_hist", "plot_q_curve", "plot_training_curves"]
 
@@ -38,7 +38,8 @@ def _show_in_notebooks(figure_type: type) -> None:
         formatter.for_type(figure_type, _png)
 
 
-def _figure(columns: int, width: float = 4.2, height: float = 3.4):
+def figure_row(columns: int, width: float = 4.2, height: float = 3.4):
+    """A figure of ``columns`` axes side by side, shown inline in notebooks (the analysis and eval plots' layout)."""
     from matplotlib.figure import Figure
 
     _show_in_notebooks(Figure)
@@ -63,10 +64,10 @@ def plot_margin_hist(frame, kind: str = "auto", terms: Sequence[str] | None = No
     terms = list(terms or dict.fromkeys(frame["term"]))
     if not terms:
         raise ValueError("the frame has no rows")
-    figure, axes = _figure(len(terms))
+    figure, axes = figure_row(len(terms))
     for axis, term in zip(axes, terms, strict=True):
         rows = frame[frame["term"] == term]
-        column = _margin_column(rows, DEFAULT_TERMS[term]) if kind == "auto" else kind
+        column = margin_column_of(rows, DEFAULT_TERMS[term]) if kind == "auto" else kind
         if column not in rows.columns:
             raise ValueError(f"the frame has no {column!r} column")
         finite = np.isfinite(rows[column].to_numpy(float))
@@ -96,7 +97,7 @@ def plot_q_curve(frame=None, gammas: Sequence[float] = (0.01, 0.05, 0.1, 0.5, 1.
     :func:`napo.analysis.margins` frame, q against gamma at each term's mean margin (its own kind)."""
     import numpy as np
 
-    figure, axes = _figure(2 if frame is not None else 1)
+    figure, axes = figure_row(2 if frame is not None else 1)
     grid = np.linspace(*margin_range, 400)
     for gamma in gammas:
         axes[0].plot(grid, q_at(grid, gamma, q_min), label=f"gamma {gamma:g}")
@@ -108,7 +109,7 @@ def plot_q_curve(frame=None, gammas: Sequence[float] = (0.01, 0.05, 0.1, 0.5, 1.
         gamma_grid = np.logspace(-3, 1, 200)
         for term in dict.fromkeys(frame["term"]):
             rows = frame[frame["term"] == term]
-            column = _margin_column(rows, DEFAULT_TERMS[term])
+            column = margin_column_of(rows, DEFAULT_TERMS[term])
             mean = float(rows[column].mean())
             axes[1].plot(gamma_grid, q_at(mean, gamma_grid, q_min), label=f"{term} (mean {column} {mean:.3g})")
         axes[1].set_xscale("log")
@@ -146,7 +147,7 @@ def plot_training_curves(source: Any):
         raise ValueError("the log history has no napo/* metrics (was it a NaPOTrainer run with logging?)")
     logged = {k.removeprefix("napo/q_") for k in history[0] if k.startswith("napo/q_")}
     terms = [t for t in TERM_COLUMNS if t in logged] + sorted(logged - set(TERM_COLUMNS))
-    figure, axes = _figure(3)
+    figure, axes = figure_row(3)
     steps = [entry.get("step", index + 1) for index, entry in enumerate(history)]
     for axis, (kind, label) in zip(axes, (("q", "q"), ("weight", "weight"), ("margin", "mean reward margin beta*M")),
                                    strict=True):  # fmt: skip

@@ -102,7 +102,7 @@ def analyze(
     given ``model`` is scored as the policy (reward margins against the cached reference); with neither
     a model nor the columns, the data's own margins are not defined and this raises.
     """
-    from napo.analysis.margins import _as_frame
+    from napo.analysis.margins import as_frame
     from napo.data.inputs import check_int, check_output_dir
     from napo.train.collator import reference_columns
     from napo.train.reference import DEFAULT_MAX_LENGTH, cached_settings
@@ -112,7 +112,7 @@ def analyze(
     check_output_dir(output)
     output = Path(output)
     # Every input is checked before anything is written: a refused run leaves no partial report behind.
-    frame = _as_frame(data)
+    frame = as_frame(data)
     answers = [c for c in ("chosen", "rejected", "question_only", "image_only") if c in frame.columns]
     cached = all(n in frame.columns for c in answers for n in reference_columns(c))
     if not cached and model is None:
@@ -129,7 +129,7 @@ def analyze(
         options = {"batch_size": batch_size, "device": device, "dtype": dtype, "progress": progress,
                    "allow_outside_images": allow_outside_images}  # fmt: skip
         summary = compute_reference_logps(model, data, output / "reference-logps", columns=answers, **options)
-        frame, policy = _as_frame(summary.output_dir), None
+        frame, policy = as_frame(summary.output_dir), None
     settings = cached_settings(data) if cached else None  # score a policy truncated as the reference was
     max_length = settings.get("max_length", DEFAULT_MAX_LENGTH) if settings else DEFAULT_MAX_LENGTH
     prompt_format = settings.get("prompt_format", "template") if settings else "template"

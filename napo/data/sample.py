@@ -11,16 +11,8 @@ import io
 import random
 from pathlib import Path
 
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 200, 40),
-    "purple": (140, 60, 180),
-    "orange": (240, 140, 30),
-}
-SHAPES = ("circle", "square", "triangle")
-PRIOR_COLOR, PRIOR_SHAPE = "red", "circle"  # what a text-only model would guess
+from napo.data.grammar import COLORS, PRIOR_COLOR, PRIOR_SHAPE, SHAPES, article
+
 COLUMNS = ("ds_name", "image", "question", "chosen", "rejected", "origin_dataset", "origin_split", "idx", "image_path")
 
 
@@ -101,11 +93,6 @@ OTHER_SHAPE_ANSWERS = (
 )
 OTHER_ABSENT_ANSWERS = ("There's no {s}.", "There is no {s} here.", "I see no {s} in the picture.")
 """The other writer's answer to a colour question about a shape the picture does not have (blank, or another shape)."""
-
-
-def article(word: str) -> str:
-    """ "an" before a vowel, else "a": "an orange circle", "a red square"."""
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def _other(template: str, shape: str, color: str, where: str) -> str:

@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from napo.data.sample import COLORS, PRIOR_COLOR, PRIOR_SHAPE, SHAPES, article, draw_image, draw_scene
+from napo.data.grammar import COLORS, PRIOR_COLOR, PRIOR_SHAPE, SHAPES, article, first_color
+from napo.data.sample import draw_image, draw_scene
 
 __all__ = [
     "WorldRecipe",
@@ -296,7 +297,7 @@ def pretrain_tiny_model(
     (the caller's random state is left as it was). ``probes``: the size of :func:`measure_prior`'s probe set."""
     import torch
 
-    from napo.data.tiny import build_model, build_processor
+    from napo.models.tiny import build_model, build_processor
 
     recipe = recipe or WorldRecipe()
     path = Path(path)
@@ -401,9 +402,9 @@ def measure_prior(
 
     ``model``: a checkpoint directory, or a ``(model, processor)`` pair. Greedy decoding, 24 new tokens.
     """
-    from napo.data.generate import GenerationSettings, generate_answers, load_model
+    from napo.data.generate import GenerationSettings, generate_answers
     from napo.data.prompts import user_prompt
-    from napo.eval.shapes import first_color
+    from napo.models.loading import load_model
 
     model, processor = load_model(model, device="cpu") if isinstance(model, (str, Path)) else model
     rng = random.Random(seed)

@@ -123,7 +123,7 @@ def generate_benchmark_answers(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from napo.data.generate import decode_image
+    from napo.models.loading import decode_image
 
     decoding = decoding or benchmark.decoding
     output = Path(output)

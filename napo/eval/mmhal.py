@@ -150,7 +150,7 @@ class HFJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from napo.data.generate import resolve_device
+        from napo.models.loading import resolve_device
 
         self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model))

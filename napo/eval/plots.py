@@ -20,14 +20,14 @@ def plot_comparison(metrics, benchmarks: Sequence[str] | None = None, keys: dict
     """
     import numpy as np
 
-    from napo.analysis.plots import _figure
+    from napo.analysis.plots import figure_row
     from napo.eval.registry import benchmark_classes
 
     registry = benchmark_classes()
     benchmarks = list(benchmarks or dict.fromkeys(metrics["benchmark"]))
     if not benchmarks:
         raise ValueError("no metrics to plot")
-    figure, axes = _figure(len(benchmarks), width=4.6)
+    figure, axes = figure_row(len(benchmarks), width=4.6)
     models = list(dict.fromkeys(metrics["model"]))
     width = 0.8 / max(len(models), 1)
     for axis, name in zip(axes, benchmarks, strict=True):

@@ -220,7 +220,7 @@ def evaluate(
             for model, tag in zip(models, model_tags(models), strict=True):
                 pair = (loaded or {}).get(model)
                 if pair is None:
-                    from napo.data.generate import load_model
+                    from napo.models.loading import load_model
 
                     pair = load_model(model, device=device, dtype=dtype)
                 for benchmark in chosen:

@@ -28,32 +28,14 @@ from __future__ import annotations
 import io
 import json
 import random
-import re
 
+from napo.data.grammar import COLORS, PRIOR_COLOR, SHAPES, first_color, shape_mentions  # the world's grammar
 from napo.eval.benchmark import Benchmark, Decoding, item, metas
 from napo.eval.vlind import collect_instances, instance_questions, pair_items, score_instances
 
 __all__ = ["KINDS", "ShapesBench", "shape_mentions"]
 
 KINDS = ("vlind", "color", "blank", "describe")
-
-# Shape words a description may use: the drawn ones and others a model may invent (each a hallucination).
-SHAPE_WORDS = ("circle", "square", "triangle", "rectangle", "oval", "star", "diamond", "hexagon", "pentagon", "heart")
-
-
-def shape_mentions(text: str) -> list[str]:
-    """Every shape word of ``text`` in order (singular; "squares" -> "square"), one per mention."""
-    words = re.findall(r"[a-z]+", (text or "").lower())
-    return [word.removesuffix("s") for word in words if word.removesuffix("s") in SHAPE_WORDS]
-
-
-def first_color(text: str) -> str | None:
-    from napo.data.sample import COLORS
-
-    for word in re.findall(r"[a-z]+", (text or "").lower()):
-        if word in COLORS:
-            return word
-    return None
 
 
 def _png(image) -> bytes:
@@ -100,7 +82,7 @@ class ShapesBench(Benchmark):
     def items(self) -> list[dict]:
         from PIL import Image
 
-        from napo.data.sample import COLORS, PRIOR_COLOR, SHAPES, draw_image
+        from napo.data.sample import draw_image
 
         rng = random.Random(self.seed)
         blank = _png(Image.new("RGB", (64, 64), (255, 255, 255)))

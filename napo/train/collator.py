@@ -224,9 +224,9 @@ def _ends_with_eos(completion: str, answer: str | None, eos: str | None) -> str:
 
 
 def _images_of(example: dict[str, Any]) -> list:
-    from napo.data.generate import decode_image
     from napo.data.store import RowError
     from napo.images import rgb_image
+    from napo.models.loading import decode_image
 
     raw = example.get("images")
     if raw is None:

@@ -117,7 +117,7 @@ def compute_reference_logps(
     """
     import pyarrow as pa
 
-    from napo.data.generate import decode_image, load_model, resolve_device, resolve_dtype
+    from napo.models.loading import decode_image, load_model, resolve_device, resolve_dtype
 
     if max_length is not None:
         check_int("max_length", max_length, 1)

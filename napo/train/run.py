@@ -338,8 +338,8 @@ def train(
     from datasets import load_dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from napo.data.generate import load_weights
     from napo.data.store import parquet_files, parquet_schema
+    from napo.models.loading import load_weights
     from napo.train.reference import cached_settings, compute_reference_logps, scored_columns
     from napo.train.trainer import NaPOConfig, NaPOTrainer, resolve_terms
 
