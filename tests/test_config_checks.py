@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("trl")
 
 from napo import NaPOObjective
-from napo.train.trainer import NaPOConfig, bf16_supported
+from napo.train.config import NaPOConfig, bf16_supported
 
 
 def test_the_readme_snippet_works_here_with_bf16_where_the_device_supports_it(tmp_path):
