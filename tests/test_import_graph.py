@@ -8,9 +8,6 @@ from pathlib import Path
 
 NAPO = Path(__file__).resolve().parents[1] / "napo"
 
-# The circles this issue removed; the others are listed (printed) until their own step removes them.
-REMOVED = [{"napo._ops", "napo.backends.reference"}, {"napo.eval.plots", "napo.eval.run"}]
-
 
 def _modules(root: Path) -> dict[str, Path]:
     names = {}
@@ -97,8 +94,39 @@ def test_the_checker_finds_a_circle_of_lazy_imports_and_ignores_type_checking(tm
     assert circles(graph) == [{"pkg.a", "pkg.b"}]
 
 
-def test_the_circles_this_issue_removed_stay_gone():
+def test_napo_has_no_import_circle():
     remaining = circles(import_graph(NAPO))
-    print("import circles still in napo/:", *(" <-> ".join(sorted(c)) for c in remaining), sep="\n  ")
-    for removed in REMOVED:
-        assert not any(removed <= circle for circle in remaining), (removed, remaining)
+    assert not remaining, "import circles in napo/: " + "; ".join(" <-> ".join(sorted(c)) for c in remaining)
+
+
+def test_data_building_imports_nothing_from_evaluation():
+    graph = import_graph(NAPO)
+    leaks = {name: sorted(t for t in targets if t.startswith("napo.eval")) for name, targets in graph.items()}
+    assert not {name: targets for name, targets in leaks.items() if name.startswith("napo.data") and targets}
+
+
+def private_imports(root: Path) -> list[str]:
+    """Every `from napo.x import _name` of a name that is not itself a module (importing a private module such as
+    napo._native is how napo reaches its internals; importing another module's private function is not)."""
+    modules, found = _modules(root), []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == root.name:
+                for alias in node.names:
+                    dunder = alias.name.startswith("__") and alias.name.endswith("__")  # __version__ is public
+                    if alias.name.startswith("_") and not dunder and f"{node.module}.{alias.name}" not in modules:
+                        found.append(f"{name}: from {node.module} import {alias.name}")
+    return found
+
+
+def test_the_private_import_check_finds_one(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "_internal.py").write_text("def _helper():\n    pass\n")
+    (package / "a.py").write_text("from pkg import _internal\nfrom pkg._internal import _helper\n")
+    assert private_imports(package) == ["pkg.a: from pkg._internal import _helper"]
+
+
+def test_no_module_imports_another_modules_private_name():
+    assert private_imports(NAPO) == []
