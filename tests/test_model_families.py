@@ -300,3 +300,36 @@ def test_qwen_processors_load_without_torchvision(checkpoint, arch, tmp_path):
 def test_unknown_family_is_refused_with_the_choices(tmp_path):
     with pytest.raises(ValueError, match=r"qwen2\.5-vl.*idefics3"):
         make_tiny_family_model("llava-2", tmp_path)
+
+
+def test_napos_collator_batches_every_family_and_the_fused_head_agrees(family):
+    """napo's NaPO batch (chosen, rejected and the two biased answers under one full prompt, two rows with images
+    of different sizes) runs through each family's forward; napo's fused head gives the log-probs of the model's own
+    logits, and each row scores as it does in a batch of its own (the per-image tensors stay with their rows)."""
+    from napo.train.collator import NaPOVisionCollator
+    from napo.train.lm_head import add_napo_lm_head
+
+    arch, _, processor, model = family
+    rows = [
+        dict(idx=0, image=picture(), question=QUESTION, chosen=ANSWER, rejected="The cube is blue."),
+        dict(idx=1, image=picture(30, 90), question="Is there a dog?", chosen="No.", rejected="Yes, a dog."),
+    ]
+    for row in rows:
+        row.update(question_only="It is green.", image_only="A red square.")
+    collator = NaPOVisionCollator(processor, columns=("chosen", "rejected", "question_only", "image_only"))
+    patched = add_napo_lm_head(copy.deepcopy(model))
+
+    def score(examples):
+        batch = collator(examples)
+        assert EXPECTED[arch]["image_keys"] <= set(batch)
+        labels = batch["input_ids"].masked_fill(batch.pop("completion_mask") == 0, -100)
+        inputs = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+        with torch.no_grad():
+            own = sequence_logps(model(**inputs).logits, labels)[0]
+            fused = patched(**inputs, labels=labels, napo_logps=True).logps
+        torch.testing.assert_close(fused, own, rtol=1e-5, atol=1e-5)
+        return own
+
+    together = score(rows).reshape(4, 2)  # rows grouped by column: all chosen, then all rejected, ...
+    for position, row in enumerate(rows):
+        torch.testing.assert_close(together[:, position], score([row]), rtol=1e-4, atol=1e-4)
