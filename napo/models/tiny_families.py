@@ -161,9 +161,11 @@ def _tokenizer(specials: list[str], *, bos: str | None, eos: str, pad: str, add_
 
 
 def _ids(tokenizer, *tokens: str) -> list[int]:
+    """The ids of special ``tokens``, each of which the tiny vocabulary must hold as one token."""
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-        raise AssertionError(f"a special token is missing from the tiny vocabulary: {tokens}")
+    missing = [t for t, i in zip(tokens, ids, strict=True) if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise RuntimeError(f"the tiny tokenizer lacks the special tokens {missing}")
     return ids
 
 
