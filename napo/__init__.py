@@ -13,7 +13,7 @@ from napo._ops import COMPOSITE_OP_NAMES as _COMPOSITE_OP_NAMES
 from napo._version import __version__
 from napo.backends import fused_linear as _fused_linear
 from napo.backends import reference as _reference
-from napo.backends import register_backend as _register_backend
+from napo.backends.registry import register_backend as _register_backend
 from napo.functional import adaptive_q, dynamic_weights, global_mean, napo_loss, q_from_mean, reward_margin
 from napo.logps import fused_linear_sequence_logps, sequence_logps
 from napo.losses import PAPER_TERMS, TERMS, NaPOLoss, NaPOObjective, NaPOOutput, TermConfig
