@@ -45,7 +45,7 @@ def build(directory: Path, layers: int) -> Path:
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from napo.models.tiny import build_processor
+    from napo.data.tiny import build_processor
 
     processor = build_processor()
     processor.image_processor.size = {"shortest_edge": 336}

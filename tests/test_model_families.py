@@ -1,4 +1,4 @@
-"""The tiny checkpoints of napo.models.tiny_families: each family builds, saves, reloads through the Auto classes,
+"""The tiny checkpoints of napo.data.tiny_families: each family builds, saves, reloads through the Auto classes,
 renders napo's three prompts (image + question, question only, image only) with its own chat template, runs its
 processor on a real PIL image, the forward, generate, answer log-probs, and its LM head is what napo's fused head
 computes (a linear map of the backbone's last hidden states, nothing after it)."""
@@ -14,12 +14,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
+from napo.data.tiny_families import FAMILIES, make_tiny_family_model  # noqa: E402
 from napo.logps import fused_linear_sequence_logps, sequence_logps  # noqa: E402
-from napo.models.tiny_families import FAMILIES, load_processor, make_tiny_family_model  # noqa: E402
+from napo.models.processors import load_processor  # noqa: E402
 
 QUESTION, ANSWER = "What color is the cube?", "The cube is red."
 
-# What each family's real checkpoint renders, from the sources named in napo/models/tiny_families.py (not from the
+# What each family's real checkpoint renders, from the sources named in napo/data/tiny_families.py (not from the
 # tiny templates): prompt with image + question, question only, image only; the suffix an answer turn ends with.
 EXPECTED = {
     "qwen2-vl": dict(

@@ -2,8 +2,8 @@
 
 from napo.data.generate import GenerationSettings, GenerationSummary, generate_biased
 from napo.data.sample import make_sample_data
+from napo.data.tiny import make_tiny_model
 from napo.models.loading import load_model
-from napo.models.tiny import make_tiny_model
 
 __all__ = [
     "GenerationSettings",

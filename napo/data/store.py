@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napo.errors import RowError  # also imported from here: its old home
+
 BOOKKEEPING = "__napo__"
 ERRORS = f"{BOOKKEEPING}/errors.jsonl"
 LEGACY_ERRORS = "_errors.jsonl"  # where napo <= 0.1 kept it, beside the parts
@@ -196,10 +198,6 @@ def progress_bar(total: int, enabled: bool, description: str):
 
 
 # ---------------------------------------------------------------- the resumable row loop
-
-
-class RowError(Exception):
-    """A row that cannot be processed; it is logged and skipped."""
 
 
 @dataclass

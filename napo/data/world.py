@@ -297,7 +297,7 @@ def pretrain_tiny_model(
     (the caller's random state is left as it was). ``probes``: the size of :func:`measure_prior`'s probe set."""
     import torch
 
-    from napo.models.tiny import build_model, build_processor
+    from napo.data.tiny import build_model, build_processor
 
     recipe = recipe or WorldRecipe()
     path = Path(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 # A row whose image cannot be read is skipped and logged by the row stages, which catch this error.
-from napo.data.store import RowError
+from napo.errors import RowError
 
 __all__ = ["decode_image", "image_path", "load_model", "load_weights", "resolve_device", "resolve_dtype"]
 
@@ -65,7 +65,7 @@ def load_weights(model_class: Any, model: str | Path, **kwargs: Any) -> Any:
 
 def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
     """(model, processor) for a LLaVA-family checkpoint directory or hub id, ready to generate."""
-    from transformers import AutoProcessor
+    from napo.models.processors import load_processor
 
     try:  # any image-text-to-text checkpoint (LLaVA, LLaVA-NeXT, ...); older transformers: LLaVA itself
         from transformers import AutoModelForImageTextToText as ModelClass
@@ -73,7 +73,7 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto"):
         from transformers import LlavaForConditionalGeneration as ModelClass
 
     device = resolve_device(device)
-    processor = AutoProcessor.from_pretrained(str(model))
+    processor = load_processor(model)
     processor.tokenizer.padding_side = "left"  # decoder-only generation: pad before the prompt
     try:
         loaded = load_weights(ModelClass, model, dtype=resolve_dtype(dtype, device))
