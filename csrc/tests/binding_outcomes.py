@@ -1,5 +1,6 @@
 """Prints the outcome (return, outputs, or exception type and message) of ~74,000 calls to napo._C: every entry
-point with each argument replaced by a bad value, alone and in pairs, plus a few hand-made cases.
+point with each argument replaced by a bad value, alone and in pairs, plus a few hand-made cases (among them
+grad_out layouts on both sides of token_logps_backward's overlap checks).
 
 Not a test: a before/after check for refactors of csrc/module.c (issue 25 made it table-driven with none of
 these lines changing). Run it on both builds and diff:
@@ -115,6 +116,22 @@ def main() -> None:
                 lines.append(f"{entry} {names[i]}={first} {names[j]}={second}: {outcome(function, args)}")
     grad = (np.full((2, 3), 2.0), np.ones((2, 3), np.float32))
     shared = np.zeros((2, 3, 6), np.float32)
+    # grad_out layouts for the self-overlap proof (sorted |strides|, each past the span of the smaller ones)
+    base = torch.zeros(64)
+    layouts = {
+        "permuted": torch.zeros(5, 3, 2).permute(2, 1, 0), "time_expanded": torch.zeros(2, 1, 5).expand(2, 3, 5),
+        "time_steps_one": base.as_strided((2, 3, 5), (15, 1, 1)), "interleaved": base.as_strided((2, 3, 5), (1, 2, 6)),
+        "reversed_time": np.zeros((2, 3, 5), np.float32)[:, ::-1],
+        "size_one_far": base.as_strided((2, 1, 5), (5, 10**6, 1)),
+        "batch_meets_time": base.as_strided((2, 3, 5), (10, 5, 1)), "vocab_wide": base.as_strided((2, 3, 5), (2, 1, 6)),
+    }  # fmt: skip
+    for name, out in layouts.items():
+        logits, labels = torch.zeros(out.shape), torch.zeros(out.shape[:2], dtype=torch.int64)
+        lines.append(f"grad_out {name}: " + outcome(C.token_logps_backward, [logits, labels, -100,
+                     torch.zeros(out.shape[:2], dtype=torch.float64), torch.ones(out.shape[:2]), out]))  # fmt: skip
+    same_data = [base.as_strided((2, 3, 5), (15, 5, 1)), base.as_strided((2, 3, 5), (1, 2, 6))]
+    lines.append("grad_out same data, other strides: " + outcome(C.token_logps_backward, [same_data[0], labels, -100,
+                 torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3), same_data[1]]))  # fmt: skip
     lines += [
         "in place: " + outcome(C.token_logps_backward, [LOGITS.copy(), LABELS, -100, *grad, LOGITS.copy()]),
         "overlap: " + outcome(C.token_logps_backward, [shared[:, :, :5], LABELS, -100, *grad, shared[:, :, 1:]]),
