@@ -615,21 +615,19 @@ static napo_status run_dynamic_weights(napo_call *c, int on_cuda) {
   return FLOAT_KERNEL(napo_dynamic_weights, DATA(0), m->stride, m->length, c->w_min, c->eps, DATA(3));
 }
 
+/* The log-prob kernels' leading arguments (logits, labels, ignore_index). Only the CPU ones take a thread count and
+ * report a bad label (a CUDA kernel gives NaN for one; csrc/napo.h). */
+#define LOGPS_ARGS DATA(0), c->arg[0].logits, c->arg[0].logits_dtype, c->arg[1].labels, c->ignore_index
+#define CPU_TAIL clamp_threads(c->num_threads), &c->bad
+
 static napo_status run_token_logps(napo_call *c, int on_cuda) {
-  const napo_arg *l = &c->arg[0];
-  return on_cuda ? ON_CUDA(napo_token_logps, DATA(0), l->logits, l->logits_dtype, c->arg[1].labels, c->ignore_index,
-                           DATA(3), DATA(4))
-                 : napo_token_logps(DATA(0), l->logits, l->logits_dtype, c->arg[1].labels, c->ignore_index, DATA(3),
-                                    DATA(4), clamp_threads(c->num_threads), &c->bad);
+  return on_cuda ? ON_CUDA(napo_token_logps, LOGPS_ARGS, DATA(3), DATA(4))
+                 : napo_token_logps(LOGPS_ARGS, DATA(3), DATA(4), CPU_TAIL);
 }
 
 static napo_status run_token_logps_backward(napo_call *c, int on_cuda) {
-  const napo_arg *l = &c->arg[0];
-  return on_cuda ? ON_CUDA(napo_token_logps_backward, DATA(0), l->logits, l->logits_dtype, c->arg[1].labels,
-                           c->ignore_index, DATA(3), DATA(4), DATA(5), c->arg[5].logits)
-                 : napo_token_logps_backward(DATA(0), l->logits, l->logits_dtype, c->arg[1].labels, c->ignore_index,
-                                             DATA(3), DATA(4), DATA(5), c->arg[5].logits, clamp_threads(c->num_threads),
-                                             &c->bad);
+  return on_cuda ? ON_CUDA(napo_token_logps_backward, LOGPS_ARGS, DATA(3), DATA(4), DATA(5), c->arg[5].logits)
+                 : napo_token_logps_backward(LOGPS_ARGS, DATA(3), DATA(4), DATA(5), c->arg[5].logits, CPU_TAIL);
 }
 
 static napo_status run_check_labels(napo_call *c, int on_cuda) {
@@ -841,20 +839,17 @@ PyDoc_STRVAR(set_cuda_debug_doc, "set_cuda_debug(enabled)\n--\n\n"
                                  "then reported by the napo call that caused it). No effect without CUDA kernels.");
 
 static PyObject *py_built_with_cuda(PyObject *self, PyObject *unused) {
-  (void)self;
-  (void)unused;
+  (void)self, (void)unused;
   return PyBool_FromLong(WITH_CUDA);
 }
 
 static PyObject *py_cuda_available(PyObject *self, PyObject *unused) {
-  (void)self;
-  (void)unused;
+  (void)self, (void)unused;
   return PyBool_FromLong(napo_cuda_available());
 }
 
 static PyObject *py_cuda_runtime_info(PyObject *self, PyObject *unused) {
-  (void)self;
-  (void)unused;
+  (void)self, (void)unused;
 #ifdef NAPO_WITH_CUDA
   int cuda_error = 0;
   const int count = napo_cuda_device_count(&cuda_error);
