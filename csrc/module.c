@@ -125,6 +125,7 @@ static int require(int ok, PyObject *type, const char *format, ...) {
   }
   return !ok;
 }
+#define fail(...) require(0, __VA_ARGS__) /* raises unconditionally */
 
 /* The pending exception (normalised, with its traceback), taken off the thread state. */
 static PyObject *take_exception(void) {
@@ -165,8 +166,7 @@ static int acquire(napo_arg *arg) {
     DLManagedTensor *managed = PyCapsule_GetPointer(obj, "dltensor");
     if (managed == NULL) {
       PyErr_Clear();
-      return require(0, PyExc_TypeError, "argument '%s' is a capsule but not an unconsumed 'dltensor' capsule",
-                     arg->name);
+      return fail(PyExc_TypeError, "argument '%s' is a capsule but not an unconsumed 'dltensor' capsule", arg->name);
     }
     arg->capsule = Py_NewRef(obj);
     arg->tensor = &managed->dl_tensor;
@@ -202,8 +202,8 @@ static int acquire(napo_arg *arg) {
   if (managed == NULL) {
     Py_CLEAR(arg->capsule);
     PyErr_Clear();
-    return require(0, PyExc_TypeError, "argument '%s': __dlpack__ did not return an unconsumed 'dltensor' capsule",
-                   arg->name);
+    return fail(PyExc_TypeError, "argument '%s': __dlpack__ did not return an unconsumed 'dltensor' capsule",
+                arg->name);
   }
   arg->tensor = &managed->dl_tensor;
   return 0;
@@ -542,33 +542,35 @@ static int raise_status(const napo_call *c, napo_status status) {
   case NAPO_OK:
     return 0;
   case NAPO_ERR_LABEL:
-    return require(0, PyExc_ValueError,
-                   "labels[%lld, %lld] = %lld is outside the vocabulary [0, %lld) and is not ignore_index (%lld)",
-                   (long long)c->bad.batch, (long long)c->bad.time + c->position_offset, (long long)c->bad.value,
-                   (long long)c->arg[c->entry->device_arg].logits.vocab, c->ignore_index);
+    return fail(PyExc_ValueError,
+                "labels[%lld, %lld] = %lld is outside the vocabulary [0, %lld) and is not ignore_index (%lld)",
+                (long long)c->bad.batch, (long long)c->bad.time + c->position_offset, (long long)c->bad.value,
+                (long long)c->arg[c->entry->device_arg].logits.vocab, c->ignore_index);
   case NAPO_ERR_Q_RANGE:
     for (int i = 0; i < MAX_ARGS; ++i) {
       q = c->arg[i].tensor != NULL && strcmp(c->arg[i].name, "q") == 0 ? &c->arg[i] : q;
     }
     if (q == NULL || is_cuda(q)) { /* never dereference device memory on the host */
-      return require(0, PyExc_ValueError, "q must be in [0, 1]");
+      return fail(PyExc_ValueError, "q must be in [0, 1]");
     }
     return require_parameter(
         0, "q", q->tensor->dtype.bits == 32 ? (double)*(const float *)data_of(q) : *(const double *)data_of(q),
         "in [0, 1]");
   case NAPO_ERR_CUDA:
-    return require(!(c->cuda_error & NAPO_CUDA_FOREIGN_ERROR), PyExc_RuntimeError,
-                   "a CUDA error was already pending before napo's kernel launch, left by earlier CUDA work (not by "
-                   "napo; napo did not launch): %s (CUDA error %d). NAPO_CUDA_DEBUG=1 and CUDA_LAUNCH_BLOCKING=1 help "
-                   "find its source.",
-                   napo_cuda_error_string(cuda_error), cuda_error) ||
-           require(0, PyExc_RuntimeError, "napo CUDA kernel failed: %s (CUDA error %d)",
-                   napo_cuda_error_string(cuda_error), cuda_error);
+    if (c->cuda_error & NAPO_CUDA_FOREIGN_ERROR) {
+      return fail(PyExc_RuntimeError,
+                  "a CUDA error was already pending before napo's kernel launch, left by earlier CUDA work (not by "
+                  "napo; napo did not launch): %s (CUDA error %d). NAPO_CUDA_DEBUG=1 and CUDA_LAUNCH_BLOCKING=1 help "
+                  "find its source.",
+                  napo_cuda_error_string(cuda_error), cuda_error);
+    }
+    return fail(PyExc_RuntimeError, "napo CUDA kernel failed: %s (CUDA error %d)", napo_cuda_error_string(cuda_error),
+                cuda_error);
   case NAPO_ERR_NO_CUDA:
-    return require(0, PyExc_RuntimeError,
-                   "napo was built without CUDA kernels; rebuild with nvcc on PATH (NAPO_CUDA=1) to use CUDA tensors");
+    return fail(PyExc_RuntimeError,
+                "napo was built without CUDA kernels; rebuild with nvcc on PATH (NAPO_CUDA=1) to use CUDA tensors");
   default:
-    return require(0, PyExc_ValueError, "napo: %s", napo_status_message(status));
+    return fail(PyExc_ValueError, "napo: %s", napo_status_message(status));
   }
 }
 
@@ -718,8 +720,8 @@ static int to_stream(PyObject *obj, void *call) { /* "K": any int, masked to 64 
     ++position;
   }
   if (!PyLong_Check(obj)) {
-    require(0, PyExc_TypeError, "%.200s() argument %d must be int, not %.50s", c->entry->name, position,
-            obj == Py_None ? "None" : Py_TYPE(obj)->tp_name);
+    fail(PyExc_TypeError, "%.200s() argument %d must be int, not %.50s", c->entry->name, position,
+         obj == Py_None ? "None" : Py_TYPE(obj)->tp_name);
     return 0;
   }
   c->stream = PyLong_AsUnsignedLongLongMask(obj);
