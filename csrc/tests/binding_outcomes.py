@@ -1,15 +1,22 @@
 """Prints the outcome (return, outputs, or exception type and message) of ~74,000 calls to napo._C: every entry
-point with each argument replaced by a bad value, alone and in pairs, plus a few hand-made cases.
+point with each argument replaced by a bad value, alone and in pairs, plus a few hand-made cases (among them
+grad_out layouts on both sides of token_logps_backward's overlap checks).
 
 Not a test: a before/after check for refactors of csrc/module.c (issue 25 made it table-driven with none of
 these lines changing). Run it on both builds and diff:
 
     python csrc/tests/binding_outcomes.py > before.txt   # ... rebuild ...
     python csrc/tests/binding_outcomes.py > after.txt && diff before.txt after.txt
+
+The "fake cuda" lines pass capsules that say CUDA over host memory. Without a GPU they reach the CUDA dispatch and
+fail at launch (or at NAPO_ERR_NO_CUDA in a CPU-only build). Linked with the CPU emulation of CUDA instead (the
+Makefile's libnapo_cuda_emu.so objects plus module.c built with -DNAPO_WITH_CUDA), the kernels run and the lines
+carry their outputs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import warnings
 
@@ -82,6 +89,85 @@ ENTRY_POINTS = {
 }  # fmt: skip
 
 
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32), ("dtype", _DLDataType),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.c_void_p),
+                ("byte_offset", ctypes.c_uint64), ("manager_ctx", ctypes.c_void_p),
+                ("deleter", ctypes.c_void_p)]  # fmt: skip
+
+
+_KEEP_ALIVE = []  # what the fake capsules point into (a capsule keeps only a pointer)
+_CAPSULE_NAME = ctypes.create_string_buffer(b"dltensor")
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype, _capsule_new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+
+
+def _fake_cuda(array: np.ndarray, device_id: int = 0):
+    """A "dltensor" capsule that says kDLCUDA over host memory: it takes the binding's CUDA paths (checks, dispatch,
+    device and stream handed to the kernel). Without a GPU the launch fails cleanly; in a build on the CPU emulation
+    of CUDA (csrc/cuda/emu, where device pointers are host pointers) the kernels run and their outputs are printed."""
+    array = np.ascontiguousarray(array)
+    shape = (ctypes.c_int64 * max(array.ndim, 1))(*array.shape)
+    code = {"f": 2, "i": 0}[array.dtype.kind]
+    managed = _DLManagedTensor(array.ctypes.data, _DLDevice(2, device_id), array.ndim,
+                               _DLDataType(code, array.dtype.itemsize * 8, 1), shape, None, 0, None, None)  # fmt: skip
+    _KEEP_ALIVE.append(array)
+    _KEEP_ALIVE.append((shape, managed))
+    return _capsule_new(ctypes.addressof(managed), ctypes.addressof(_CAPSULE_NAME), None)
+
+
+def _fake_cuda_lines() -> list[str]:
+    if torch.cuda.is_available():  # a real device would be handed host pointers
+        return ["fake cuda: skipped, a CUDA device is visible"]
+    f = _fake_cuda
+    logps_in = lambda: [f(LOGITS), f(LABELS), -100]  # noqa: E731
+    cases = {
+        "loss_forward": (C.loss_forward, lambda: [f(np.linspace(-3, 3, 3)), f(np.array(0.3)), 0.1, f(np.zeros(3)),
+                                                  f(np.zeros(3)), 7]),
+        "loss_forward 2d": (C.loss_forward, lambda: [f(np.linspace(-3, 3, 6).reshape(2, 3)), f(np.array([0.1, 0.2])),
+                                                     0.1, f(np.zeros((2, 3)))]),
+        "loss_forward q on cpu": (C.loss_forward, lambda: [f(np.zeros(3)), np.array(0.3), 0.1, f(np.zeros(3))]),
+        "loss_forward out on device 1": (C.loss_forward, lambda: [f(np.zeros(3)), f(np.array(0.3)), 0.1,
+                                                                  f(np.zeros(3), 1)]),
+        "loss_forward on device 1": (C.loss_forward, lambda: [f(np.zeros(3), 1), f(np.array(0.3), 1), 0.1,
+                                                              f(np.zeros(3), 1)]),
+        "loss_forward q = 2": (C.loss_forward, lambda: [f(np.zeros(3)), f(np.array(2.0)), 0.1, f(np.zeros(3))]),
+        "loss_backward": (C.loss_backward, lambda: [f(np.ones(3)), f(np.linspace(0, 1, 3)), f(np.zeros(3))]),
+        "loss_backward f32": (C.loss_backward, lambda: [f(np.ones(3, np.float32)),
+                                                        f(np.linspace(0, 1, 3, dtype=np.float32)),
+                                                        f(np.zeros(3, np.float32))]),
+        "adaptive_q": (C.adaptive_q, lambda: [f(np.linspace(-1, 2, 3)), 0.5, 0.01, 1.0, f(np.zeros(()))]),
+        "q_from_mean": (C.q_from_mean, lambda: [f(np.linspace(-1, 2, 3)), 0.5, 0.01, 1.0, f(np.zeros(3))]),
+        "dynamic_weights": (C.dynamic_weights, lambda: [f(np.array([2.0, 1.0, 1.0])), 0.01, 1e-8, f(np.zeros(3))]),
+        "dynamic_weights f32": (C.dynamic_weights, lambda: [f(np.array([2.0, 1.0, 1.0], np.float32)), 0.01, 1e-8,
+                                                            f(np.zeros(3, np.float32))]),
+        "token_logps": (C.token_logps, lambda: [*logps_in(), f(np.zeros((2, 3), np.float32)), f(np.zeros((2, 3)))]),
+        "token_logps f64": (C.token_logps, lambda: [f(LOGITS.astype(np.float64)), f(LABELS), -100, f(np.zeros((2, 3))),
+                                                    f(np.zeros((2, 3))), 3, 5, 11]),
+        "token_logps labels on cpu": (C.token_logps, lambda: [f(LOGITS), LABELS, -100,
+                                                              f(np.zeros((2, 3), np.float32)), f(np.zeros((2, 3)))]),
+        "token_logps_backward": (C.token_logps_backward, lambda: [*logps_in(), f(np.full((2, 3), 2.0)),
+                                                                  f(np.ones((2, 3), np.float32)),
+                                                                  f(np.zeros((2, 3, 5), np.float32)), 4, 99]),
+        "check_labels": (C.check_labels, lambda: [f(LABELS), 5, -100]),
+    }  # fmt: skip
+    lines = []
+    for name, (function, make) in cases.items():
+        first = len(_KEEP_ALIVE)
+        result = outcome(function, make())
+        arrays = [np.round(a, 6).tolist() for a in _KEEP_ALIVE[first::2]]
+        lines.append(f"fake cuda {name}: {result} {arrays}")
+    return lines
+
+
 def outcome(function, args, kwargs=None) -> str:
     try:
         result = function(*args, **(kwargs or {}))
@@ -115,6 +201,22 @@ def main() -> None:
                 lines.append(f"{entry} {names[i]}={first} {names[j]}={second}: {outcome(function, args)}")
     grad = (np.full((2, 3), 2.0), np.ones((2, 3), np.float32))
     shared = np.zeros((2, 3, 6), np.float32)
+    # grad_out layouts for the self-overlap proof (sorted |strides|, each past the span of the smaller ones)
+    base = torch.zeros(64)
+    layouts = {
+        "permuted": torch.zeros(5, 3, 2).permute(2, 1, 0), "time_expanded": torch.zeros(2, 1, 5).expand(2, 3, 5),
+        "time_steps_one": base.as_strided((2, 3, 5), (15, 1, 1)), "interleaved": base.as_strided((2, 3, 5), (1, 2, 6)),
+        "reversed_time": np.zeros((2, 3, 5), np.float32)[:, ::-1],
+        "size_one_far": base.as_strided((2, 1, 5), (5, 10**6, 1)),
+        "batch_meets_time": base.as_strided((2, 3, 5), (10, 5, 1)), "vocab_wide": base.as_strided((2, 3, 5), (2, 1, 6)),
+    }  # fmt: skip
+    for name, out in layouts.items():
+        logits, labels = torch.zeros(out.shape), torch.zeros(out.shape[:2], dtype=torch.int64)
+        lines.append(f"grad_out {name}: " + outcome(C.token_logps_backward, [logits, labels, -100,
+                     torch.zeros(out.shape[:2], dtype=torch.float64), torch.ones(out.shape[:2]), out]))  # fmt: skip
+    same_data = [base.as_strided((2, 3, 5), (15, 5, 1)), base.as_strided((2, 3, 5), (1, 2, 6))]
+    lines.append("grad_out same data, other strides: " + outcome(C.token_logps_backward, [same_data[0], labels, -100,
+                 torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3), same_data[1]]))  # fmt: skip
     lines += [
         "in place: " + outcome(C.token_logps_backward, [LOGITS.copy(), LABELS, -100, *grad, LOGITS.copy()]),
         "overlap: " + outcome(C.token_logps_backward, [shared[:, :, :5], LABELS, -100, *grad, shared[:, :, 1:]]),
@@ -127,6 +229,7 @@ def main() -> None:
         "q row out of range: "
         + outcome(C.loss_forward, [np.zeros((2, 3)), np.array([0.5, 1.5]), 0.1, np.zeros((2, 3))]),
         "q nan: " + outcome(C.loss_forward, [np.zeros(3), np.array(np.nan), 0.1, np.zeros(3)]),
+        *_fake_cuda_lines(),
         f"cuda: {C.built_with_cuda()!r} {C.cuda_available()!r} {C.cuda_runtime_info()!r}",
         "debug: " + outcome(C.set_cuda_debug, [False]) + " " + outcome(C.set_cuda_debug, [np.array([1, 2])]),
         f"abi: {C.ABI_VERSION!r}",
