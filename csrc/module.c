@@ -157,6 +157,20 @@ static int reraise_with_name(PyObject *type, const char *name, const char *what)
   return 1;
 }
 
+/* A producer's shape, checked before anything multiplies it: no negative extent, and an element count (the largest
+ * product stride_of and check_scalar form) that fits in int64, so that no shape, however crafted, overflows here. */
+static int check_extent(const napo_arg *arg) {
+  const DLTensor *t = arg->tensor;
+  int64_t count = 1;
+  int overflow = t->ndim < 0 || (t->ndim > 0 && t->shape == NULL);
+  for (int32_t d = 0; !overflow && d < t->ndim; ++d) {
+    overflow = t->shape[d] < 0 || __builtin_mul_overflow(count, t->shape[d], &count);
+  }
+  return require(!overflow, PyExc_ValueError,
+                 "argument '%s' has a malformed shape (%d dimensions, a negative extent or more than 2**63 elements)",
+                 arg->name, (int)t->ndim);
+}
+
 /* Exports the array through DLPack; arg->capsule then owns the export until call_entry releases it. */
 static int acquire(napo_arg *arg) {
   PyObject *obj = arg->object;
@@ -170,7 +184,7 @@ static int acquire(napo_arg *arg) {
     }
     arg->capsule = Py_NewRef(obj);
     arg->tensor = &managed->dl_tensor;
-    return 0;
+    return check_extent(arg);
   }
   if (require(PyObject_HasAttrString(obj, "__dlpack__") && PyObject_HasAttrString(obj, "__dlpack_device__"),
               PyExc_TypeError,
@@ -206,7 +220,7 @@ static int acquire(napo_arg *arg) {
                 arg->name);
   }
   arg->tensor = &managed->dl_tensor;
-  return 0;
+  return check_extent(arg);
 }
 
 static const char *dtype_name(DLDataType dtype) {
@@ -553,9 +567,17 @@ static int raise_status(const napo_call *c, napo_status status) {
     if (q == NULL || is_cuda(q)) { /* never dereference device memory on the host */
       return fail(PyExc_ValueError, "q must be in [0, 1]");
     }
-    return require_parameter(
-        0, "q", q->tensor->dtype.bits == 32 ? (double)*(const float *)data_of(q) : *(const double *)data_of(q),
-        "in [0, 1]");
+    /* The first value out of range: q is 0-dim, or 1-D with one value per row at the stride ROW_Q found. */
+    const int64_t count = q->tensor->ndim == 1 ? q->tensor->shape[0] : 1;
+    double value = 0.0;
+    for (int64_t k = 0; k < count; ++k) {
+      const char *at = (const char *)data_of(q) + k * q->stride * (q->tensor->dtype.bits / 8);
+      value = q->tensor->dtype.bits == 32 ? (double)*(const float *)at : *(const double *)at;
+      if (!(value >= 0.0 && value <= 1.0)) {
+        break;
+      }
+    }
+    return require_parameter(0, "q", value, "in [0, 1]");
   case NAPO_ERR_CUDA:
     if (c->cuda_error & NAPO_CUDA_FOREIGN_ERROR) {
       return fail(PyExc_RuntimeError,
