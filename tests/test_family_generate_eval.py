@@ -296,15 +296,17 @@ def test_llava_v1_stays_allowed_on_llava_15(tmp_path):
     assert "USER: " in user_prompt(processor, "llava_v1", question="What is it?", num_images=1)
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("command", ["generate", "logps", "train", "eval"])
 def test_llava_v1_on_another_family_exits_2_before_any_row(checkpoint, sample, command, tmp_path, capsys):
+    """Every stage's command refuses it before its first row (with default decoding a generate or eval that ran
+    anyway would take minutes: 1024 new tokens, 3 beams)."""
     arch = "qwen2.5-vl"
     path, _, _ = checkpoint(arch)
     out = tmp_path / "out"
-    if command == "generate":
-        argv = ["generate", "--model", str(path), "--data", str(sample), "--output", str(out)]
-    else:
+    if command == "eval":
         argv = ["eval", "--model", str(path), "--benchmark", "shapes", "--shapes-scenarios", "1", "--output", str(out)]
+    else:
+        argv = [command, "--model", str(path), "--data", str(sample), "--output", str(out)]
     assert main([*argv, "--prompt-format", "llava_v1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"napo {command}: error:" in err and FAMILY[arch]["name"] in err and "--prompt-format template" in err, err

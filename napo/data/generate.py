@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from napo.data.inputs import REQUIRED_COLUMNS, check_idx_values, check_int, check_rlaif_schema
-from napo.data.prompts import check_prompt_format, check_prompt_format_for, tokenize_prompts, user_prompt
+from napo.data.prompts import (
+    check_checkpoint_prompt_format,
+    check_prompt_format,
+    check_prompt_format_for,
+    tokenize_prompts,
+    user_prompt,
+)
 from napo.data.store import (
     RowError,
     RowJob,
@@ -218,13 +224,11 @@ def generate_biased(
     source, total_rows = open_input(data)
     check_input(source, limit)
     # llava_v1 on another family than LLaVA-1.5 is refused before the run records its settings (a rerun with
-    # --prompt-format template then starts cleanly); only then is the processor worth loading on its own.
+    # --prompt-format template then starts cleanly).
     if loaded is not None:
         check_prompt_format_for(loaded[1], prompt_format)
-    elif prompt_format != "template":
-        from napo.models.processors import load_processor
-
-        check_prompt_format_for(load_processor(model), prompt_format)
+    else:
+        check_checkpoint_prompt_format(model, prompt_format)
     output = Path(output)
     run = start_run(model, data, output, settings.recorded(), manifest_name=MANIFEST, overwrite=overwrite,
                     batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,

@@ -25,6 +25,7 @@ __all__ = [
     "PROMPT_FORMATS",
     "SEQUENCE_VERSION",
     "answer_text",
+    "check_checkpoint_prompt_format",
     "check_prompt_format",
     "check_prompt_format_for",
     "describe_prompt_format",
@@ -90,6 +91,16 @@ def check_prompt_format_for(processor: Any, prompt_format: Any) -> str:
             f"({type(processor).__name__}), which was not trained on it: use --prompt-format template "
             "(prompt_format='template', the checkpoint's own chat template)"
         )
+    return prompt_format
+
+
+def check_checkpoint_prompt_format(model: Any, prompt_format: Any) -> str:
+    """:func:`check_prompt_format_for` the checkpoint ``model`` (a directory or hub id), whose processor is loaded
+    only when ``prompt_format`` is not ``template``: what a stage calls before it loads the model or runs a row."""
+    if check_prompt_format(prompt_format) != "template":
+        from napo.models.processors import load_processor
+
+        check_prompt_format_for(load_processor(model), prompt_format)
     return prompt_format
 
 

@@ -217,13 +217,15 @@ def evaluate(
             if models is None or (isinstance(models, list) and not models):
                 raise ValueError("give at least one model (--model), or answers to rescore (--answers)")
             models = [models] if isinstance(models, (str, Path)) else list(models)
-            if prompt_format != "template":  # llava_v1 on a model of another family: refused before any model runs
-                from napo.data.prompts import check_prompt_format_for
-                from napo.models.processors import load_processor
+            # llava_v1 on a model of another family than LLaVA-1.5: refused before any model runs.
+            from napo.data.prompts import check_checkpoint_prompt_format, check_prompt_format_for
 
-                for model in models:
-                    pair = (loaded or {}).get(model)
-                    check_prompt_format_for(load_processor(model) if pair is None else pair[1], prompt_format)
+            for model in models:
+                pair = (loaded or {}).get(model)
+                if pair is None:
+                    check_checkpoint_prompt_format(model, prompt_format)
+                else:
+                    check_prompt_format_for(pair[1], prompt_format)
             directories = {}
             for model, tag in zip(models, model_tags(models), strict=True):
                 pair = (loaded or {}).get(model)
