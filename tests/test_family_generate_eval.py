@@ -164,16 +164,18 @@ def test_make_tiny_model_default_is_llava_and_pretrain_needs_it(tmp_path, capsys
 
 def test_generate_gives_each_family_the_biased_prompts(family, sample, tmp_path, monkeypatch):
     """question_only: the question through the template, no image and no image token; image_only: the image (every
-    row's own size, its per-image tensors with it) and none of the question."""
+    row's own size, its per-image tensors with it) and none of the question; the blank-image columns: both."""
     arch, path, model, processor = family
     recorder = Recorder(model, monkeypatch)
-    summary = generate_biased(path, sample, tmp_path / "out", batch_size=len(SIZES), loaded=(model, processor), **SHORT)
+    options = dict(batch_size=len(SIZES), loaded=(model, processor), blank_images=True)
+    summary = generate_biased(path, sample, tmp_path / "out", **options, **SHORT)
     assert (summary.written, summary.failed) == (len(SIZES), 0)
     written = pq.read_table(tmp_path / "out").to_pylist()
-    assert all(isinstance(row[c], str) for row in written for c in ("question_only", "image_only"))
+    columns = ("question_only", "image_only", "question_only_white", "question_only_black")
+    assert all(isinstance(row[c], str) for row in written for c in columns)
 
-    assert len(recorder.calls) == 2  # one batch per column
-    question_call, image_call = recorder.calls
+    assert len(recorder.calls) == len(columns)  # one batch per column
+    question_call, image_call, *blank_calls = recorder.calls
     rows = {row["idx"]: row for row in pq.read_table(sample).to_pylist()}
     markers = marker_ids(processor, arch)
     tokenizer = processor.tokenizer
@@ -202,6 +204,11 @@ def test_generate_gives_each_family_the_biased_prompts(family, sample, tmp_path,
     if arch == "gemma3":  # each image becomes the same count of soft tokens, typed 1
         types = image_call["token_type_ids"]
         assert torch.equal(types.bool(), image_call["input_ids"] == image_id)
+    for call in blank_calls:  # the question with a white or black image of the row's size
+        assert "pixel_values" in call
+        texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_rows(call)]
+        assert all(image_id in ids for ids in prompt_rows(call))
+        assert sorted(next(q for q in questions if q in text) for text in texts) == questions
 
 
 def test_each_row_answers_as_it_does_alone(family, sample, tmp_path):
