@@ -4,8 +4,8 @@ LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Gemma 3, Idefics3 / SmolVLM).
 For every row of an RLAIF-V-style preference set the model writes a language-biased answer
 (``question_only``: the question, no image) and a vision-biased answer (``image_only``: the
 image, no question), through its own chat template and processor (which decide where the image goes,
-how many tokens it becomes and which per-image tensors travel with it); optionally the question with an all-white or
-all-black image (``question_only_white`` / ``question_only_black``). Paper defaults: greedy beam
+how many tokens it becomes and which per-image tensors travel with it); optionally the question with an
+all-white or all-black image (``question_only_white`` / ``question_only_black``). Paper defaults: greedy beam
 search with ``num_beams=3`` and ``max_new_tokens=1024``.
 
 Runs are batched (left padding, rows grouped by question length inside a window so that padding
@@ -119,7 +119,7 @@ def generate_answers(
     if images is not None:
         if len(images) != len(prompts):
             raise ValueError(f"give one image per prompt: {len(images)} images for {len(prompts)} prompts")
-        # One list per prompt: a flat list is one prompt's images to some processors (Gemma 3's, Idefics3's).
+        # One list per prompt: Gemma 3's processor reads a flat list as one prompt's images (and refuses the batch).
         images = [[image] for image in images]
     # Left padded whatever the processor's default (a right-padded batch would generate after the padding), with
     # one BOS: a template that writes its own (Gemma 3, Idefics3) gets none from the tokenizer. llava_v1: LLaVA's ids.

@@ -87,7 +87,7 @@ def check_prompt_format_for(processor: Any, prompt_format: Any) -> str:
     if check_prompt_format(prompt_format) == "llava_v1" and model_family(processor) != LLAVA_V1_FAMILY:
         family = model_family(processor)
         raise ValueError(
-            f"prompt format llava_v1 is the LLaVA-1.5 conversation format, and this checkpoint is a {family} model "
+            f"prompt format llava_v1 is LLaVA-1.5's conversation format; this checkpoint is {family} "
             f"({type(processor).__name__}), which was not trained on it: use --prompt-format template "
             "(prompt_format='template', the checkpoint's own chat template)"
         )
