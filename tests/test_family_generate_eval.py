@@ -228,8 +228,9 @@ def test_each_row_answers_as_it_does_alone(family, sample, tmp_path):
 
 @pytest.mark.parametrize("arch", ["gemma3", "idefics3"])
 def test_one_bos_when_the_tokenizer_adds_one_and_the_template_writes_it(checkpoint, arch, monkeypatch):
-    """The released Gemma 3 and Idefics3 tokenizers put BOS before a text (add_bos_token) and their chat templates
-    write it as well: the prompt napo generates from starts with one BOS, not two."""
+    """The released Gemma 3 and Idefics3 (Llama 3) tokenizers put BOS before a text (add_bos_token; ollama/ollama#15252
+    notes Gemma 4 was the first Gemma to turn it off) and their chat templates write it as well: the prompt napo
+    generates from starts with one BOS, not two (before, the processor was called with its default special tokens)."""
     from tokenizers import processors
 
     _, model, processor = checkpoint(arch)
