@@ -115,7 +115,8 @@ def add_prompt_format_argument(parser: argparse.ArgumentParser) -> None:
         "--prompt-format",
         choices=PROMPT_FORMATS,
         default=None,
-        help="template: the checkpoint's chat template (default); llava_v1: the authors' LLaVA-1.5 conversation format",
+        help="template: the checkpoint's chat template (default); llava_v1: the authors' LLaVA-1.5 conversation format "
+        "(LLaVA-1.5 checkpoints only: refused on other families)",
     )
 
 

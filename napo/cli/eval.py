@@ -51,7 +51,11 @@ def add_parser(commands) -> None:
         "eval", help="evaluate models on the paper's benchmarks (and the built-in shapes); reports side by side"
     )
     parser.add_argument(
-        "--model", action="append", default=None, help="a LLaVA checkpoint (repeat: models compared side by side)"
+        "--model",
+        action="append",
+        default=None,
+        help="a vision-language checkpoint (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Gemma 3, Idefics3/SmolVLM); "
+        "repeat: models compared side by side",
     )
     parser.add_argument(
         "--benchmark", required=True, type=_benchmark_list, help="comma-separated: vlind,objhal,amber,mmhal,pope,shapes"

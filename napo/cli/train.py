@@ -40,7 +40,11 @@ def add_logps_parser(commands) -> None:
     logps = commands.add_parser(
         "logps", help="cache the reference model's log-probs of every answer (ref_<column>_logps, _avg_logps)"
     )
-    logps.add_argument("--model", required=True, help="reference model: LLaVA checkpoint directory (or hub id)")
+    logps.add_argument(
+        "--model",
+        required=True,
+        help="reference model: vision-language checkpoint directory (or hub id), as napo generate --model",
+    )
     logps.add_argument("--data", required=True, help="napo generate's output (Parquet with the RLAIF-V columns)")
     logps.add_argument("--output", required=True, type=output_dir, help="output directory (rerunning resumes)")
     logps.add_argument(
@@ -61,7 +65,11 @@ def add_train_parser(commands) -> None:
     train = commands.add_parser(
         "train", help="train with NaPO on napo generate's output (reference log-probs cached first)"
     )
-    train.add_argument("--model", required=True, help="LLaVA checkpoint directory (or hub id): policy and reference")
+    train.add_argument(
+        "--model",
+        required=True,
+        help="vision-language checkpoint directory (or hub id), as napo generate --model: policy and reference",
+    )
     train.add_argument("--data", required=True, help="napo generate / napo logps output")
     train.add_argument(
         "--output", required=True, type=output_dir, help="checkpoints and the final model (rerunning resumes)"
@@ -84,13 +92,15 @@ def add_train_parser(commands) -> None:
 
 
 def run_logps(args: argparse.Namespace) -> int:
+    from napo.data.prompts import check_checkpoint_prompt_format
     from napo.train.reference import compute_reference_logps
 
     say_prompt_format("logps", args.prompt_format or "template")
-    return run_stage(
-        "logps",
-        "scored",
-        lambda: compute_reference_logps(
+
+    def logps():
+        # llava_v1 on a model of another family than LLaVA-1.5: refused before the run records anything.
+        check_checkpoint_prompt_format(args.model, args.prompt_format or "template")
+        return compute_reference_logps(
             args.model,
             args.data,
             args.output,
@@ -98,12 +108,14 @@ def run_logps(args: argparse.Namespace) -> int:
             max_length=args.max_length or None,
             prompt_format=args.prompt_format or "template",
             **run_options(args),
-        ),
-    )
+        )
+
+    return run_stage("logps", "scored", logps)
 
 
 def run_train(args: argparse.Namespace) -> int:
     try:
+        from napo.data.prompts import check_checkpoint_prompt_format
         from napo.train.run import load_config_file, train
     except ImportError as problem:
         return error("train", problem)
@@ -113,6 +125,7 @@ def run_train(args: argparse.Namespace) -> int:
             {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
         )
         say_prompt_format("train", config.get("prompt_format", "template"))
+        check_checkpoint_prompt_format(args.model, config.get("prompt_format", "template"))  # before any model loads
         output = train(
             args.model,
             args.data,

@@ -1,9 +1,11 @@
-"""Writing the biased answers (RLAIF-V -> RLAIF-V-Bias) with a HuggingFace LLaVA model.
+"""Writing the biased answers (RLAIF-V -> RLAIF-V-Bias) with a HuggingFace vision-language model (LLaVA-1.5,
+LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Gemma 3, Idefics3 / SmolVLM).
 
 For every row of an RLAIF-V-style preference set the model writes a language-biased answer
 (``question_only``: the question, no image) and a vision-biased answer (``image_only``: the
-image, no question), through its own chat template; optionally the question with an all-white or
-all-black image (``question_only_white`` / ``question_only_black``). Paper defaults: greedy beam
+image, no question), through its own chat template and processor (which decide where the image goes,
+how many tokens it becomes and which per-image tensors travel with it); optionally the question with an
+all-white or all-black image (``question_only_white`` / ``question_only_black``). Paper defaults: greedy beam
 search with ``num_beams=3`` and ``max_new_tokens=1024``.
 
 Runs are batched (left padding, rows grouped by question length inside a window so that padding
@@ -24,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from napo.data.inputs import REQUIRED_COLUMNS, check_idx_values, check_int, check_rlaif_schema
-from napo.data.prompts import check_prompt_format, tokenize_prompts, user_prompt
+from napo.data.prompts import (
+    check_checkpoint_prompt_format,
+    check_prompt_format,
+    check_prompt_format_for,
+    tokenize_prompts,
+    user_prompt,
+)
 from napo.data.store import (
     RowError,
     RowJob,
@@ -105,14 +113,17 @@ def generate_answers(
     """One batched beam search (greedy, or sampled when ``settings.temperature`` > 0: seeded with ``seed``, so
     a rerun of the same batch gives the same answers); the new tokens of each prompt, decoded and stripped.
     Answers that must not depend on the batching are sampled one prompt per call, each with its own seed
-    (see :func:`napo.eval.answers.item_seed`)."""
+    (see :func:`napo.eval.answers.item_seed`). ``images``: one per prompt, or None."""
     import torch
 
-    # Left padding whatever the processor's default: a right-padded batch would generate after the padding.
-    if settings.prompt_format == "llava_v1":  # LLaVA's own ids (napo.data.prompts.tokenize_prompts)
-        inputs = tokenize_prompts(processor, prompts, images, "llava_v1")
-    else:
-        inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    if images is not None:
+        if len(images) != len(prompts):
+            raise ValueError(f"give one image per prompt: {len(images)} images for {len(prompts)} prompts")
+        # One list per prompt: Gemma 3's processor reads a flat list as one prompt's images (and refuses the batch).
+        images = [[image] for image in images]
+    # Left padded whatever the processor's default (a right-padded batch would generate after the padding), with
+    # one BOS: a template that writes its own (Gemma 3, Idefics3) gets none from the tokenizer. llava_v1: LLaVA's ids.
+    inputs = tokenize_prompts(processor, prompts, images, settings.prompt_format)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -186,7 +197,8 @@ def generate_biased(
     and ``question_only_black``) to every row of ``data`` and writes Parquet parts under ``output``.
 
     Args:
-        model: a LLaVA-family checkpoint directory (or hub id where a hub is reachable).
+        model: a vision-language checkpoint directory (or hub id where a hub is reachable): LLaVA-1.5, LLaVA-NeXT,
+            Qwen2-VL, Qwen2.5-VL, Gemma 3, Idefics3 / SmolVLM (see the README's "Supported model families").
         data: a Parquet file, a directory of Parquet files or a saved `datasets` directory with the
             RLAIF-V columns (image, question, chosen, rejected, idx, provenance kept as is).
         output: the output directory (created); rerunning the same command resumes.
@@ -198,7 +210,7 @@ def generate_biased(
         overwrite: start again in an output directory that holds a run with other settings.
         allow_outside_images: read image paths that point outside the data's directory (trusted data only).
         prompt_format: ``template`` (the checkpoint's chat template) or ``llava_v1`` (the authors' LLaVA-1.5
-            conversation format): see :mod:`napo.data.prompts`.
+            conversation format, refused on other families before any row runs): see :mod:`napo.data.prompts`.
         loaded: an already loaded ``(model, processor)`` pair (``model`` is then only recorded).
     Returns:
         A :class:`napo.data.store.RunSummary`.
@@ -211,6 +223,12 @@ def generate_biased(
                       shard_index=shard_index)  # fmt: skip
     source, total_rows = open_input(data)
     check_input(source, limit)
+    # llava_v1 on another family than LLaVA-1.5 is refused before the run records its settings (a rerun with
+    # --prompt-format template then starts cleanly).
+    if loaded is not None:
+        check_prompt_format_for(loaded[1], prompt_format)
+    else:
+        check_checkpoint_prompt_format(model, prompt_format)
     output = Path(output)
     run = start_run(model, data, output, settings.recorded(), manifest_name=MANIFEST, overwrite=overwrite,
                     batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,

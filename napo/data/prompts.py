@@ -7,7 +7,12 @@ the format itself is LLaVA's ``conv_llava_v1``, separator style "two"): a system
 ``USER: <image>\\n{question} ASSISTANT:``, and each answer as `` {answer}</s>``, the end-of-sequence
 token scored with it. HF llava-1.5 checkpoints carry a template without the system sentence, so a
 reproduction that must see the authors' tokens selects ``llava_v1`` in ``napo generate``,
-``napo logps``, ``napo train`` and ``NaPOConfig(prompt_format=...)`` alike.
+``napo logps``, ``napo train``, ``napo eval`` and ``NaPOConfig(prompt_format=...)`` alike.
+
+``llava_v1`` is LLaVA-1.5's format and nothing else's: on another family (LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
+Gemma 3, Idefics3 / SmolVLM, ...) it would write turns that model was never trained on, so
+:func:`check_prompt_format_for` refuses it there, naming the family and ``--prompt-format template``. The stages
+call it before their first row; :func:`user_prompt` and :func:`tokenize_prompts` call it too.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ __all__ = [
     "PROMPT_FORMATS",
     "SEQUENCE_VERSION",
     "answer_text",
+    "check_checkpoint_prompt_format",
     "check_prompt_format",
+    "check_prompt_format_for",
     "describe_prompt_format",
     "llava_v1_answer_ids",
     "llava_v1_prompt_ids",
     "llava_v1_unsupervised",
+    "model_family",
     "sentencepiece_backend",
     "text_ids",
     "tokenize_prompts",
@@ -46,6 +54,53 @@ LLAVA_V1_SYSTEM = (
 def check_prompt_format(prompt_format: Any) -> str:
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    return prompt_format
+
+
+# The processor classes of the families napo knows, by the family's name (the first class of a processor's MRO
+# found here names it: napo's Qwen processors without the video part subclass Qwen's). llava_v1 is LLaVA-1.5's.
+FAMILY_NAMES = {
+    "LlavaProcessor": "LLaVA-1.5",
+    "LlavaNextProcessor": "LLaVA-NeXT",
+    "LlavaOnevisionProcessor": "LLaVA-OneVision",
+    "Qwen2_5_VLProcessor": "Qwen2.5-VL",
+    "Qwen2VLProcessor": "Qwen2-VL",
+    "Gemma3Processor": "Gemma 3",
+    "SmolVLMProcessor": "SmolVLM",
+    "Idefics3Processor": "Idefics3 / SmolVLM",
+}
+LLAVA_V1_FAMILY = "LLaVA-1.5"
+
+
+def model_family(processor: Any) -> str:
+    """The model family a processor belongs to (:data:`FAMILY_NAMES`), else its class name."""
+    for cls in type(processor).__mro__:
+        if cls.__name__ in FAMILY_NAMES:
+            return FAMILY_NAMES[cls.__name__]
+    return type(processor).__name__
+
+
+def check_prompt_format_for(processor: Any, prompt_format: Any) -> str:
+    """``prompt_format``, checked against the checkpoint whose ``processor`` is given: ``llava_v1`` is refused on
+    anything but a LLaVA-1.5 processor (its turns, ``USER: <image>\\n... ASSISTANT:``, are not what another
+    family was trained on), with one error naming the family and the option that works."""
+    if check_prompt_format(prompt_format) == "llava_v1" and model_family(processor) != LLAVA_V1_FAMILY:
+        family = model_family(processor)
+        raise ValueError(
+            f"prompt format llava_v1 is LLaVA-1.5's conversation format; this checkpoint is {family} "
+            f"({type(processor).__name__}), which was not trained on it: use --prompt-format template "
+            "(prompt_format='template', the checkpoint's own chat template)"
+        )
+    return prompt_format
+
+
+def check_checkpoint_prompt_format(model: Any, prompt_format: Any) -> str:
+    """:func:`check_prompt_format_for` the checkpoint ``model`` (a directory or hub id), whose processor is loaded
+    only when ``prompt_format`` is not ``template``: what a stage calls before it loads the model or runs a row."""
+    if check_prompt_format(prompt_format) != "template":
+        from napo.models.processors import load_processor
+
+        check_prompt_format_for(load_processor(model), prompt_format)
     return prompt_format
 
 
@@ -72,7 +127,7 @@ def _image_token(processor: Any) -> str:
 def user_prompt(processor: Any, prompt_format: str, *, question: str | None, num_images: int) -> str:
     """The prompt up to where the answer starts: one user turn of ``num_images`` images then ``question``
     (either may be absent: the biased prompts), ending with the generation prompt."""
-    if check_prompt_format(prompt_format) == "llava_v1":
+    if check_prompt_format_for(processor, prompt_format) == "llava_v1":
         images = (_image_token(processor) + "\n") * num_images
         return f"{LLAVA_V1_SYSTEM} USER: {images}{question or ''} ASSISTANT:"
     content: list[dict] = [{"type": "image"}] * num_images
@@ -200,7 +255,7 @@ def tokenize_prompts(processor: Any, prompts: list[str], images: list | None, pr
     # do (the tokenizer adds it there) and as the model was trained; llava_v1 puts it by id below.
     bos = tokenizer.bos_token
     template_bos = (
-        check_prompt_format(prompt_format) == "template"
+        check_prompt_format_for(processor, prompt_format) == "template"
         and bool(bos)
         and not any(prompt.startswith(bos) for prompt in prompts)
         and _adds_bos(tokenizer)

@@ -123,9 +123,11 @@ def generate_benchmark_answers(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from napo.data.prompts import check_prompt_format_for
     from napo.models.loading import decode_image
 
     decoding = decoding or benchmark.decoding
+    check_prompt_format_for(loaded[1], decoding.prompt_format)  # llava_v1 on another family: before any item
     output = Path(output)
     table = items_table(benchmark.items()) if items is None else items
     (output / BOOKKEEPING).mkdir(parents=True, exist_ok=True)

@@ -178,7 +178,8 @@ def evaluate(
         options: per-benchmark keyword arguments, e.g. ``{"shapes": {"scenarios": 4}}``.
         max_new_tokens, num_beams, temperature: override every benchmark's decoding (recorded in the reports).
         prompt_format: ``template`` (the checkpoint's chat template) or ``llava_v1`` (the LLaVA-1.5 format the
-            reference scripts use): see :mod:`napo.data.prompts`.
+            reference scripts use; refused, before any model runs, when a model is of another family): see
+            :mod:`napo.data.prompts`.
         limit, num_shards, shard_index, rows_per_part, overwrite: as ``napo generate`` (per benchmark).
         allow_outside_images: read images that resolve outside the benchmark's folder (an images/ folder that is
             a link to a copy of COCO elsewhere, say); trusted data only.
@@ -216,6 +217,15 @@ def evaluate(
             if models is None or (isinstance(models, list) and not models):
                 raise ValueError("give at least one model (--model), or answers to rescore (--answers)")
             models = [models] if isinstance(models, (str, Path)) else list(models)
+            # llava_v1 on a model of another family than LLaVA-1.5: refused before any model runs.
+            from napo.data.prompts import check_checkpoint_prompt_format, check_prompt_format_for
+
+            for model in models:
+                pair = (loaded or {}).get(model)
+                if pair is None:
+                    check_checkpoint_prompt_format(model, prompt_format)
+                else:
+                    check_prompt_format_for(pair[1], prompt_format)
             directories = {}
             for model, tag in zip(models, model_tags(models), strict=True):
                 pair = (loaded or {}).get(model)
