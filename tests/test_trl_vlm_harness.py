@@ -171,3 +171,39 @@ def test_train_vlm(checkpoint, arch, kind, tmp_path):
 def test_train_vlm_text_only_data(checkpoint, config, kind, tmp_path):
     trainer = trainer_for(kind, checkpoint("qwen2.5-vl"), zen_like(config), tmp_path)
     train_and_check(trainer, must_stay=lambda name: name.startswith("model.visual"))
+
+
+# Beyond TRL's tests: the same runs with napo's biased answers (the full NaPO objective), and text-only data on every
+# family. Where each family keeps its image path: no image, no gradient there.
+VISION_PARTS = {
+    "gemma3": ("model.vision_tower.", "model.multi_modal_projector."),
+    "llava": ("model.vision_tower.", "model.multi_modal_projector."),
+    "llava-next": ("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline"),
+    "qwen2-vl": ("model.visual.",),
+    "qwen2.5-vl": ("model.visual.",),
+    "idefics3": ("model.vision_model.", "model.connector."),
+}
+
+
+@pytest.mark.parametrize("arch", VLM_FAMILIES)
+def test_train_vlm_with_biased_answers(checkpoint, arch, tmp_path):
+    """TRL-format rows plus ``question_only`` / ``image_only`` assistant turns: all three NaPO terms train (3 steps,
+    the first at the warmup's learning rate of 0: every parameter has moved by the third)."""
+    model = checkpoint(arch)
+    dataset = zen_image_like()
+    dataset = dataset.add_column("question_only", [[{"role": "assistant", "content": "It is green."}]] * ROWS)
+    dataset = dataset.add_column("image_only", [[{"role": "assistant", "content": "A red square."}]] * ROWS)
+    trainer = trainer_for("napo", model, dataset, tmp_path, max_length=None, per_device_train_batch_size=2,
+                          max_steps=3, logging_steps=1)  # fmt: skip
+    assert list(trainer.napo_terms) == ["original", "language", "vision"]
+    unread = unread_by_design(arch, model)
+    train_and_check(trainer, must_stay=lambda name: any(part in name for part in unread))
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert steps and all(f"napo/q_{term}" in steps[-1] for term in ("original", "language", "vision"))
+    assert steps[-1]["napo/margin_language"] != 0.0
+
+
+@pytest.mark.parametrize("arch", [arch for arch in VLM_FAMILIES if arch != "qwen2.5-vl"])  # TRL's own case above
+def test_train_vlm_text_only_data_on_every_family(checkpoint, arch, tmp_path):
+    trainer = trainer_for("napo", checkpoint(arch), zen_like("conversational_preference"), tmp_path, max_steps=3)
+    train_and_check(trainer, must_stay=lambda name: name.startswith(VISION_PARTS[arch]))
