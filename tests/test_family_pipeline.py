@@ -182,3 +182,25 @@ def test_analyze_scores_a_qwen_model(workdir, scored, tmp_path, capsys):
     for record in table.to_dict("records"):
         assert record["chosen_logps"] == pytest.approx(cached.loc[record["idx"], "ref_chosen_logps"], rel=1e-5)
     assert (output / "report.md").is_file()
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_a_checkpoint_restores_every_weight_of_the_family(arch, tmp_path):
+    """Resuming reads a checkpoint back through from_pretrained (napo.train.checkpoint): on each family every
+    parameter comes back, tied heads included, whatever layout save_pretrained wrote."""
+    from transformers import AutoModelForImageTextToText
+
+    from napo.train.checkpoint import restore_weights
+
+    path = make_tiny_family_model(arch, tmp_path / "model")
+    trained = AutoModelForImageTextToText.from_pretrained(path)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    trained.save_pretrained(tmp_path / "checkpoint")
+    fresh = AutoModelForImageTextToText.from_pretrained(path)
+    restore_weights(fresh, tmp_path / "checkpoint")
+    want, got = trained.state_dict(), fresh.state_dict()
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name

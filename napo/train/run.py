@@ -325,7 +325,8 @@ def train(
     """Trains ``model`` with NaPO on ``data`` into ``output``; returns the output directory.
 
     Args:
-        model: a LLaVA-family checkpoint directory (or hub id where reachable): policy and reference.
+        model: a vision-language checkpoint directory (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Gemma 3,
+            Idefics3 / SmolVLM; or a hub id where reachable): policy and reference.
         data: ``napo generate`` (or ``napo logps``) output: Parquet with the RLAIF-V-Bias columns.
         output: where checkpoints, the reference-log-prob cache and the final model go.
         config: NaPOConfig fields (``max_steps``, ``learning_rate``, ``beta``, ``language_column``, ...).

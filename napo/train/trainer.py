@@ -566,7 +566,9 @@ def freeze_unread_vision_parameters(model: Any) -> list[str]:
     layer and the post-layernorm). They never receive a gradient, so training leaves them unchanged either way;
     left trainable, they make FSDP2 checkpoints impossible to resume from: torch's ``set_optimizer_state_dict``
     (strict) refuses a checkpoint without the AdamW state of a trainable parameter, and a parameter that never had
-    a gradient has none. Other models (and CLIP/SigLIP towers of another layout) are left as they are."""
+    a gradient has none. Other models (and CLIP/SigLIP towers of another layout) are left as they are: Gemma 3 and
+    Idefics3 read their SigLIP tower's normalised last layer, Qwen2-VL / Qwen2.5-VL their merger's output, so every
+    parameter there gets a gradient (tests/test_trl_vlm_harness.py checks each changes in training)."""
     config = getattr(model, "config", None)
     read = getattr(config, "vision_feature_layer", None)
     tower = getattr(getattr(model, "model", None), "vision_tower", None)
