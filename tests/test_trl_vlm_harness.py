@@ -207,3 +207,13 @@ def test_train_vlm_with_biased_answers(checkpoint, arch, tmp_path):
 def test_train_vlm_text_only_data_on_every_family(checkpoint, arch, tmp_path):
     trainer = trainer_for("napo", checkpoint(arch), zen_like("conversational_preference"), tmp_path, max_steps=3)
     train_and_check(trainer, must_stay=lambda name: name.startswith(VISION_PARTS[arch]))
+
+
+@pytest.mark.parametrize("arch", VLM_FAMILIES)
+def test_max_length_cutting_image_tokens_is_one_clear_error(checkpoint, arch, tmp_path):
+    """Why TRL's VLM tests set max_length=None: a shorter one cuts image placeholders off while the image features
+    stay whole. Each family's forward then fails; napo names the setting to change."""
+    trainer = trainer_for("napo", checkpoint(arch), zen_image_like(), tmp_path, max_length=12,
+                          per_device_train_batch_size=2, max_steps=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"max_length=12 cuts image placeholder tokens .* set it to None"):
+        trainer.train()
