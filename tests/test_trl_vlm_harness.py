@@ -217,3 +217,53 @@ def test_max_length_cutting_image_tokens_is_one_clear_error(checkpoint, arch, tm
                           per_device_train_batch_size=2, max_steps=1)  # fmt: skip
     with pytest.raises(ValueError, match=r"max_length=12 cuts image placeholder tokens .* set it to None"):
         trainer.train()
+
+
+@pytest.mark.parametrize("arch", VLM_FAMILIES)
+def test_napo_as_dpo_is_trls_dpo_step_on_every_family(checkpoint, arch, tmp_path):
+    """NaPOConfig(original_loss="dpo") on chosen/rejected rows is TRL's sigmoid DPO: one step on the same batch
+    (napo's collator for both, a reference with other weights so the margins are real) gives TRL's loss and
+    gradients, through napo's fused head on one side and the model's own logits on the other."""
+    import copy
+
+    from transformers import AutoModelForImageTextToText
+    from trl import DPOConfig, DPOTrainer
+
+    from napo.models.processors import load_processor
+    from napo.train.collator import NaPOVisionCollator
+    from napo.train.trainer import NaPOConfig, NaPOTrainer
+
+    policy_dir = checkpoint(arch)
+    reference_dir = tmp_path / "reference"
+    if arch == "llava":
+        make_tiny_model(reference_dir, seed=1)
+    else:
+        make_tiny_family_model(arch, reference_dir, seed=1)
+    processor = load_processor(policy_dir)
+    dataset = zen_image_like()
+    examples = [dataset[i] for i in range(3)]
+    flags = dict(report_to="none", use_cpu=True, bf16=False, max_length=None, save_strategy="no")
+    results = []
+    for trainer_class, args in (
+        (DPOTrainer, DPOConfig(output_dir=str(tmp_path / "dpo"), **flags)),
+        (NaPOTrainer, NaPOConfig(output_dir=str(tmp_path / "napo"), original_loss="dpo", **flags)),
+    ):
+        collator = {"data_collator": NaPOVisionCollator(processor)} if trainer_class is DPOTrainer else {}
+        trainer = trainer_class(
+            model=AutoModelForImageTextToText.from_pretrained(policy_dir),
+            ref_model=AutoModelForImageTextToText.from_pretrained(reference_dir),
+            args=args, train_dataset=dataset, processing_class=processor, **collator,
+        )  # fmt: skip
+        batch = trainer._prepare_inputs(trainer.data_collator(copy.deepcopy(examples)))
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (dpo_loss, dpo_grads), (napo_loss, napo_grads) = results
+    assert abs(dpo_loss.item() - torch.log(torch.tensor(2.0)).item()) > 1e-4  # a real margin, not log 2
+    torch.testing.assert_close(napo_loss, dpo_loss, rtol=1e-5, atol=0)
+    assert dpo_grads.keys() == napo_grads.keys()
+    for name, grad in dpo_grads.items():
+        atol = 1e-4 * grad.abs().max().item() + 1e-8
+        torch.testing.assert_close(napo_grads[name], grad, rtol=1e-4, atol=atol, msg=f"gradient of {name}")
