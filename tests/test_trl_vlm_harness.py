@@ -267,3 +267,39 @@ def test_napo_as_dpo_is_trls_dpo_step_on_every_family(checkpoint, arch, tmp_path
     for name, grad in dpo_grads.items():
         atol = 1e-4 * grad.abs().max().item() + 1e-8
         torch.testing.assert_close(napo_grads[name], grad, rtol=1e-4, atol=atol, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("arch", VLM_FAMILIES)
+def test_napos_dpo_batch_is_trls_but_for_where_answers_end(checkpoint, arch):
+    """napo's collator against TRL's DataCollatorForVisionPreference on the same rows: the same image tensors, and
+    each row's tokens TRL's except that napo's answer ends at the tokenizer's end-of-sequence token where the
+    template writes it (Qwen's <|im_end|>, Idefics3's <end_of_utterance>, LLaVA's </s>) without the whitespace the
+    template writes after it, and that napo starts with the BOS a template without one (LLaVA, LLaVA-NeXT) leaves
+    to the tokenizer. Gemma 3's answers end with <end_of_turn>, not its <eos>: the batches are the same."""
+    import copy
+
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from napo.models.processors import load_processor
+    from napo.train.collator import NaPOVisionCollator
+
+    processor = load_processor(checkpoint(arch))
+    tokenizer = processor.tokenizer
+    dataset = zen_image_like()
+    examples = [dataset[i] for i in range(3)]
+    ours = NaPOVisionCollator(processor)(copy.deepcopy(examples))
+    theirs = DataCollatorForVisionPreference(processor)(copy.deepcopy(examples))
+    assert set(ours) == set(theirs)
+    for key in set(ours) - {"input_ids", "attention_mask", "completion_mask", "token_type_ids", "mm_token_type_ids"}:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
+    trailing = {"llava": " ", "llava-next": " ", "qwen2-vl": "\n", "qwen2.5-vl": "\n", "idefics3": "\n"}.get(arch)
+    bos = [tokenizer.bos_token_id] if arch in ("llava", "llava-next") else []
+    for row in range(ours["input_ids"].shape[0]):
+        napo_ids = ours["input_ids"][row][ours["attention_mask"][row].bool()].tolist()
+        trl_ids = theirs["input_ids"][row][theirs["attention_mask"][row].bool()].tolist()
+        if trailing is not None:
+            assert tokenizer.decode(trl_ids[-1:]) == trailing and trl_ids[-2] == tokenizer.eos_token_id
+            trl_ids = trl_ids[:-1]
+        assert napo_ids == bos + trl_ids, (tokenizer.decode(napo_ids), tokenizer.decode(trl_ids))
+        answer = ours["completion_mask"][row].sum().item()
+        assert answer == theirs["completion_mask"][row].sum().item() - (trailing is not None)
