@@ -39,6 +39,15 @@ IMAGE_KEYS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy machine the threads' spinning made this module 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """4 sample rows (images of two sizes) with short language- and vision-biased answers written in."""
