@@ -43,6 +43,15 @@ ROWS = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy machine their spinning slows the module down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """``family(arch)``: ``(model, batch)``, a tiny checkpoint and napo's NaPO batch (K=4, two rows) for it."""
