@@ -4,7 +4,11 @@ A DPO batch stacks ``[chosen; rejected]``; a NaPO batch stacks ``[chosen; reject
 image_only]`` (any ``columns``), every completion under the same full prompt (image and question).
 The layout is TRL's (prompt left-padded with its images, completions right-padded, then flushed
 left so no row starts with padding), so with ``columns=("chosen", "rejected")`` these collators
-give exactly what TRL's ``DataCollatorForVisionPreference`` / ``DataCollatorForPreference`` give.
+give what TRL's ``DataCollatorForVisionPreference`` / ``DataCollatorForPreference`` give, but for
+two things: an answer the template ends with the tokenizer's end-of-sequence token and whitespace
+(LLaVA's ``</s> ``, Qwen-VL's ``<|im_end|>\n``, Idefics3's ``<end_of_utterance>\n``) ends at that
+token, where generation stops; and a template that writes no BOS (LLaVA, LLaVA-NeXT) gets the
+tokenizer's, as the processor adds it at inference (tests/test_trl_vlm_harness.py compares them).
 The same collator drives ``napo logps`` and training, so cached reference log-probs are computed
 on exactly the sequences the policy sees.
 

@@ -5,14 +5,16 @@
 :func:`napo.fused_linear_sequence_logps` on the last hidden states and the LM head weight: the
 ``[B, T, V]`` logits never exist. Patching the forward, rather than calling the backbone from the
 trainer, keeps DDP / FSDP / DeepSpeed wrappers in the call path. Models whose logits are scaled or
-soft-capped after the head (Gemma 2, Cohere, Granite, ...), and heads sharded by DeepSpeed ZeRO-3 or
-FSDP2, go through the model's own forward and napo's token kernel on the logits instead (correct,
-but the logits are then materialised).
+soft-capped after the head (Gemma 2, Cohere, Granite, PaliGemma, ...) go through the model's own forward
+and napo's token kernel on the logits instead (correct, but the logits are then materialised), and napo
+says so once per model class; so do heads sharded by DeepSpeed ZeRO-3 or FSDP2 (silently: the kernel
+runs inside the head's call, see :func:`_head_logps`).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -22,7 +24,9 @@ from napo.logps import fused_linear_sequence_logps, sequence_logps
 
 __all__ = ["SequenceLogps", "add_napo_lm_head", "completion_logps", "model_inputs"]
 
-# Config attributes that change the logits after the LM head matmul; the fused path cannot apply them.
+# Config attributes that change the logits after the LM head matmul in the classes that read them; the fused
+# path cannot apply them. Read on the model's config and on its text config (PaliGemma and Gemma 4 apply their
+# text config's final_logit_softcapping), unless the class is one of _PLAIN_HEAD_CLASSES.
 _LOGIT_TRANSFORMS = (
     "final_logit_softcapping",
     "logit_scale",
@@ -30,6 +34,23 @@ _LOGIT_TRANSFORMS = (
     "lm_head_multiplier",
     "logits_scaling",
 )
+# Classes whose forward computes ``logits = self.lm_head(last_hidden_state)`` and nothing after, whatever their
+# configs say, read in transformers 5.24's modeling files (each ``...ForConditionalGeneration.forward``). Their
+# configs may still carry a transform the class ignores: Gemma3ForConditionalGeneration never applies its
+# text_config.final_logit_softcapping (only the text-only Gemma3ForCausalLM does), so it must not send Gemma 3 to
+# the slow path. tests/test_family_lm_head.py checks each against the model's own logits with the transforms set.
+_PLAIN_HEAD_CLASSES = frozenset(
+    {
+        "LlavaForConditionalGeneration",
+        "LlavaNextForConditionalGeneration",
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Gemma3ForConditionalGeneration",
+        "Idefics3ForConditionalGeneration",
+    }
+)
+# (model class, reason) pairs the model's-own-head notice has been given for: once per process.
+_TOLD_OWN_HEAD: set[tuple[str, str]] = set()
 # Batch keys that are not model inputs.
 _NON_MODEL_KEYS = ("completion_mask",)
 
@@ -56,9 +77,38 @@ def _router_aux_loss(model: Any, outputs: Any, attention_mask: torch.Tensor | No
     return compute(router_logits, experts, top_k, attention_mask)
 
 
+def _logit_transform(model: Any) -> str | None:
+    """What the model's forward may do to the logits after the LM head matmul, as ``"name=value"`` from its
+    config (or its text config), or None when the head is a plain linear map the fused kernel reproduces."""
+    if type(model).__name__ in _PLAIN_HEAD_CLASSES:
+        return None
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    for config in configs:
+        for name in _LOGIT_TRANSFORMS:
+            value = getattr(config, name, None)
+            if value not in (None, 1, 1.0):
+                return f"{name}={value}"
+    return None
+
+
 def _fused_head_applies(model: Any) -> bool:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return all(getattr(config, name, None) in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+    """Whether napo's fused kernel computes what ``model``'s own LM head computes; where not, says so (once per
+    model class and reason) and the patched forward scores the model's own logits."""
+    transform = _logit_transform(model)
+    if transform is None:
+        return True
+    told = (type(model).__name__, transform)
+    if told not in _TOLD_OWN_HEAD:
+        _TOLD_OWN_HEAD.add(told)
+        warnings.warn(
+            f"napo: {told[0]} changes its logits after the LM head ({transform}), which napo's fused LM-head "
+            "kernel does not reproduce; its sequence log-probs come from the model's own logits instead (the same "
+            "numbers, with the [batch, tokens, vocabulary] logits in memory)",
+            stacklevel=3,
+        )
+    return False
 
 
 def _plain_weight(weight: torch.Tensor) -> bool:

@@ -100,7 +100,8 @@ def compute_reference_logps(
     """Adds ``ref_<column>_logps`` and ``ref_<column>_avg_logps`` to every row of ``data``; writes Parquet parts.
 
     Args:
-        model: the reference model (a LLaVA-family checkpoint directory, or hub id where reachable).
+        model: the reference model (a vision-language checkpoint directory: LLaVA, LLaVA-NeXT, Qwen2-VL,
+            Qwen2.5-VL, Gemma 3, Idefics3 / SmolVLM; or a hub id where reachable).
         data: ``napo generate``'s output (or any Parquet / saved dataset with the RLAIF-V columns).
         output: the output directory; rerunning the same command resumes.
         columns: the answer columns to score (default: every one of :data:`ANSWER_COLUMNS` present).

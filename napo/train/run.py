@@ -325,7 +325,8 @@ def train(
     """Trains ``model`` with NaPO on ``data`` into ``output``; returns the output directory.
 
     Args:
-        model: a LLaVA-family checkpoint directory (or hub id where reachable): policy and reference.
+        model: a vision-language checkpoint directory (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Gemma 3,
+            Idefics3 / SmolVLM; or a hub id where reachable): policy and reference.
         data: ``napo generate`` (or ``napo logps``) output: Parquet with the RLAIF-V-Bias columns.
         output: where checkpoints, the reference-log-prob cache and the final model go.
         config: NaPOConfig fields (``max_steps``, ``learning_rate``, ``beta``, ``language_column``, ...).
@@ -336,10 +337,11 @@ def train(
     import torch
     from accelerate import PartialState
     from datasets import load_dataset
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from napo.data.store import parquet_files, parquet_schema
     from napo.models.loading import load_weights
+    from napo.models.processors import load_processor
     from napo.train.reference import cached_settings, compute_reference_logps, scored_columns
     from napo.train.trainer import NaPOConfig, NaPOTrainer, resolve_terms
 
@@ -421,7 +423,8 @@ def train(
         data = reference_dir
     dataset = load_dataset("parquet", data_files=parquet_files(data), split="train")
 
-    processor = AutoProcessor.from_pretrained(str(model))
+    # Qwen2-VL's processor without its torchvision-only video part where torchvision is missing
+    processor = load_processor(model)
     # float32 weights whatever bf16 says: bf16 then means autocast, with AdamW updating float32 weights. Pure
     # bf16 weights would round away nearly every update at the paper's learning rate of 5e-7.
     policy = load_weights(AutoModelForImageTextToText, model, dtype=torch.float32)

@@ -109,6 +109,8 @@ class NaPOTrainer(DPOTrainer):
                 f"args must be a NaPOConfig, got {type(args).__name__} (NaPOConfig accepts every DPOConfig field)"
             )
         check_dpo_options(args)
+        if processing_class is None:
+            processing_class = _processor_without_torchvision(model, args)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")  # TRL's words: code matching them keeps working
         sample = _first_example(train_dataset)
@@ -535,6 +537,23 @@ def _warn_prompt_divergence(column: str) -> None:
     )
 
 
+def _processor_without_torchvision(model: Any, args: NaPOConfig) -> Any:
+    """Where torchvision is missing, a local checkpoint's processor through
+    :func:`napo.models.processors.load_processor`: TRL's ``AutoProcessor.from_pretrained`` cannot load a Qwen2-VL /
+    Qwen2.5-VL processor there (its video processor needs torchvision), napo's loads it without the video part,
+    and loads every other processor as ``AutoProcessor`` does. None elsewhere: TRL loads it."""
+    from pathlib import Path
+
+    from transformers.utils import is_torchvision_available
+
+    from napo.models.processors import load_processor
+
+    name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+    if is_torchvision_available() or args.trust_remote_code or not name or not Path(name).is_dir():
+        return None
+    return load_processor(name)
+
+
 _VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
@@ -547,7 +566,9 @@ def freeze_unread_vision_parameters(model: Any) -> list[str]:
     layer and the post-layernorm). They never receive a gradient, so training leaves them unchanged either way;
     left trainable, they make FSDP2 checkpoints impossible to resume from: torch's ``set_optimizer_state_dict``
     (strict) refuses a checkpoint without the AdamW state of a trainable parameter, and a parameter that never had
-    a gradient has none. Other models (and CLIP/SigLIP towers of another layout) are left as they are."""
+    a gradient has none. Other models (and CLIP/SigLIP towers of another layout) are left as they are: Gemma 3 and
+    Idefics3 read their SigLIP tower's normalised last layer, Qwen2-VL / Qwen2.5-VL their merger's output, so every
+    parameter there gets a gradient (tests/test_trl_vlm_harness.py checks each changes in training)."""
     config = getattr(model, "config", None)
     read = getattr(config, "vision_feature_layer", None)
     tower = getattr(getattr(model, "model", None), "vision_tower", None)
