@@ -312,3 +312,23 @@ def test_napos_dpo_batch_is_trls_but_for_where_answers_end(checkpoint, arch):
         assert napo_ids == bos + trl_ids, (tokenizer.decode(napo_ids), tokenizer.decode(trl_ids))
         answer = ours["completion_mask"][row].sum().item()
         assert answer == theirs["completion_mask"][row].sum().item() - (trailing is not None)
+
+
+def test_llava_v1_on_another_family_is_refused_when_the_trainer_is_built(checkpoint, tmp_path):
+    """NaPOTrainer refuses llava_v1 on a non-LLaVA-1.5 vision dataset at construction, not at its first batch."""
+    with pytest.raises(ValueError, match=r"Qwen2\.5-VL.*--prompt-format template"):
+        trainer_for("napo", checkpoint("qwen2.5-vl"), zen_image_like(), tmp_path, prompt_format="llava_v1")
+
+
+def test_llava_v1_on_another_family_is_refused_by_compute_reference_logps_before_any_row(checkpoint, tmp_path):
+    from napo.data import make_sample_data
+    from napo.models import load_model
+    from napo.train.reference import compute_reference_logps
+
+    model = checkpoint("gemma3")
+    data = make_sample_data(tmp_path / "sample.parquet", rows=4)
+    for loaded in (None, load_model(model, device="cpu")):  # a checkpoint path, or an already loaded pair
+        output = tmp_path / f"logps-{loaded is None}"
+        with pytest.raises(ValueError, match=r"Gemma 3.*--prompt-format template"):
+            compute_reference_logps(model, data, output, prompt_format="llava_v1", loaded=loaded, progress=False)
+        assert not output.exists() or not any(output.rglob("*")), "a run was recorded before the refusal"

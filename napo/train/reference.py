@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from napo.data.inputs import check_answer_columns, check_idx_values, check_int, check_rlaif_schema
-from napo.data.prompts import SEQUENCE_VERSION, check_prompt_format
+from napo.data.prompts import (
+    SEQUENCE_VERSION,
+    check_checkpoint_prompt_format,
+    check_prompt_format,
+    check_prompt_format_for,
+)
 from napo.data.store import (
     RowError,
     RowJob,
@@ -137,6 +142,11 @@ def compute_reference_logps(
     if check_prompt_format(prompt_format) != "template":  # absent = the default: earlier manifests still match
         settings["prompt_format"] = prompt_format
     settings["sequences"] = SEQUENCE_VERSION  # earlier outputs scored other token ids: not resumed into
+    # llava_v1 on another family: refused before the run is recorded or a row is scored.
+    if loaded is not None:
+        check_prompt_format_for(loaded[1], prompt_format)
+    else:
+        check_checkpoint_prompt_format(model, prompt_format)
     run = start_run(model, data, output, settings, manifest_name=MANIFEST, overwrite=overwrite,
                     batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
                     shard_index=shard_index)  # fmt: skip

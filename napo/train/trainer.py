@@ -32,6 +32,7 @@ except ImportError as error:  # pragma: no cover - exercised by test_import_with
         f"(or pip install 'trl>=1.16,<2'). The import failed with: {error}"
     ) from error
 
+from napo.data.prompts import check_prompt_format_for
 from napo.losses import NaPOObjective, NaPOOutput
 from napo.train.checkpoint import has_full_weights, restore_weights
 from napo.train.collator import NaPOTextCollator, NaPOVisionCollator, reference_columns
@@ -165,6 +166,8 @@ class NaPOTrainer(DPOTrainer):
             add_napo_lm_head(self.accelerator.unwrap_model(self.ref_model))
         if data_collator is None:
             if self._is_vision_dataset:
+                # llava_v1 on another family is refused here, not at the first batch.
+                check_prompt_format_for(self.processing_class, args.prompt_format)
                 self.data_collator = NaPOVisionCollator(
                     processor=self.processing_class,
                     columns=self.napo_columns,
