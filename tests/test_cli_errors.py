@@ -203,3 +203,18 @@ def test_load_config_file_reads_json_and_yaml(tmp_path):
     (tmp_path / "b.yml").write_text("beta: 0.3\n")
     assert load_config_file(tmp_path / "a.json") == {"beta": 0.2}
     assert load_config_file(tmp_path / "b.yml") == {"beta": 0.3}
+
+
+def test_train_with_a_library_the_checkpoint_needs_missing_exits_2(tmp_path, capsys, monkeypatch):
+    """A processor or model that needs an uninstalled library (transformers raises ImportError naming it) is the
+    user's to fix: one error line, not a traceback."""
+    import napo.train.run
+
+    def needs_a_library(*args, **kwargs):
+        raise ImportError("Qwen2VLVideoProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(napo.train.run, "train", needs_a_library)
+    argv = ["train", "--model", str(tmp_path), "--data", str(tmp_path), "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "napo train: error: Qwen2VLVideoProcessor requires the Torchvision" in err

@@ -135,9 +135,10 @@ def run_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             overwrite=args.overwrite,
         )
-    except (ValueError, TypeError, OSError, KeyError, pickle.UnpicklingError) as problem:
-        # OSError: a path the user named (the data, the model) cannot be read; UnpicklingError: torch's
-        # weights-only loader refused a pickled checkpoint of the policy.
+    except (ValueError, TypeError, OSError, KeyError, ImportError, pickle.UnpicklingError) as problem:
+        # OSError: a path the user named (the data, the model) cannot be read; ImportError: the checkpoint's
+        # processor or model needs a library that is not installed (transformers names it); UnpicklingError:
+        # torch's weights-only loader refused a pickled checkpoint of the policy.
         return error("train", problem)
     print(f"napo train: model saved to {output}")
     return 0
