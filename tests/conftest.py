@@ -67,3 +67,13 @@ def napo_cache_dir(tmp_path_factory):
         os.environ.pop("NAPO_CACHE_DIR", None)
     else:
         os.environ["NAPO_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (then as before): the tiny-checkpoint family tests run many small matmuls,
+    and on a busy 2-core machine the intra-op threads' spinning made them up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
