@@ -92,14 +92,11 @@ def add_train_parser(commands) -> None:
 
 
 def run_logps(args: argparse.Namespace) -> int:
-    from napo.data.prompts import check_checkpoint_prompt_format
     from napo.train.reference import compute_reference_logps
 
     say_prompt_format("logps", args.prompt_format or "template")
 
-    def logps():
-        # llava_v1 on a model of another family than LLaVA-1.5: refused before the run records anything.
-        check_checkpoint_prompt_format(args.model, args.prompt_format or "template")
+    def logps():  # compute_reference_logps refuses llava_v1 on another family before the run records anything
         return compute_reference_logps(
             args.model,
             args.data,
@@ -115,7 +112,6 @@ def run_logps(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     try:
-        from napo.data.prompts import check_checkpoint_prompt_format
         from napo.train.run import load_config_file, train
     except ImportError as problem:
         return error("train", problem)
@@ -125,7 +121,6 @@ def run_train(args: argparse.Namespace) -> int:
             {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
         )
         say_prompt_format("train", config.get("prompt_format", "template"))
-        check_checkpoint_prompt_format(args.model, config.get("prompt_format", "template"))  # before any model loads
         output = train(
             args.model,
             args.data,

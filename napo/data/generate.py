@@ -29,7 +29,6 @@ from napo.data.inputs import REQUIRED_COLUMNS, check_idx_values, check_int, chec
 from napo.data.prompts import (
     check_checkpoint_prompt_format,
     check_prompt_format,
-    check_prompt_format_for,
     tokenize_prompts,
     user_prompt,
 )
@@ -225,10 +224,7 @@ def generate_biased(
     check_input(source, limit)
     # llava_v1 on another family than LLaVA-1.5 is refused before the run records its settings (a rerun with
     # --prompt-format template then starts cleanly).
-    if loaded is not None:
-        check_prompt_format_for(loaded[1], prompt_format)
-    else:
-        check_checkpoint_prompt_format(model, prompt_format)
+    check_checkpoint_prompt_format(model, prompt_format, loaded[1] if loaded is not None else None)
     output = Path(output)
     run = start_run(model, data, output, settings.recorded(), manifest_name=MANIFEST, overwrite=overwrite,
                     batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,

@@ -94,14 +94,15 @@ def check_prompt_format_for(processor: Any, prompt_format: Any) -> str:
     return prompt_format
 
 
-def check_checkpoint_prompt_format(model: Any, prompt_format: Any) -> str:
-    """:func:`check_prompt_format_for` the checkpoint ``model`` (a directory or hub id), whose processor is loaded
-    only when ``prompt_format`` is not ``template``: what a stage calls before it loads the model or runs a row."""
-    if check_prompt_format(prompt_format) != "template":
+def check_checkpoint_prompt_format(model: Any, prompt_format: Any, processor: Any = None) -> str:
+    """:func:`check_prompt_format_for` the checkpoint ``model`` (a directory or hub id): against ``processor`` when
+    the caller has it loaded, else against the checkpoint's, loaded only when ``prompt_format`` is not
+    ``template``. What a stage calls before it loads the model or runs a row."""
+    if processor is None and check_prompt_format(prompt_format) != "template":
         from napo.models.processors import load_processor
 
-        check_prompt_format_for(load_processor(model), prompt_format)
-    return prompt_format
+        processor = load_processor(model)
+    return prompt_format if processor is None else check_prompt_format_for(processor, prompt_format)
 
 
 def describe_prompt_format(prompt_format: str) -> str:

@@ -218,14 +218,11 @@ def evaluate(
                 raise ValueError("give at least one model (--model), or answers to rescore (--answers)")
             models = [models] if isinstance(models, (str, Path)) else list(models)
             # llava_v1 on a model of another family than LLaVA-1.5: refused before any model runs.
-            from napo.data.prompts import check_checkpoint_prompt_format, check_prompt_format_for
+            from napo.data.prompts import check_checkpoint_prompt_format
 
             for model in models:
                 pair = (loaded or {}).get(model)
-                if pair is None:
-                    check_checkpoint_prompt_format(model, prompt_format)
-                else:
-                    check_prompt_format_for(pair[1], prompt_format)
+                check_checkpoint_prompt_format(model, prompt_format, pair[1] if pair is not None else None)
             directories = {}
             for model, tag in zip(models, model_tags(models), strict=True):
                 pair = (loaded or {}).get(model)

@@ -23,7 +23,6 @@ from napo.data.prompts import (
     SEQUENCE_VERSION,
     check_checkpoint_prompt_format,
     check_prompt_format,
-    check_prompt_format_for,
 )
 from napo.data.store import (
     RowError,
@@ -143,10 +142,7 @@ def compute_reference_logps(
         settings["prompt_format"] = prompt_format
     settings["sequences"] = SEQUENCE_VERSION  # earlier outputs scored other token ids: not resumed into
     # llava_v1 on another family: refused before the run is recorded or a row is scored.
-    if loaded is not None:
-        check_prompt_format_for(loaded[1], prompt_format)
-    else:
-        check_checkpoint_prompt_format(model, prompt_format)
+    check_checkpoint_prompt_format(model, prompt_format, loaded[1] if loaded is not None else None)
     run = start_run(model, data, output, settings, manifest_name=MANIFEST, overwrite=overwrite,
                     batch_size=batch_size, rows_per_part=rows_per_part, limit=limit, num_shards=num_shards,
                     shard_index=shard_index)  # fmt: skip

@@ -339,6 +339,7 @@ def train(
     from datasets import load_dataset
     from transformers import AutoModelForImageTextToText
 
+    from napo.data.prompts import check_checkpoint_prompt_format
     from napo.data.store import parquet_files, parquet_schema
     from napo.models.loading import load_weights
     from napo.models.processors import load_processor
@@ -355,6 +356,8 @@ def train(
     values.setdefault("disable_tqdm", not progress)
     values.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     args = NaPOConfig(output_dir=str(output), **values)
+    # llava_v1 on a checkpoint of another family than LLaVA-1.5: refused before the run is recorded or a model loads.
+    check_checkpoint_prompt_format(model, args.prompt_format)
 
     state = PartialState()
     if state.is_main_process:
