@@ -30,14 +30,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_sample_bpe(specials: list[str], vocab_size: int, unk_token: str | None = None):
+    """A byte-level BPE (``tokenizers.Tokenizer``) trained on the sample set's grammar, ``specials`` first: the
+    tokenizer of every tiny checkpoint napo builds (this LLaVA and :mod:`napo.data.tiny_families`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from napo.data.sample import sample_corpus
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer = Tokenizer(models.BPE(unk_token=unk_token))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -47,6 +47,31 @@ def build_tokenizer(vocab_size: int = 512):
         show_progress=False,
     )
     tokenizer.train_from_iterator(sample_corpus() * 4, trainer)
+    return tokenizer
+
+
+def seeded_model(model_class, config, tokenizer, seed: int):
+    """``model_class(config)`` initialised from ``seed`` without touching the caller's random state, its generation
+    config given the tokenizer's pad, BOS and EOS ids."""
+    import torch
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = model_class(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_tokenizer(vocab_size: int = 512):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = train_sample_bpe(["<unk>", "<s>", "</s>", "<pad>", "<image>"], vocab_size, unk_token="<unk>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
@@ -89,7 +114,6 @@ def build_processor():
 
 
 def build_model(processor, seed: int = 0):
-    import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = processor.tokenizer
@@ -122,16 +146,7 @@ def build_model(processor, seed: int = 0):
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
     )
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return seeded_model(LlavaForConditionalGeneration, config, tokenizer, seed)
 
 
 def make_tiny_model(path: str | Path, seed: int = 0) -> Path:

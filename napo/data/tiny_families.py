@@ -130,21 +130,12 @@ def _tokenizer(specials: list[str], *, bos: str | None, eos: str, pad: str, add_
 
     ``add_bos``: the tokenizer puts ``bos`` before a text when asked for special tokens (Llama / Mistral style);
     otherwise the chat template writes it (Gemma, Idefics3) or there is none (Qwen)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    from napo.data.sample import sample_corpus
+    from napo.data.tiny import train_sample_bpe
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512 + len(specials),
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(sample_corpus() * 4, trainer)
+    tokenizer = train_sample_bpe(specials, 512 + len(specials))
     if add_bos:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
@@ -471,23 +462,14 @@ def make_tiny_family_model(arch: str, path: str | Path, seed: int = 0) -> Path:
     """Builds a tiny random checkpoint of the family ``arch`` (one of :data:`FAMILIES`) and saves the model and
     its processor (tokenizer, image processor, chat template) to ``path`` (created if needed). The same
     ``arch`` and ``seed`` give the same weights. Returns ``path``."""
-    import torch
+    from napo.data.tiny import seeded_model
 
     if arch not in FAMILIES:
         raise ValueError(f"unknown model family {arch!r}; choose one of {', '.join(FAMILIES)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     processor, model_class, config = _build(arch)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = model_class(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    tokenizer = processor.tokenizer
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = seeded_model(model_class, config, processor.tokenizer, seed)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
