@@ -15,6 +15,8 @@ from typing import Any
 
 __all__ = ["image_only_processor_class", "load_processor"]
 
+# The processors whose video part needs torchvision, which have an image-only variant here.
+VIDEO_PROCESSOR_CLASSES = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 _IMAGE_ONLY: dict[str, type] = {}
 
 
@@ -24,7 +26,7 @@ def image_only_processor_class(base_name: str) -> type:
 
     It saves itself as ``base_name``, with a video processor config derived from its image processor (as Qwen2-VL
     checkpoints carry one), so that what it saves loads with ``AutoProcessor`` wherever torchvision exists."""
-    if base_name not in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
+    if base_name not in VIDEO_PROCESSOR_CLASSES:
         raise ValueError(f"no image-only variant of {base_name!r}: Qwen2VLProcessor or Qwen2_5_VLProcessor")
     if base_name in _IMAGE_ONLY:
         return _IMAGE_ONLY[base_name]
@@ -69,7 +71,7 @@ def _qwen_video_processor_config(image) -> dict[str, Any]:
     }
 
 
-def load_processor(path: str | Path):
+def load_processor(model_path: str | Path):
     """``AutoProcessor.from_pretrained(path)``, except for a Qwen2-VL / Qwen2.5-VL checkpoint where torchvision is
     missing: its processor needs a video processor, which needs torchvision, so the same processor without the
     video part (:func:`image_only_processor_class`) is built from the
@@ -77,12 +79,13 @@ def load_processor(path: str | Path):
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    path = Path(path)
+    path = Path(model_path)
     processor_class = None
     for name in ("processor_config.json", "tokenizer_config.json"):  # where AutoProcessor looks, in its order
         file = path / name
         if processor_class is None and file.is_file():
             processor_class = json.loads(file.read_text()).get("processor_class")
-    if processor_class in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor") and not is_torchvision_available():
-        return image_only_processor_class(processor_class).from_pretrained(path)
-    return AutoProcessor.from_pretrained(path)
+    if processor_class in VIDEO_PROCESSOR_CLASSES and not is_torchvision_available():
+        return image_only_processor_class(processor_class).from_pretrained(str(path))
+    # A hub id stays the string it was (as load_model passed it before): only a local directory has these files.
+    return AutoProcessor.from_pretrained(str(model_path))
